@@ -1,0 +1,5 @@
+import sys
+
+from retro_toolkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,136 @@
+"""retro-run: run, check and explore Retro recipes.
+
+    retro-run RECIPE [key=value ...] [--stages a,b] [--force STAGE] [--dry-run]
+    retro-run validate RECIPE [key=value ...]
+    retro-run show RECIPE [key=value ...]
+    retro-run ls
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from retro_toolkit.errors import RetroError
+
+EPILOG = """\
+stages, in pipeline order:
+  tokenizer       train (or load) the decoder's SentencePiece tokenizer
+  prepare_corpus  tokenize the corpus into train/valid/test token streams
+  build_db        chunk DB, BERT embeddings, faiss index, neighbours
+  pretrain        pretrain Retro (or its GPT twin)
+  eval_ppl        validation/test perplexity
+  sft             instruction tuning (InstructRetro)
+  eval_qa         zero-shot QA: EM/F1
+  export          write the .nemo package
+
+overrides:
+  a.b=value       set one key (YAML value: 3, 0.5, null, [1,2], {k: v})
+  group=name      swap a yaml/<group>/<name>.yaml piece, e.g. executor=slurm, model=retro_tiny
+
+examples:
+  retro-run recipes/smoke.yaml
+  retro-run recipes/smoke.yaml tokenizer.vocab_size=2000 workdir=/tmp/smoke
+  retro-run recipes/smoke.yaml executor=torchrun executor.nproc_per_node=2
+  retro-run recipes/smoke.yaml executor=slurm executor.account=abc --dry-run
+  retro-run show recipes/smoke.yaml model=retro_tiny
+
+A finished stage is skipped on the next run unless its settings (or an upstream
+stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
+"""
+
+COMMANDS = ("run", "validate", "show", "ls")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retro-run",
+        description="Retro and InstructRetro end to end, from one YAML recipe.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls}")
+
+    def recipe_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("recipe", help="recipe file (recipes/smoke.yaml) or bundled recipe name (smoke)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides or group swaps")
+
+    r = sub.add_parser("run", help="run a recipe's stages (the default command)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe_args(r)
+    r.add_argument("--stages", help="comma-separated stages to run, plus any unfinished stage they need")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="rerun STAGE even if it is up to date (repeatable)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan (and sbatch scripts for Slurm); run and write nothing")
+
+    v = sub.add_parser("validate", help="check a recipe and its input files; exit 0 or 2")
+    recipe_args(v)
+    s = sub.add_parser("show", help="print the resolved recipe as YAML")
+    recipe_args(s)
+    sub.add_parser("ls", help="list bundled recipes and yaml pieces")
+    return p
+
+
+def _split_stages(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _ls() -> int:
+    from retro_toolkit.recipe import paths
+
+    recipes = paths.builtin_root("recipes")
+    print(f"recipes ({recipes}):")
+    for f in sorted(recipes.glob("*.yaml")):
+        print(f"  {f.stem:<28} {paths.describe(f)}")
+    root = paths.builtin_root("yaml")
+    print(f"\nyaml pieces ({root}), used as group=name:")
+    for group in sorted(p for p in root.iterdir() if p.is_dir()):
+        print(f"  {group.name}:")
+        for f in sorted(group.glob("*.yaml")):
+            print(f"    {f.stem:<26} {paths.describe(f)}")
+    return 0
+
+
+def dispatch(argv: list[str]) -> int:
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "ls":
+        return _ls()
+
+    from retro_toolkit.recipe import load_recipe, to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "show":
+        sys.stdout.write(to_yaml(recipe))
+        return 0
+    if args.command == "validate":
+        from retro_toolkit.runner.plan import check_stages
+        from retro_toolkit.runner.preflight import check_inputs
+
+        check_stages(recipe)
+        check_inputs(recipe)
+        print(f"{args.recipe}: ok ({', '.join(recipe.stages)}; executor {recipe.executor.type})")
+        return 0
+    from retro_toolkit.runner.run import execute
+
+    return execute(recipe, only=_split_stages(args.stages), force=args.force, dry=args.dry_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return dispatch(sys.argv[1:] if argv is None else argv)
+    except RetroError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

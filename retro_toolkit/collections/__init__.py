@@ -1,0 +1,1 @@
+"""The pipeline's components. Nothing here imports the runner or the CLI."""

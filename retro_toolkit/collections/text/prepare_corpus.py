@@ -1,0 +1,122 @@
+"""Stage `prepare_corpus`: tokenize the sources into train/valid/test token streams.
+
+Documents are numbered in source order (empty ones skipped) and split by
+`data.split` fractions into contiguous ranges. Under torchrun each rank tokenizes one
+contiguous range of documents into part files and rank 0 concatenates the parts in rank
+order, so the output is byte-identical for any number of processes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from retro_toolkit.collections.text import token_stream as ts
+from retro_toolkit.collections.text.sources import ReadStats, iter_documents
+from retro_toolkit.collections.text.tokenizer import Tokenizer
+from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.core import dist, files
+from retro_toolkit.core.stage import StageContext, StageResult
+from retro_toolkit.errors import UserError
+
+
+def split_bounds(num_docs: int, fractions: list[float]) -> list[int]:
+    """Document index where each split starts, plus num_docs: [0, train_end, valid_end, num_docs]."""
+    bounds = [0]
+    acc = 0.0
+    for f in fractions[:-1]:
+        acc += f
+        bounds.append(int(round(acc * num_docs)))
+    bounds.append(num_docs)
+    return bounds
+
+
+def _part(corpus: Path, split: str, rank: int) -> tuple[Path, Path]:
+    parts = corpus / ".parts"
+    return parts / f"{split}-rank{rank:05d}.bin", parts / f"{split}-rank{rank:05d}.len.npy"
+
+
+def run(ctx: StageContext) -> StageResult:
+    data = ctx.recipe.data
+    corpus = ctx.workdir / ts.CORPUS_DIR
+    tok = Tokenizer(ctx.workdir / MODEL_FILE)
+    dtype = ts.dtype_for_vocab(tok.vocab_size)
+
+    stats = ReadStats()
+    num_docs = sum(1 for _ in iter_documents(data.sources, data.on_invalid_utf8, stats))
+    bounds = split_bounds(num_docs, list(data.split))
+    for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        if data.split[s] > 0 and hi == lo:
+            raise UserError(
+                f"the corpus has {num_docs} documents, too few for data.split = {list(data.split)}: "
+                f"split '{ts.SPLITS[s]}' would be empty. Add documents or change data.split."
+            )
+    ctx.log(
+        f"{num_docs} documents ({stats.empty_skipped} empty skipped); "
+        + ", ".join(f"{ts.SPLITS[s]} {bounds[s + 1] - bounds[s]}" for s in range(3))
+    )
+
+    first, last = dist.shard_range(num_docs, ctx.env.rank, ctx.env.world_size)
+    (corpus / ".parts").mkdir(parents=True, exist_ok=True)
+    progress = ctx.progress("tokenize", last - first, "docs")
+    outs = {s: (open(_part(corpus, s, ctx.env.rank)[0], "wb"), []) for s in ts.SPLITS}
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        ids = tok.encode([t for _, t in batch])
+        for (i, _), doc in zip(batch, ids):
+            split = ts.SPLITS[int(np.searchsorted(bounds, i, side="right")) - 1]
+            arr = np.asarray(doc + [tok.eod_id], dtype=dtype)
+            f, lengths = outs[split]
+            f.write(arr.tobytes())
+            lengths.append(len(arr))
+            progress.update(1, tokens=len(arr))
+        batch.clear()
+
+    for i, (text, _) in enumerate(iter_documents(data.sources, data.on_invalid_utf8)):
+        if i >= last:
+            break
+        if i >= first:
+            batch.append((i, text))
+            if len(batch) >= data.tokenize_batch_docs:
+                flush()
+    if batch:
+        flush()
+    for split, (f, lengths) in outs.items():
+        f.close()
+        np.save(_part(corpus, split, ctx.env.rank)[1], np.asarray(lengths, dtype=np.int64))
+    progress.close()
+    dist.barrier()
+
+    summary: dict[str, int] = {"documents": num_docs, "empty_skipped": stats.empty_skipped}
+    if ctx.env.is_main:
+        meta: dict = {
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "special_ids": tok.special_ids(),
+            "tokenizer_sha256": files.sha256_file(tok.model_file),
+            "empty_skipped": stats.empty_skipped,
+            "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+            "splits": {},
+        }
+        for split in ts.SPLITS:
+            lengths = [np.load(_part(corpus, split, r)[1]) for r in range(ctx.env.world_size)]
+            offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+            with files.atomic_path(ts.bin_path(corpus, split)) as tmp, open(tmp, "wb") as out:
+                for r in range(ctx.env.world_size):
+                    with open(_part(corpus, split, r)[0], "rb") as part:
+                        shutil.copyfileobj(part, out, 1 << 22)
+            with files.atomic_path(ts.idx_path(corpus, split)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, offsets)
+            meta["splits"][split] = {"documents": len(offsets) - 1, "tokens": int(offsets[-1])}
+            summary[f"{split}_tokens"] = int(offsets[-1])
+        files.write_json(corpus / "meta.json", meta)
+        shutil.rmtree(corpus / ".parts")
+        ctx.log("tokens: " + ", ".join(f"{s} {meta['splits'][s]['tokens']}" for s in ts.SPLITS))
+    dist.barrier()
+    outputs = [f"{ts.CORPUS_DIR}/meta.json"]
+    outputs += [f"{ts.CORPUS_DIR}/{s}{ext}" for s in ts.SPLITS for ext in (".bin", ".idx.npy")]
+    return StageResult(outputs=outputs, summary=summary)

@@ -1,0 +1,154 @@
+"""Corpus readers: yield the non-empty documents of a recipe's `data.sources`, in order.
+
+Formats: .jsonl (one JSON object per line, text under `text_key`), a .txt file (one
+document), a folder of .txt files (one document each, sorted by path), and builtins:
+`builtin:pydoc` (CPython's pydoc topics) and `builtin:wiki-sample` (gensim's sample of
+Wikipedia, from the [demo] extra).
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from retro_toolkit.errors import UserError
+
+BUILTINS = ("builtin:pydoc", "builtin:wiki-sample")
+_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+@dataclass
+class ReadStats:
+    empty_skipped: int = 0
+    invalid_utf8_replaced: int = 0
+    per_source: list[int] = field(default_factory=list)
+
+
+def _wiki_path() -> Path:
+    try:
+        import gensim
+    except ImportError:
+        raise UserError(
+            "builtin:wiki-sample needs gensim's bundled test data: pip install 'retro-toolkit[demo]'."
+        ) from None
+    p = Path(gensim.__file__).parent / "test" / "test_data" / _WIKI_FILE
+    if not p.is_file():
+        raise UserError(f"builtin:wiki-sample: {p} is missing from this gensim install; reinstall gensim.")
+    return p
+
+
+def check_source(src: Any, key: str) -> None:
+    """Fail before anything is written when a source cannot be read."""
+    path = src.path
+    if path.startswith("builtin:"):
+        if path not in BUILTINS:
+            raise UserError(f"{key}.path = '{path}' is not a builtin corpus; builtins: {', '.join(BUILTINS)}.")
+        if path == "builtin:wiki-sample":
+            _wiki_path()
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{key}.path: corpus path {p} does not exist. Fix the path in the recipe or with {key}.path=...")
+    if p.is_dir() and not any(p.rglob("*.txt")):
+        raise UserError(f"{key}.path: folder {p} has no .txt files (a folder source reads one document per .txt file).")
+    if p.is_file() and p.suffix not in (".jsonl", ".txt"):
+        raise UserError(f"{key}.path: {p} is neither .jsonl nor .txt; convert it, or point at a folder of .txt files.")
+
+
+def _decode(raw: bytes, where: str, policy: str, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if policy == "replace":
+            stats.invalid_utf8_replaced += 1
+            return raw.decode("utf-8", errors="replace")
+        line = raw.count(b"\n", 0, e.start)
+        at = where if line == 0 else f"{where} (line {line + 1} of the document)"
+        raise UserError(
+            f"{at}: invalid UTF-8 at byte {e.start} ({raw[e.start:e.start + 4]!r}). Fix the file, or set "
+            "data.on_invalid_utf8=replace to replace bad bytes with U+FFFD."
+        ) from None
+
+
+def _jsonl(path: Path, text_key: str, key: str, policy: str, stats: ReadStats) -> Iterator[tuple[str, str]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where, policy, stats).strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}, column {e.colno}). Each line must be one JSON object.") from None
+            if not isinstance(obj, dict) or text_key not in obj:
+                raise UserError(
+                    f"{where}: no field '{text_key}' in this record. Set {key}.text_key to the field that holds the text."
+                )
+            text = obj[text_key]
+            if not isinstance(text, str):
+                raise UserError(f"{where}: field '{text_key}' is a {type(text).__name__}, not a string.")
+            yield text, where
+
+
+def _txt_files(path: Path, policy: str, stats: ReadStats) -> Iterator[tuple[str, str]]:
+    files = [path] if path.is_file() else sorted(path.rglob("*.txt"))
+    for p in files:
+        yield _decode(p.read_bytes(), str(p), policy, stats), str(p)
+
+
+def _pydoc() -> Iterator[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name], f"builtin:pydoc#{name}"
+
+
+def _wiki_sample() -> Iterator[tuple[str, str]]:
+    import xml.etree.ElementTree as ET
+
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    with bz2.open(_wiki_path(), "rb") as f:
+        title = None
+        for _, elem in ET.iterparse(f, events=("end",)):
+            tag = elem.tag.rsplit("}", 1)[-1]
+            if tag == "title":
+                title = elem.text or ""
+            elif tag == "text":
+                raw = elem.text or ""
+                if not raw.lstrip().upper().startswith("#REDIRECT"):
+                    body = filter_wiki(raw)
+                    yield f"{title}\n\n{body}", f"builtin:wiki-sample#{title}"
+            elif tag == "page":
+                elem.clear()
+
+
+def iter_documents(sources: Any, on_invalid_utf8: str, stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+    """(text, origin) for every non-empty document of every source, in recipe order."""
+    stats = stats if stats is not None else ReadStats()
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]"
+        check_source(src, key)
+        if src.path == "builtin:pydoc":
+            docs = _pydoc()
+        elif src.path == "builtin:wiki-sample":
+            docs = _wiki_sample()
+        elif src.path.endswith(".jsonl"):
+            docs = _jsonl(Path(src.path), src.text_key, key, on_invalid_utf8, stats)
+        else:
+            docs = _txt_files(Path(src.path), on_invalid_utf8, stats)
+        n = 0
+        for text, origin in docs:
+            if not text.strip():
+                stats.empty_skipped += 1
+                continue
+            yield text, origin
+            n += 1
+            if src.max_docs is not None and n >= src.max_docs:
+                break
+        stats.per_source.append(n)
+

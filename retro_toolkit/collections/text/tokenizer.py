@@ -1,0 +1,99 @@
+"""The decoder tokenizer: a SentencePiece model, trained on the corpus or given.
+
+Special ids are fixed when we train (pad 0, unk 1, bos 2, eos 3); eos doubles as the
+end-of-document token between documents of a token stream. A given model keeps its own
+ids; a missing pad falls back to eos.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+from retro_toolkit.errors import UserError
+
+
+class Tokenizer:
+    def __init__(self, model_file: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        self.model_file = str(model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot load SentencePiece model {model_file}: {e}".splitlines()[0]) from None
+        self.vocab_size: int = self.sp.get_piece_size()
+        self.eod_id: int = self.sp.eos_id()
+        if self.eod_id < 0:
+            raise UserError(f"SentencePiece model {model_file} has no end-of-sentence id; retrain it with eos_id set.")
+        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eod_id
+        self.bos_id: int = self.sp.bos_id()
+        self.unk_id: int = self.sp.unk_id()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def special_ids(self) -> dict[str, int]:
+        return {"pad": self.pad_id, "eod": self.eod_id, "bos": self.bos_id, "unk": self.unk_id}
+
+
+def _lines(texts: Iterable[str]) -> Iterable[str]:
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    out_file: Path,
+    vocab_size: int,
+    model_type: str,
+    character_coverage: float,
+    max_lines: int,
+    byte_fallback: bool,
+    seed: int,
+) -> None:
+    """Train on the lines of `texts`; write the .model to `out_file` (caller makes it atomic)."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_lines(texts)),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            input_sentence_size=max_lines,
+            shuffle_input_sentence=True,
+            # identity + kept whitespace: decode(encode(text)) gives the text back, which
+            # the retrieval embedder (it re-tokenises decoded chunks for BERT) relies on.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=1 << 16,
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1]
+        if "Vocabulary size" in msg or "vocab_size" in msg:
+            raise UserError(
+                f"tokenizer.vocab_size = {vocab_size} is too large for this corpus ({msg}). "
+                "Lower tokenizer.vocab_size or add text to data.sources."
+            ) from None
+        raise
+    out_file.write_bytes(model.getvalue())

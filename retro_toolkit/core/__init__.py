@@ -1,0 +1,1 @@
+"""Shared plumbing: atomic files, hashing, distributed init, progress lines."""

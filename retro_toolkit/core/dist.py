@@ -1,0 +1,95 @@
+"""torch.distributed from the environment torchrun (or srun + torchrun) sets.
+
+One process without WORLD_SIZE is a world of one: no process group is created and the
+collectives below are no-ops, so stage code is written once for any world size.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_from_os() -> DistEnv:
+    return DistEnv(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init(timeout_minutes: int = 60) -> DistEnv:
+    """Create the default process group when launched with more than one process."""
+    env = env_from_os()
+    if env.world_size > 1:
+        import torch
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(env.local_rank)
+            td.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return env
+
+
+def shutdown() -> None:
+    if _initialized():
+        import torch.distributed as td
+
+        td.destroy_process_group()
+
+
+def _initialized() -> bool:
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    import torch.distributed as td
+
+    return td.is_initialized()
+
+
+def barrier() -> None:
+    if _initialized():
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not _initialized():
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not _initialized():
+        return [obj]
+    import torch.distributed as td
+
+    out: list[Any] = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) share of n items for one rank; shares differ by at most 1."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)

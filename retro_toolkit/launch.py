@@ -1,0 +1,109 @@
+"""The one entry point every job runs, whatever the executor:
+
+    python -m retro_toolkit.launch STAGE <workdir>/recipe.resolved.yaml
+
+It checks that upstream stages finished, runs the stage on every rank, and (rank 0)
+writes the stage manifest last, so a killed stage never looks finished.
+Exit codes: 0 done, 2 bad input (message, no traceback), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from retro_toolkit.errors import RetroError, UserError
+
+
+def run_stage(stage: str, recipe_file: str) -> int:
+    from retro_toolkit.core import dist
+    from retro_toolkit.core.stage import StageContext
+    from retro_toolkit.recipe import load_recipe
+    from retro_toolkit.runner import manifest
+    from retro_toolkit.runner.stages import STAGES
+
+    recipe = load_recipe(recipe_file)
+    spec = STAGES.get(stage)
+    if spec is None or spec.entry is None or stage not in recipe.stages:
+        raise UserError(f"stage '{stage}' is not runnable from {recipe_file}.")
+    for dep in spec.depends_on:
+        current, why = manifest.status(recipe, dep)
+        if not current:
+            raise UserError(
+                f"stage '{stage}' needs stage '{dep}', which is not done ({why}). "
+                f"Run it first: retro-run {recipe_file} --stages {dep}"
+            )
+
+    env = dist.init()
+    started = time.time()
+    if env.is_main:
+        manifest.remove(recipe.workdir, stage)
+    dist.barrier()
+    module, func = spec.entry.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    ctx = StageContext(stage, recipe, env)
+    result = fn(ctx)
+    dist.barrier()
+    if env.is_main:
+        manifest.write(recipe, stage, result.outputs, result.summary, started, env.world_size)
+        print(f"[{stage}] finished in {time.time() - started:.1f}s", flush=True)
+    dist.shutdown()
+    return 0
+
+
+class _Tee:
+    """Copy a stream into the stage's own log file, which the runner names on failure."""
+
+    def __init__(self, stream, log) -> None:
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def log_file(workdir: str | os.PathLike, stage: str, rank: int) -> Path:
+    return Path(workdir) / "logs" / f"{stage}.rank{rank}.log"
+
+
+def _tee_to_log(stage: str, recipe_file: str) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    path = log_file(Path(recipe_file).resolve().parent, stage, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(path, "a", encoding="utf-8", buffering=1)
+    log.write(f"\n===== {stage} rank {rank} started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+    sys.stdout = _Tee(sys.stdout, log)
+    sys.stderr = _Tee(sys.stderr, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m retro_toolkit.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage")
+    p.add_argument("recipe", help="the resolved recipe (<workdir>/recipe.resolved.yaml)")
+    args = p.parse_args(argv)
+    _tee_to_log(args.stage, args.recipe)
+    try:
+        return run_stage(args.stage, args.recipe)
+    except RetroError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

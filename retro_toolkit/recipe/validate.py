@@ -1,0 +1,251 @@
+"""Check a composed recipe against the schema and say exactly what is wrong.
+
+The checker walks the dataclasses itself (rather than relying on OmegaConf's merge
+errors) so that every message carries the full key, list indices included, the
+offending value, the expected type and the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from retro_toolkit.errors import UserError
+from retro_toolkit.recipe.executors import EXECUTOR_SCHEMAS
+from retro_toolkit.recipe.schema import STAGE_NAMES, Recipe
+
+_MISSING = "???"
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a schema, for 'did you mean' across sections."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        t = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            out += _all_keys(t, key + ".")
+    return out
+
+
+def _nearest(key: str, candidates: list[str], full_candidates: list[str]) -> str:
+    local = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if local:
+        return local[0]
+    leaf = key.rsplit(".", 1)[-1]
+    for cand in full_candidates:  # same name in another section (e.g. top-level vocab_size)
+        if cand.rsplit(".", 1)[-1] == leaf:
+            return cand
+    hits = difflib.get_close_matches(leaf, [c.rsplit(".", 1)[-1] for c in full_candidates], n=1)
+    return next((c for c in full_candidates if hits and c.endswith("." + hits[0])), "")
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(t)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(t):
+        return "a mapping"
+    return getattr(t, "__name__", str(t))
+
+
+class _Checker:
+    def __init__(self, root_cls: type) -> None:
+        self.full_keys = _all_keys(root_cls)
+
+    def check(self, value: Any, t: Any, key: str) -> Any:
+        if isinstance(value, str) and value == _MISSING:
+            raise UserError(f"recipe key '{key}' is required but not set. Set it in the recipe or as {key}=...")
+        origin = typing.get_origin(t)
+        if t is Any:
+            return value
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            if value is None:
+                return None
+            return self.check(value, args[0], key)
+        if dataclasses.is_dataclass(t):
+            return self.check_dataclass(value, t, key)
+        if origin is list:
+            if not isinstance(value, list):
+                self._wrong(key, value, t)
+            (item_t,) = typing.get_args(t)
+            return [self.check(v, item_t, f"{key}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                self._wrong(key, value, t)
+            return {str(k): self.check(v, typing.get_args(t)[1], f"{key}.{k}") for k, v in value.items()}
+        if t is bool:
+            if not isinstance(value, bool):
+                self._wrong(key, value, t)
+            return value
+        if t is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                self._wrong(key, value, t)
+            return value
+        if t is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                self._wrong(key, value, t)
+            return float(value)
+        if t is str:
+            if isinstance(value, (dict, list)) or value is None:
+                self._wrong(key, value, t)
+            return str(value)
+        raise TypeError(f"schema type {t} of {key} is not supported")  # a bug in schema.py
+
+    def check_dataclass(self, value: Any, cls: type, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self._wrong(key, value, cls)
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        out = {}
+        for k in value:
+            if k not in names:
+                full = f"{key}.{k}" if key else str(k)
+                prefix = f"{key}." if key else ""
+                near = _nearest(str(k), names, self.full_keys)
+                if near and "." not in near:
+                    near = prefix + near
+                raise UserError(
+                    f"unknown recipe key '{full}'."
+                    + (f" Did you mean '{near}'?" if near else "")
+                    + f" Valid keys here: {', '.join(prefix + n for n in names)}."
+                )
+        for f in dataclasses.fields(cls):
+            sub = f"{key}.{f.name}" if key else f.name
+            if f.name in value:
+                out[f.name] = self.check(value[f.name], hints[f.name], sub)
+            elif f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = OmegaConf.to_container(OmegaConf.create({"v": f.default_factory()}))["v"]
+            else:
+                raise UserError(f"recipe key '{sub}' is required but not set. Set it in the recipe or as {sub}=...")
+        return out
+
+    @staticmethod
+    def _wrong(key: str, value: Any, t: Any) -> None:
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        raise UserError(
+            f"recipe key '{key}' has the wrong type: got {shown} ({type(value).__name__}), "
+            f"expected {_type_name(t)}."
+        )
+
+
+def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    defaults = OmegaConf.structured(Recipe)
+    plain = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(defaults)), cfg)
+    try:
+        return OmegaConf.to_container(plain, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise UserError(f"cannot resolve recipe key '{key}': {msg}.") from None
+
+
+def _check_choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(value, list(choices), n=1)
+        raise UserError(
+            f"recipe key '{key}' = '{value}' is not one of {', '.join(choices)}."
+            + (f" Did you mean '{hint[0]}'?" if hint else "")
+        )
+
+
+def _abspath(p: str) -> str:
+    return str(Path(os.path.expanduser(p)).resolve())
+
+
+def _semantic(r: dict[str, Any]) -> None:
+    """Checks the types cannot express; paths become absolute so jobs find them anywhere."""
+    seen = set()
+    for i, s in enumerate(r["stages"]):
+        _check_choice(s, STAGE_NAMES, f"stages[{i}]")
+        if s in seen:
+            raise UserError(f"stage '{s}' is listed twice in 'stages'.")
+        seen.add(s)
+    if not r["stages"]:
+        raise UserError("recipe key 'stages' is empty: list the stages to run, e.g. [tokenizer, prepare_corpus].")
+
+    d = r["data"]
+    split = d["split"]
+    if len(split) != 3 or any(x < 0 for x in split) or abs(sum(split) - 1.0) > 1e-6:
+        raise UserError(
+            f"recipe key 'data.split' = {split} must be three non-negative fractions "
+            "(train, valid, test) that sum to 1, e.g. [0.9, 0.05, 0.05]."
+        )
+    _check_choice(d["on_invalid_utf8"], ("error", "replace"), "data.on_invalid_utf8")
+    if d["tokenize_batch_docs"] < 1:
+        raise UserError("recipe key 'data.tokenize_batch_docs' must be at least 1.")
+    for i, src in enumerate(d["sources"]):
+        if not src["path"].startswith("builtin:"):
+            src["path"] = _abspath(src["path"])
+        if src["max_docs"] is not None and src["max_docs"] < 1:
+            raise UserError(f"recipe key 'data.sources[{i}].max_docs' must be at least 1 (or null for all).")
+
+    t = r["tokenizer"]
+    _check_choice(t["model_type"], ("unigram", "bpe"), "tokenizer.model_type")
+    if t["model"] is not None:
+        t["model"] = _abspath(t["model"])
+    if t["vocab_size"] < 16:
+        raise UserError(f"recipe key 'tokenizer.vocab_size' = {t['vocab_size']} is too small (at least 16).")
+
+    m = r["model"]
+    _check_choice(m["arch"], ("retro", "gpt"), "model.arch")
+    if m["chunk_length"] < 1 or m["seq_length"] % m["chunk_length"]:
+        raise UserError(
+            f"model.seq_length ({m['seq_length']}) must be a multiple of model.chunk_length "
+            f"({m['chunk_length']}): Retro splits every sample into whole chunks."
+        )
+
+    r["workdir"] = _abspath(r["workdir"])
+
+
+def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe key 'executor' must be a mapping with a 'type' ({', '.join(EXECUTOR_SCHEMAS)}).")
+    etype = raw.get("type", "local")
+    if etype not in EXECUTOR_SCHEMAS:
+        _check_choice(str(etype), tuple(EXECUTOR_SCHEMAS), "executor.type")
+    own = {f.name for f in dataclasses.fields(EXECUTOR_SCHEMAS[etype])}
+    for key in raw:
+        owners = [t for t, cls in EXECUTOR_SCHEMAS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if key not in own and owners:
+            raise UserError(
+                f"recipe key 'executor.{key}' does not apply to the {etype} executor; it belongs to "
+                f"{' and '.join(owners)}. Select one with executor={owners[0]}."
+            )
+    out = checker.check_dataclass(raw, EXECUTOR_SCHEMAS[etype], "executor")
+    for key in ("nproc_per_node", "nodes", "ntasks_per_node"):
+        if key in out and out[key] < 1:
+            raise UserError(f"recipe key 'executor.{key}' must be at least 1.")
+    return out
+
+
+def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
+    """Return the checked, resolved recipe (read-only); raise UserError on the first problem."""
+    resolved = _resolve(cfg)
+    executor = resolved.pop("executor", {"type": "local"})
+    checker = _Checker(Recipe)
+    checked = checker.check_dataclass(resolved, Recipe, "")
+    checked["executor"] = _check_executor(executor, checker)
+    _semantic(checked)
+    out = OmegaConf.create(checked)
+    OmegaConf.set_readonly(out, True)
+    return out

@@ -1,0 +1,1 @@
+"""Recipe -> stage plan -> NeMo-Run jobs; stage manifests; the entry point inside a job."""

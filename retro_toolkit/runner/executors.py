@@ -1,0 +1,91 @@
+"""Executor settings (recipe data) -> NeMo-Run executors and the job's command.
+
+Every executor runs the same command, `python -m retro_toolkit.launch STAGE RECIPE`;
+only where and how many times differs. nemo_run is imported here, lazily, and nowhere
+else outside the runner.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+LAUNCH_MODULE = "retro_toolkit.launch"
+
+
+def logs_root(recipe: DictConfig) -> Path:
+    """NeMo-Run's home for this recipe: job scripts and logs live in the work directory."""
+    return Path(recipe.workdir) / "logs"
+
+
+def _env(cfg: DictConfig) -> dict[str, str]:
+    env = {str(k): str(v) for k, v in cfg.env.items()}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def uses_torchrun(cfg: DictConfig) -> bool:
+    if cfg.type == "torchrun":
+        return True
+    return cfg.type == "slurm" and (cfg.ntasks_per_node > 1 or cfg.nodes > 1)
+
+
+def build(cfg: DictConfig, recipe: DictConfig) -> Any:
+    import nemo_run as run
+
+    if cfg.type in ("local", "torchrun"):
+        nproc = cfg.nproc_per_node if cfg.type == "torchrun" else 1
+        return run.LocalExecutor(
+            ntasks_per_node=nproc,
+            launcher="torchrun" if cfg.type == "torchrun" else None,
+            env_vars=_env(cfg),
+            packager=run.Packager(),
+        )
+    if cfg.type == "slurm":
+        t = cfg.tunnel
+        if t.type == "ssh":
+            tunnel = run.SSHTunnel(host=t.host, user=t.user or os.environ.get("USER", ""),
+                                   job_dir=t.job_dir, identity=t.identity)
+        else:
+            tunnel = run.LocalTunnel(job_dir=str(logs_root(recipe) / "experiments"))
+        torchrun = uses_torchrun(cfg)
+        return run.SlurmExecutor(
+            account=cfg.account,
+            partition=cfg.partition,
+            nodes=cfg.nodes,
+            # torchrun starts the per-node processes itself: one Slurm task per node.
+            ntasks_per_node=1 if torchrun else cfg.ntasks_per_node,
+            torchrun_nproc_per_node=cfg.ntasks_per_node if torchrun else None,
+            gpus_per_node=cfg.gpus_per_node,
+            cpus_per_task=cfg.cpus_per_task,
+            mem=cfg.mem,
+            time=cfg.time,
+            container_image=cfg.container_image,
+            container_mounts=list(cfg.container_mounts),
+            env_vars=_env(cfg),
+            additional_parameters=dict(cfg.additional_parameters) or None,
+            launcher="torchrun" if torchrun else None,
+            tunnel=tunnel,
+            packager=run.Packager(),
+        )
+    raise ValueError(f"unknown executor type {cfg.type}")  # validate() rejects these first
+
+
+def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
+    import nemo_run as run
+
+    # NeMo-Run adds torchrun's --no-python unless the entrypoint is literally "python";
+    # a single local process runs this very interpreter (the one retro_toolkit is in).
+    if uses_torchrun(cfg):
+        entry = "python"
+    elif cfg.type == "local":
+        entry = sys.executable
+    else:
+        entry = cfg.python
+    return run.Script(path=LAUNCH_MODULE, m=True, entrypoint=entry, args=[stage, str(recipe_file)])

@@ -1,0 +1,76 @@
+"""Which stages a run executes: the recipe's stages in dependency order, each run or skipped."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from retro_toolkit.errors import UserError
+from retro_toolkit.runner import manifest
+from retro_toolkit.runner.stages import STAGES
+
+
+@dataclass
+class Step:
+    stage: str
+    run: bool
+    reason: str
+
+
+def _check_names(names: list[str], recipe: DictConfig, flag: str) -> None:
+    for n in names:
+        if n not in STAGES:
+            hint = difflib.get_close_matches(n, list(STAGES), n=1)
+            raise UserError(
+                f"unknown stage '{n}' in {flag}."
+                + (f" Did you mean '{hint[0]}'?" if hint else "")
+                + f" Stages: {', '.join(STAGES)}."
+            )
+        if n not in recipe.stages:
+            raise UserError(
+                f"stage '{n}' in {flag} is not one of this recipe's stages ({', '.join(recipe.stages)}); "
+                f"add it to 'stages' in the recipe or with stages=[...]."
+            )
+
+
+def check_stages(recipe: DictConfig) -> None:
+    """Every listed stage exists in this version and has its dependencies listed too."""
+    for s in recipe.stages:
+        spec = STAGES[s]
+        if spec.entry is None:
+            raise UserError(
+                f"stage '{s}' ({spec.summary}) is not implemented in this version of retro_toolkit. "
+                f"Remove it from 'stages' (implemented: "
+                f"{', '.join(n for n, v in STAGES.items() if v.entry)})."
+            )
+        for d in spec.depends_on:
+            if d not in recipe.stages:
+                raise UserError(f"stage '{s}' needs stage '{d}': add '{d}' to 'stages'.")
+
+
+def make_plan(recipe: DictConfig, only: list[str] | None = None, force: list[str] | None = None) -> list[Step]:
+    check_stages(recipe)
+    force = force or []
+    _check_names(force, recipe, "--force")
+    ordered = [s for s in STAGES if s in recipe.stages]
+    if only:
+        _check_names(only, recipe, "--stages")
+        wanted = set(only)
+        for s in reversed(ordered):  # pull in unfinished ancestors of what was asked for
+            if s in wanted:
+                for d in STAGES[s].depends_on:
+                    if not manifest.status(recipe, d)[0] or d in force:
+                        wanted.add(d)
+        wanted |= set(force) & set(ordered)
+    else:
+        wanted = set(ordered)
+
+    steps: list[Step] = []
+    for s in ordered:
+        if s not in wanted:
+            continue
+        current, why = manifest.status(recipe, s)
+        steps.append(Step(s, s in force or not current, "forced" if s in force else why))
+    return steps

@@ -1,0 +1,139 @@
+"""Run a recipe: plan, then each stage as a NeMo-Run job, then a summary table."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from retro_toolkit.core import files
+from retro_toolkit.errors import StageFailed
+from retro_toolkit.launch import log_file
+from retro_toolkit.recipe import to_yaml
+from retro_toolkit.runner import executors, manifest
+from retro_toolkit.runner.follow import LogFollower
+from retro_toolkit.runner.plan import Step, make_plan
+from retro_toolkit.runner.preflight import check_inputs
+
+RESOLVED = "recipe.resolved.yaml"
+
+
+@dataclass
+class Outcome:
+    stage: str
+    status: str  # done | skipped | failed | not run
+    wall_s: float | None
+    detail: str
+
+
+def print_plan(recipe: DictConfig, steps: list[Step]) -> None:
+    ex = recipe.executor
+    where = ex.type + (f" x{ex.nproc_per_node}" if ex.type == "torchrun" else "")
+    print(f"recipe {recipe.name}: workdir {recipe.workdir}, executor {where}")
+    for s in steps:
+        print(f"  {'run ' if s.run else 'skip'}  {s.stage:<15} {s.reason}")
+    sys.stdout.flush()
+
+
+def _summary_text(summary: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in summary.items())
+    return text if len(text) <= 70 else text[:67] + "..."
+
+
+def print_summary(outcomes: list[Outcome]) -> None:
+    print()
+    print(f"{'stage':<15} {'status':<8} {'wall':>8}  outputs")
+    for o in outcomes:
+        wall = f"{o.wall_s:.1f}s" if o.wall_s is not None else "-"
+        print(f"{o.stage:<15} {o.status:<8} {wall:>8}  {o.detail}")
+    sys.stdout.flush()
+
+
+def _status_name(status: object) -> str:
+    return getattr(status, "name", None) or str(status).split(" ")[0]
+
+
+def _launch(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
+    """Run one stage as a NeMo-Run experiment and wait; return the job's final state."""
+    import nemo_run as run
+
+    ex_cfg = recipe.executor
+    executor = executors.build(ex_cfg, recipe)
+    with run.Experiment(
+        f"{recipe.name}-{stage}", base_dir=str(executors.logs_root(recipe)), clean_mode=True, log_level="WARN"
+    ) as exp:
+        exp.add(executors.script(ex_cfg, stage, recipe_file), executor=executor, name=stage)
+        exp.run(sequential=True, tail_logs=False)
+    # Leaving the block waits for a single job; only then is its state final.
+    info = exp.status(return_dict=True) or {}
+    return _status_name(info.get(stage, {}).get("status", "UNKNOWN"))
+
+
+def dry_run(recipe: DictConfig, steps: list[Step]) -> None:
+    if recipe.executor.type != "slurm":
+        print("dry run: nothing was run.")
+        return
+    from retro_toolkit.runner.slurm import sbatch_script
+
+    resolved = Path(recipe.workdir) / RESOLVED
+    for s in steps:
+        if s.run:
+            print(f"\n# ---- sbatch script for stage {s.stage} ----")
+            print(sbatch_script(recipe, s.stage, resolved))
+    print("dry run: nothing was submitted.")
+
+
+def execute(
+    recipe: DictConfig,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    dry: bool = False,
+) -> int:
+    steps = make_plan(recipe, only, force)
+    check_inputs(recipe)
+    print_plan(recipe, steps)
+    if dry:
+        dry_run(recipe, steps)
+        return 0
+
+    workdir = Path(recipe.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    resolved = workdir / RESOLVED
+    files.write_text(resolved, to_yaml(recipe))
+    # Local jobs (and torchrun's workers) must find this interpreter's packages.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    outcomes: list[Outcome] = []
+    failed: str | None = None
+    for step in steps:
+        if failed:
+            outcomes.append(Outcome(step.stage, "not run", None, f"needs {failed}"))
+            continue
+        if not step.run:
+            m = manifest.read(workdir, step.stage) or {}
+            outcomes.append(Outcome(step.stage, "skipped", None, _summary_text(m.get("summary", {}))))
+            continue
+        print(f"\n==> {step.stage} ({step.reason})", flush=True)
+        t0 = time.time()
+        with LogFollower(log_file(workdir, step.stage, 0)):
+            state = _launch(recipe, step.stage, resolved)
+        wall = time.time() - t0
+        done, _ = manifest.status(recipe, step.stage)
+        if state == "SUCCEEDED" and done:
+            m = manifest.read(workdir, step.stage) or {}
+            outcomes.append(Outcome(step.stage, "done", wall, _summary_text(m.get("summary", {}))))
+        else:
+            log = log_file(workdir, step.stage, 0)
+            outcomes.append(Outcome(step.stage, "failed", wall, f"job {state}; log: {log}"))
+            failed = step.stage
+    print_summary(outcomes)
+    if failed:
+        raise StageFailed(
+            f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} "
+            f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments)."
+        )
+    return 0

@@ -1,0 +1,53 @@
+"""The pipeline's stages: what each depends on, which recipe keys it reads, where its code is.
+
+`config_keys` are the recipe sections whose values go into the stage's fingerprint: a
+change to any of them (or to an upstream stage's fingerprint) reruns the stage. Bump
+`version` when a stage's output format or semantics change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    depends_on: tuple[str, ...]
+    config_keys: tuple[str, ...]
+    entry: str | None  # "module:function"; None = not implemented yet
+    summary: str
+    version: int = 1
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in (
+        StageSpec(
+            "tokenizer",
+            (),
+            ("tokenizer", "data.sources", "data.on_invalid_utf8"),
+            "retro_toolkit.collections.text.tokenizer_stage:run",
+            "train (or load) the decoder's SentencePiece tokenizer",
+        ),
+        StageSpec(
+            "prepare_corpus",
+            ("tokenizer",),
+            ("data",),
+            "retro_toolkit.collections.text.prepare_corpus:run",
+            "tokenize the corpus into train/valid/test token streams",
+        ),
+        StageSpec(
+            "build_db",
+            ("prepare_corpus",),
+            ("model.chunk_length", "model.num_neighbors", "model.num_retrieved_chunks"),
+            None,
+            "chunk DB, BERT embeddings, faiss index, neighbours",
+        ),
+        StageSpec("pretrain", ("build_db",), ("model",), None, "pretrain Retro (or its GPT twin)"),
+        StageSpec("eval_ppl", ("pretrain",), ("model",), None, "validation/test perplexity"),
+        StageSpec("sft", ("pretrain",), ("model",), None, "instruction tuning (InstructRetro)"),
+        StageSpec("eval_qa", ("sft",), ("model",), None, "zero-shot QA: EM/F1"),
+        StageSpec("export", ("pretrain",), ("model",), None, "write the .nemo package"),
+    )
+}
