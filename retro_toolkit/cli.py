@@ -42,7 +42,7 @@ stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 COMMANDS = ("run", "validate", "show", "ls")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(
         prog="retro-run",
         description="Retro and InstructRetro end to end, from one YAML recipe.",
@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(v)
     s = sub.add_parser("show", help="print the resolved recipe as YAML")
     recipe_args(s)
-    sub.add_parser("ls", help="list bundled recipes and yaml pieces")
-    return p
+    ls = sub.add_parser("ls", help="list bundled recipes and yaml pieces")
+    return p, {"run": r, "validate": v, "show": s, "ls": ls}
 
 
 def _split_stages(text: str | None) -> list[str] | None:
@@ -95,10 +95,14 @@ def _ls() -> int:
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run", *argv]
-    args = _parser().parse_args(argv)
-    if args.command is None:
-        _parser().print_help()
+    main_parser, commands = _parser()
+    if not argv or argv[0] not in commands:
+        main_parser.parse_args(argv)  # --help, or a usage error
+        main_parser.print_help()
         return 2
+    # Intermixed: `RECIPE --dry-run key=value` works as well as `RECIPE key=value --dry-run`.
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
     if args.command == "ls":
         return _ls()
 

@@ -78,6 +78,10 @@ def log_file(workdir: str | os.PathLike, stage: str, rank: int) -> Path:
     return Path(workdir) / "logs" / f"{stage}.rank{rank}.log"
 
 
+def error_path(workdir: str | os.PathLike, stage: str) -> Path:
+    return Path(workdir) / "stages" / f"{stage}.error.json"
+
+
 def _tee_to_log(stage: str, recipe_file: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     path = log_file(Path(recipe_file).resolve().parent, stage, rank)
@@ -95,10 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", help="the resolved recipe (<workdir>/recipe.resolved.yaml)")
     args = p.parse_args(argv)
     _tee_to_log(args.stage, args.recipe)
+    workdir = Path(args.recipe).resolve().parent
+    error_file = error_path(workdir, args.stage)
+    if int(os.environ.get("RANK", 0)) == 0 and error_file.exists():
+        error_file.unlink()
     try:
         return run_stage(args.stage, args.recipe)
     except RetroError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        # The runner re-raises this in the user's terminal (bad input keeps exit code 2).
+        from retro_toolkit.core import files
+
+        files.write_json(error_file, {"exit_code": e.exit_code, "message": str(e)})
         return e.exit_code
     except Exception:
         traceback.print_exc()

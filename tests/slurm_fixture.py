@@ -130,7 +130,9 @@ def slurm_cluster():
             rc, err = p.returncode, p.stderr
         except subprocess.TimeoutExpired as e:
             rc = f"timeout after {START_TIMEOUT_S}s"
-            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            err = e.stderr or ""
+            if isinstance(err, bytes):
+                err = err.decode(errors="replace")
         if rc != 0:
             _stop(env)  # stop whatever part of it did start (pid files under base only)
             reason = f"{START_SCRIPT.name} failed (exit {rc})"
@@ -147,10 +149,12 @@ def slurm_cluster():
             _stop(env)
         _unavailable(f"the running cluster has no partition {PARTITION!r}")
 
+    if "," in node or "[" in node:  # a multi-node partition: report this host
+        node = socket.gethostname().split(".")[0]
     try:
         yield SlurmCluster(
             partition=PARTITION,
-            hostname=node if "," not in node and "[" not in node else socket.gethostname().split(".")[0],
+            hostname=node,
             slurm_base=base,
             started_here=started_here,
         )

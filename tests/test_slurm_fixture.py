@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_fixture import slurm_cluster  # noqa: E402,F401
+
 
 pytestmark = pytest.mark.slurm
 

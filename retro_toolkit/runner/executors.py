@@ -24,9 +24,14 @@ def logs_root(recipe: DictConfig) -> Path:
 
 def _env(cfg: DictConfig) -> dict[str, str]:
     env = {str(k): str(v) for k, v in cfg.env.items()}
+    python = cfg.get("python", "python")
+    if os.path.isabs(python) and "PATH" not in env:
+        # torchrun (and `python` itself) are found on the job's PATH, not by absolute path.
+        env["PATH"] = f"{os.path.dirname(python)}:$PATH"
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("LOGLEVEL", "WARNING")  # torchrun's agent logs every rendezvous step at INFO
     return env
 
 
@@ -37,7 +42,15 @@ def uses_torchrun(cfg: DictConfig) -> bool:
 
 
 def build(cfg: DictConfig, recipe: DictConfig) -> Any:
+    import logging
+
     import nemo_run as run
+    from nemo_run.core.frontend.console.api import CONSOLE
+
+    # Our runner prints the plan, the stage's own log and a summary; NeMo-Run's rich
+    # console (panels, "Detected Torchrun launcher ...") would only repeat it.
+    CONSOLE.quiet = True
+    logging.getLogger("nemo_run").setLevel(logging.WARNING)
 
     if cfg.type in ("local", "torchrun"):
         nproc = cfg.nproc_per_node if cfg.type == "torchrun" else 1
@@ -57,6 +70,9 @@ def build(cfg: DictConfig, recipe: DictConfig) -> Any:
         torchrun = uses_torchrun(cfg)
         return run.SlurmExecutor(
             account=cfg.account,
+            # NeMo-Run builds job names from the account unless a prefix is given.
+            job_name_prefix=f"retro-{recipe.name}-",
+            poll_estimated_start_time=False,
             partition=cfg.partition,
             nodes=cfg.nodes,
             # torchrun starts the per-node processes itself: one Slurm task per node.

@@ -72,5 +72,8 @@ def make_plan(recipe: DictConfig, only: list[str] | None = None, force: list[str
         if s not in wanted:
             continue
         current, why = manifest.status(recipe, s)
+        rerun_deps = [st.stage for st in steps if st.run and st.stage in STAGES[s].depends_on]
+        if not current and rerun_deps and why.startswith("an upstream"):
+            why = f"upstream '{rerun_deps[0]}' changed"
         steps.append(Step(s, s in force or not current, "forced" if s in force else why))
     return steps

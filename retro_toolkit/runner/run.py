@@ -11,8 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from retro_toolkit.core import files
-from retro_toolkit.errors import StageFailed
-from retro_toolkit.launch import log_file
+from retro_toolkit.errors import StageFailed, UserError
+from retro_toolkit.launch import error_path, log_file
 from retro_toolkit.recipe import to_yaml
 from retro_toolkit.runner import executors, manifest
 from retro_toolkit.runner.follow import LogFollower
@@ -71,6 +71,13 @@ def _launch(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
     # Leaving the block waits for a single job; only then is its state final.
     info = exp.status(return_dict=True) or {}
     return _status_name(info.get(stage, {}).get("status", "UNKNOWN"))
+
+
+def _stage_error(workdir: Path, stage: str) -> dict | None:
+    try:
+        return files.read_json(error_path(workdir, stage))
+    except (OSError, ValueError):
+        return None
 
 
 def dry_run(recipe: DictConfig, steps: list[Step]) -> None:
@@ -132,6 +139,9 @@ def execute(
             failed = step.stage
     print_summary(outcomes)
     if failed:
+        err = _stage_error(workdir, failed)
+        if err and err.get("exit_code") == UserError.exit_code:
+            raise UserError(f"stage '{failed}': {err['message']} (log: {log_file(workdir, failed, 0)})")
         raise StageFailed(
             f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} "
             f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments)."

@@ -64,9 +64,20 @@ def train_sentencepiece(
 
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
+    # SentencePiece turns an exception raised by the iterator into a RuntimeError; keep
+    # the original (e.g. a UserError naming a bad file) and raise that instead.
+    reader_error: list[BaseException] = []
+
+    def lines() -> Iterable[str]:
+        try:
+            yield from _lines(texts)
+        except Exception as e:
+            reader_error.append(e)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_lines(texts)),
+            sentence_iterator=iter(lines()),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,
@@ -89,6 +100,8 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
+        if reader_error:
+            raise reader_error[0] from None
         msg = str(e).strip().splitlines()[-1]
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise UserError(

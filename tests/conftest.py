@@ -1,0 +1,47 @@
+"""Shared test helpers: run the real `retro-run` in a subprocess, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "recipes" / "smoke.yaml")
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def retro_run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`retro-run ARGS` through this interpreter; returns the finished process."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        [sys.executable, "-m", "retro_toolkit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def run_cli():
+    return retro_run
+
+
+@pytest.fixture(scope="session")
+def smoke_local(tmp_path_factory) -> Path:
+    """The smoke recipe's tokenizer + prepare_corpus, run once locally (one process)."""
+    workdir = tmp_path_factory.mktemp("smoke_local") / "w"
+    p = retro_run(SMOKE, f"workdir={workdir}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return workdir
+
+
+from tests.slurm_fixture import slurm_cluster  # noqa: E402,F401  (session fixture)

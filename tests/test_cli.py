@@ -1,0 +1,94 @@
+"""The `retro-run` command line: subcommands, exit codes, and bad input (exit 2, no traceback,
+nothing written to the work directory)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import SMOKE
+
+
+def test_ls_lists_recipes_and_pieces(run_cli):
+    p = run_cli("ls")
+    assert p.returncode == 0, p.stderr
+    assert "smoke" in p.stdout and "Smoke run on one CPU" in p.stdout
+    for piece in ("retro_tiny", "slurm", "torchrun", "pydoc"):
+        assert piece in p.stdout
+
+
+def test_show_prints_resolved_yaml(run_cli, tmp_path):
+    p = run_cli("show", SMOKE, "executor=torchrun", f"workdir={tmp_path}/w")
+    assert p.returncode == 0, p.stderr
+    shown = yaml.safe_load(p.stdout)
+    assert shown["executor"] == {"type": "torchrun", "nproc_per_node": 2, "env": {}}
+    assert shown["workdir"] == f"{tmp_path}/w"
+    assert not (tmp_path / "w").exists()
+
+
+def test_validate_ok(run_cli):
+    p = run_cli("validate", SMOKE)
+    assert p.returncode == 0, p.stderr
+    assert "ok" in p.stdout
+
+
+def test_help_lists_stages_and_examples(run_cli):
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for word in ("prepare_corpus", "executor=slurm", "--dry-run", "Exit codes"):
+        assert word in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tokenizer.vocab_sise=3"], "Did you mean 'tokenizer.vocab_size'?"),
+        (["tokenizer.vocab_size=abc"], "expected int"),
+        (["executor=nosuch"], "unknown executor 'nosuch'"),
+        (["stages=[tokenizer,prepare_corpus,bogus]"], "'stages[2]' = 'bogus' is not one of"),
+        (["--stages", "prepare_corpuss"], "unknown stage 'prepare_corpuss' in --stages. Did you mean 'prepare_corpus'?"),
+        (["--force", "build_db"], "stage 'build_db' in --force is not one of this recipe's stages"),
+        (["stages=[tokenizer,build_db]"], "stage 'build_db' (chunk DB, BERT embeddings, faiss index, neighbours) is not implemented"),
+        (["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
+        (["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
+        (["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: SentencePiece model /nonexistent/t.model does not exist"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_bad_input_exit_2_one_message_nothing_written(run_cli, tmp_path, command, args, message):
+    workdir = tmp_path / "w"
+    if command == "validate" and args[0].startswith("--"):
+        pytest.skip("--stages/--force are run options")
+    p = run_cli(command, SMOKE, f"workdir={workdir}", *args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr
+    assert p.stderr.startswith("error: ") and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+def test_missing_recipe_file_exit_2(run_cli, tmp_path):
+    p = run_cli(str(tmp_path / "nope.yaml"))
+    assert p.returncode == 2
+    assert "recipe file not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_dry_run_local_writes_nothing(run_cli, tmp_path):
+    p = run_cli(SMOKE, f"workdir={tmp_path}/w", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "run   tokenizer" in p.stdout and "run   prepare_corpus" in p.stdout
+    assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
+    p = run_cli(SMOKE, f"workdir={tmp_path}/w", "--dry-run", "executor=slurm", "executor.account=abc",
+                "executor.partition=gpu", "executor.nodes=2", "executor.ntasks_per_node=4",
+                "executor.gpus_per_node=4", "executor.time=02:30:00")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("#!/bin/bash") == 2  # one script per stage
+    for line in ("#SBATCH --account=abc", "#SBATCH --partition=gpu", "#SBATCH --nodes=2",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:30:00",
+                 "--nproc-per-node 4", "-m retro_toolkit.launch prepare_corpus"):
+        assert line in p.stdout, line
+    assert "dry run: nothing was submitted." in p.stdout
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,131 @@
+"""Recipe composition, overrides, interpolation and the messages for bad recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retro_toolkit.errors import UserError
+from retro_toolkit.recipe import load_recipe, to_yaml
+from tests.conftest import SMOKE
+
+
+def test_defaults_compose_pieces_and_interpolate():
+    r = load_recipe(SMOKE)
+    assert r.name == "smoke"
+    assert r.model.num_layers == 2 and r.model.chunk_length == 64  # from yaml/model/retro_tiny.yaml
+    assert r.data.sources[0].path == "builtin:pydoc"  # from yaml/data/pydoc.yaml
+    assert r.tokenizer.vocab_size == 4000  # from yaml/tokenizer/sentencepiece_small.yaml
+    assert r.executor.type == "local"
+    assert Path(r.workdir).is_absolute() and r.workdir.endswith("runs/smoke")  # ${name} resolved
+
+
+def test_dotted_overrides_are_typed():
+    r = load_recipe(SMOKE, ["tokenizer.vocab_size=1234", "data.split=[0.8,0.1,0.1]", "name=other"])
+    assert r.tokenizer.vocab_size == 1234
+    assert list(r.data.split) == [0.8, 0.1, 0.1]
+    assert r.workdir.endswith("runs/other")  # interpolation sees the override
+
+
+def test_group_swap_replaces_the_piece():
+    r = load_recipe(SMOKE, ["executor=slurm", "executor.account=abc", "executor.nodes=2"])
+    assert r.executor.type == "slurm" and r.executor.account == "abc" and r.executor.nodes == 2
+    assert r.executor.time == "01:00:00"
+    r = load_recipe(SMOKE, ["executor=torchrun", "executor.nproc_per_node=3"])
+    assert r.executor.nproc_per_node == 3
+
+
+def test_group_piece_from_a_path(tmp_path):
+    piece = tmp_path / "my_model.yaml"
+    piece.write_text("arch: gpt\nnum_layers: 3\nseq_length: 128\n")
+    r = load_recipe(SMOKE, [f"model={piece}"])
+    assert r.model.arch == "gpt" and r.model.num_layers == 3 and r.model.hidden_size == 64
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    r = load_recipe(SMOKE, ["executor=slurm"])
+    f = tmp_path / "recipe.resolved.yaml"
+    f.write_text(to_yaml(r))
+    assert yaml.safe_load(f.read_text())["executor"]["time"] == "01:00:00"  # stays a string
+    assert load_recipe(str(f)) == r
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    (tmp_path / "c.jsonl").write_text('{"text": "hi"}\n')
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(SMOKE, ["data.sources=[{path: c.jsonl}]", "workdir=w"])
+    assert r.data.sources[0].path == str(tmp_path / "c.jsonl")
+    assert r.workdir == str(tmp_path / "w")
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["tokenizer.vocab_sise=3"], "unknown recipe key 'tokenizer.vocab_sise'. Did you mean 'tokenizer.vocab_size'?"),
+        (["vocab_size=3"], "Did you mean 'tokenizer.vocab_size'?"),
+        (["data.sources=[{pathh: x}]"], "unknown recipe key 'data.sources[0].pathh'. Did you mean 'data.sources[0].path'?"),
+        (["tokenizer.vocab_size=abc"], "'tokenizer.vocab_size' has the wrong type: got 'abc' (str), expected int"),
+        (["data.split=0.5"], "'data.split' has the wrong type: got 0.5 (float), expected a list of float"),
+        (["data.split=[0.5,0.5,0.5]"], "'data.split' = [0.5, 0.5, 0.5] must be three non-negative fractions"),
+        (["stages=[tokenizr]"], "'stages[0]' = 'tokenizr' is not one of tokenizer,"),
+        (["executor=slurmm"], "unknown executor 'slurmm'; did you mean 'slurm'?"),
+        (["executor.type=k8s"], "'executor.type' = 'k8s' is not one of local, torchrun, slurm"),
+        (["executor.account=abc"], "'executor.account' does not apply to the local executor; it belongs to slurm"),
+        (["model.seq_length=100"], "model.seq_length (100) must be a multiple of model.chunk_length (64)"),
+        (["name=null"], "'name' has the wrong type: got None"),
+        (["novalue"], "override 'novalue' is not of the form key=value"),
+        (["workdir=${nope}"], "cannot resolve recipe key 'workdir'"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(overrides, expected):
+    with pytest.raises(UserError) as e:
+        load_recipe(SMOKE, overrides)
+    assert expected in str(e.value)
+
+
+def test_missing_recipe_file_suggests_ls():
+    with pytest.raises(UserError, match=r"recipe file not found: recipes/smok.yaml.*retro-run ls"):
+        load_recipe("recipes/smok.yaml")
+
+
+def test_bundled_recipe_by_name():
+    assert load_recipe("smoke").name == "smoke"
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("name: x\nstages: [tokenizer\nseed: 1\n")
+    with pytest.raises(UserError, match=r"bad.yaml is not valid YAML .* line 3"):
+        load_recipe(str(f))
+
+
+def test_non_mapping_and_required_keys(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_recipe(str(f))
+    f = tmp_path / "nostages.yaml"
+    f.write_text("name: x\n")
+    with pytest.raises(UserError, match="'stages' is required but not set"):
+        load_recipe(str(f))
+
+
+def test_non_utf8_recipe(tmp_path):
+    f = tmp_path / "latin1.yaml"
+    f.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8"):
+        load_recipe(str(f))
+
+
+def test_recipe_next_to_its_own_yaml_tree(tmp_path):
+    """A copied recipe tree (recipes/ beside yaml/) finds its own pieces first."""
+    (tmp_path / "yaml" / "model").mkdir(parents=True)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "yaml" / "model" / "mine.yaml").write_text("num_layers: 7\n")
+    (tmp_path / "recipes" / "r.yaml").write_text(
+        "defaults:\n  - model: mine\n  - executor: local\nname: r\nstages: [tokenizer]\n"
+    )
+    r = load_recipe(str(tmp_path / "recipes" / "r.yaml"))
+    assert r.model.num_layers == 7 and r.executor.type == "local"
