@@ -39,26 +39,27 @@ def test_help_lists_stages_and_examples(run_cli):
         assert word in p.stdout
 
 
+BOTH = ("run", "validate")
+BAD_INPUT = [
+    (BOTH, ["tokenizer.vocab_sise=3"], "Did you mean 'tokenizer.vocab_size'?"),
+    (BOTH, ["tokenizer.vocab_size=abc"], "expected int"),
+    (BOTH, ["executor=nosuch"], "unknown executor 'nosuch'"),
+    (BOTH, ["stages=[tokenizer,prepare_corpus,bogus]"], "'stages[2]' = 'bogus' is not one of"),
+    (("run",), ["--stages", "prepare_corpuss"], "unknown stage 'prepare_corpuss' in --stages. Did you mean 'prepare_corpus'?"),
+    (("run",), ["--force", "build_db"], "stage 'build_db' in --force is not one of this recipe's stages"),
+    (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' (chunk DB, BERT embeddings, faiss index, neighbours) is not implemented"),
+    (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
+    (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
+    (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: SentencePiece model /nonexistent/t.model does not exist"),
+]
+
+
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (["tokenizer.vocab_sise=3"], "Did you mean 'tokenizer.vocab_size'?"),
-        (["tokenizer.vocab_size=abc"], "expected int"),
-        (["executor=nosuch"], "unknown executor 'nosuch'"),
-        (["stages=[tokenizer,prepare_corpus,bogus]"], "'stages[2]' = 'bogus' is not one of"),
-        (["--stages", "prepare_corpuss"], "unknown stage 'prepare_corpuss' in --stages. Did you mean 'prepare_corpus'?"),
-        (["--force", "build_db"], "stage 'build_db' in --force is not one of this recipe's stages"),
-        (["stages=[tokenizer,build_db]"], "stage 'build_db' (chunk DB, BERT embeddings, faiss index, neighbours) is not implemented"),
-        (["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
-        (["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
-        (["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: SentencePiece model /nonexistent/t.model does not exist"),
-    ],
+    "command, args, message",
+    [(c, a, m) for commands, a, m in BAD_INPUT for c in commands],
 )
-@pytest.mark.parametrize("command", ["run", "validate"])
 def test_bad_input_exit_2_one_message_nothing_written(run_cli, tmp_path, command, args, message):
     workdir = tmp_path / "w"
-    if command == "validate" and args[0].startswith("--"):
-        pytest.skip("--stages/--force are run options")
     p = run_cli(command, SMOKE, f"workdir={workdir}", *args)
     assert p.returncode == 2, p.stdout + p.stderr
     assert message in p.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from retro_toolkit.core import files
+from retro_toolkit.core.lock import workdir_lock
 from retro_toolkit.errors import StageFailed, UserError
 from retro_toolkit.launch import error_path, log_file
 from retro_toolkit.recipe import to_yaml
@@ -102,13 +103,20 @@ def execute(
 ) -> int:
     steps = make_plan(recipe, only, force)
     check_inputs(recipe)
-    print_plan(recipe, steps)
     if dry:
+        print_plan(recipe, steps)
         dry_run(recipe, steps)
         return 0
 
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir):
+        steps = make_plan(recipe, only, force)  # again: another run may have finished stages meanwhile
+        print_plan(recipe, steps)
+        return _execute(recipe, steps, workdir)
+
+
+def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
     resolved = workdir / RESOLVED
     files.write_text(resolved, to_yaml(recipe))
     # Local jobs (and torchrun's workers) must find this interpreter's packages.

@@ -105,8 +105,8 @@ def train_sentencepiece(
         msg = str(e).strip().splitlines()[-1]
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise UserError(
-                f"tokenizer.vocab_size = {vocab_size} is too large for this corpus ({msg}). "
-                "Lower tokenizer.vocab_size or add text to data.sources."
+                f"tokenizer.vocab_size = {vocab_size} does not fit this corpus (SentencePiece: {msg}). "
+                "Change tokenizer.vocab_size, or add text to data.sources."
             ) from None
         raise
     out_file.write_bytes(model.getvalue())
