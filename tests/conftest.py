@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
+# The corpus stages of the smoke recipe only: the runner tests need real stages, not the
+# minutes the embedder takes (tests/test_build_db.py covers build_db on a small corpus).
+CORPUS_ONLY = "stages=[tokenizer,prepare_corpus]"
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -39,7 +42,7 @@ def run_cli():
 def smoke_local(tmp_path_factory) -> Path:
     """The smoke recipe's tokenizer + prepare_corpus, run once locally (one process)."""
     workdir = tmp_path_factory.mktemp("smoke_local") / "w"
-    p = retro_run(SMOKE, f"workdir={workdir}")
+    p = retro_run(SMOKE, CORPUS_ONLY, f"workdir={workdir}")
     assert p.returncode == 0, p.stdout + p.stderr
     return workdir
 

@@ -46,8 +46,11 @@ BAD_INPUT = [
     (BOTH, ["executor=nosuch"], "unknown executor 'nosuch'"),
     (BOTH, ["stages=[tokenizer,prepare_corpus,bogus]"], "'stages[2]' = 'bogus' is not one of"),
     (("run",), ["--stages", "prepare_corpuss"], "unknown stage 'prepare_corpuss' in --stages. Did you mean 'prepare_corpus'?"),
-    (("run",), ["--force", "build_db"], "stage 'build_db' in --force is not one of this recipe's stages"),
-    (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' (chunk DB, BERT embeddings, faiss index, neighbours) is not implemented"),
+    (("run",), ["--force", "pretrain"], "stage 'pretrain' in --force is not one of this recipe's stages"),
+    (BOTH, ["stages=[tokenizer,prepare_corpus,build_db,pretrain]"], "stage 'pretrain' (pretrain Retro (or its GPT twin)) is not implemented"),
+    (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' needs stage 'prepare_corpus'"),
+    (BOTH, ["retrieval.embedder.path=/nonexistent/bert"], "retrieval.embedder.path: /nonexistent/bert is not a Hugging Face model folder"),
+    (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
     (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
     (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
     (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: SentencePiece model /nonexistent/t.model does not exist"),
@@ -77,7 +80,7 @@ def test_missing_recipe_file_exit_2(run_cli, tmp_path):
 def test_dry_run_local_writes_nothing(run_cli, tmp_path):
     p = run_cli(SMOKE, f"workdir={tmp_path}/w", "--dry-run")
     assert p.returncode == 0, p.stderr
-    assert "run   tokenizer" in p.stdout and "run   prepare_corpus" in p.stdout
+    assert "run   tokenizer" in p.stdout and "run   build_db" in p.stdout
     assert not (tmp_path / "w").exists()
 
 
@@ -86,7 +89,7 @@ def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
                 "executor.partition=gpu", "executor.nodes=2", "executor.ntasks_per_node=4",
                 "executor.gpus_per_node=4", "executor.time=02:30:00")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("#!/bin/bash") == 2  # one script per stage
+    assert p.stdout.count("#!/bin/bash") == 3  # one script per stage
     for line in ("#SBATCH --account=abc", "#SBATCH --partition=gpu", "#SBATCH --nodes=2",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:30:00",
                  "--nproc-per-node 4", "-m retro_toolkit.launch prepare_corpus"):

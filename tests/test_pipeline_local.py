@@ -11,7 +11,7 @@ import pytest
 
 from retro_toolkit.collections.text.token_stream import TokenStream
 from retro_toolkit.collections.text.tokenizer import Tokenizer
-from tests.conftest import SMOKE
+from tests.conftest import CORPUS_ONLY, SMOKE
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_smoke_writes_token_streams_and_manifests(smoke_local):
 def test_second_run_skips_everything(smoke_local, run_cli):
     before = {s: (smoke_local / "stages" / f"{s}.json").read_bytes() for s in ("tokenizer", "prepare_corpus")}
     mtime = (smoke_local / "corpus" / "train.bin").stat().st_mtime_ns
-    p = run_cli(SMOKE, f"workdir={smoke_local}")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_local}")
     assert p.returncode == 0, p.stderr
     assert "skip  tokenizer" in p.stdout and "skip  prepare_corpus" in p.stdout
     assert "==>" not in p.stdout  # no job was launched
@@ -67,20 +67,20 @@ def smoke_copy(smoke_local, tmp_path) -> Path:
 
 
 def test_changed_setting_reruns_stage_and_downstream(smoke_copy, run_cli):
-    p = run_cli(SMOKE, f"workdir={smoke_copy}", "tokenizer.vocab_size=3000")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", "tokenizer.vocab_size=3000")
     assert p.returncode == 0, p.stderr
     assert "run   tokenizer       changed: tokenizer" in p.stdout
     assert "run   prepare_corpus  upstream 'tokenizer' changed" in p.stdout
     assert json.loads((smoke_copy / "corpus" / "meta.json").read_text())["vocab_size"] == 3000
     # a change that only touches prepare_corpus leaves the tokenizer alone
-    p = run_cli(SMOKE, f"workdir={smoke_copy}", "tokenizer.vocab_size=3000", "data.split=[0.8,0.1,0.1]")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", "tokenizer.vocab_size=3000", "data.split=[0.8,0.1,0.1]")
     assert p.returncode == 0, p.stderr
     assert "skip  tokenizer" in p.stdout and "run   prepare_corpus  changed: data" in p.stdout
 
 
 def test_force_reruns_one_stage(smoke_copy, run_cli):
     tok_manifest = (smoke_copy / "stages" / "tokenizer.json").read_bytes()
-    p = run_cli(SMOKE, f"workdir={smoke_copy}", "--force", "prepare_corpus")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", "--force", "prepare_corpus")
     assert p.returncode == 0, p.stderr
     assert "skip  tokenizer" in p.stdout and "run   prepare_corpus  forced" in p.stdout
     assert (smoke_copy / "stages" / "tokenizer.json").read_bytes() == tok_manifest
@@ -88,18 +88,18 @@ def test_force_reruns_one_stage(smoke_copy, run_cli):
 
 def test_stages_flag_pulls_in_unfinished_dependencies(tmp_path, run_cli):
     w = tmp_path / "w"
-    p = run_cli(SMOKE, f"workdir={w}", "--stages", "tokenizer")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={w}", "--stages", "tokenizer")
     assert p.returncode == 0, p.stderr
     assert (w / "stages" / "tokenizer.json").exists() and not (w / "stages" / "prepare_corpus.json").exists()
     (w / "stages" / "tokenizer.json").unlink()
-    p = run_cli(SMOKE, f"workdir={w}", "--stages", "prepare_corpus")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={w}", "--stages", "prepare_corpus")
     assert p.returncode == 0, p.stderr
     assert "run   tokenizer" in p.stdout and "run   prepare_corpus" in p.stdout
 
 
 def test_torchrun_two_processes_byte_identical(smoke_local, tmp_path, run_cli):
     w = tmp_path / "tr"
-    p = run_cli(SMOKE, f"workdir={w}", "executor=torchrun", "executor.nproc_per_node=2")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={w}", "executor=torchrun", "executor.nproc_per_node=2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert _manifest(w, "prepare_corpus")["world_size"] == 2
     for name in CORPUS_FILES:
@@ -113,7 +113,7 @@ def test_bad_document_in_a_stage_exits_2_and_keeps_earlier_outputs(smoke_copy, t
     corpus = tmp_path / "c.jsonl"
     corpus.write_bytes(b'{"text": "good"}\n{"text": "bad \xff byte"}\n')
     before = {n: (smoke_copy / "corpus" / n).read_bytes() for n in CORPUS_FILES}
-    p = run_cli(SMOKE, f"workdir={smoke_copy}", f"data.sources=[{{path: {corpus}}}]")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", f"data.sources=[{{path: {corpus}}}]")
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{corpus}:2: invalid UTF-8" in p.stderr and "tokenizer.rank0.log" in p.stderr
     assert "Traceback" not in p.stderr
@@ -123,7 +123,7 @@ def test_bad_document_in_a_stage_exits_2_and_keeps_earlier_outputs(smoke_copy, t
 
 def test_crashing_stage_exits_1_and_names_its_log(smoke_copy, run_cli):
     (smoke_copy / "corpus" / ".parts").write_text("in the way")  # the stage cannot make its folder
-    p = run_cli(SMOKE, f"workdir={smoke_copy}", "--force", "prepare_corpus")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", "--force", "prepare_corpus")
     assert p.returncode == 1, p.stdout + p.stderr
     log = smoke_copy / "logs" / "prepare_corpus.rank0.log"
     assert f"stage 'prepare_corpus' failed. Its log: {log}" in p.stderr

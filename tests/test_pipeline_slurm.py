@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import SMOKE
+from tests.conftest import CORPUS_ONLY, SMOKE
 from tests.test_pipeline_local import CORPUS_FILES
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -33,7 +33,7 @@ def _sacct(name: str, want: str, timeout_s: float = 30) -> list[str]:
 
 def test_smoke_on_slurm_matches_local(slurm_cluster, smoke_local, tmp_path, run_cli):
     w = tmp_path / "slurm"
-    p = run_cli(SMOKE, *_slurm_args(slurm_cluster, w))
+    p = run_cli(SMOKE, CORPUS_ONLY, *_slurm_args(slurm_cluster, w))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "[prepare_corpus] tokens:" in p.stdout  # the job's log was followed live
     for name in CORPUS_FILES:
@@ -47,7 +47,7 @@ def test_smoke_on_slurm_matches_local(slurm_cluster, smoke_local, tmp_path, run_
 
 def test_torchrun_inside_slurm_is_byte_identical(slurm_cluster, smoke_local, tmp_path, run_cli):
     w = tmp_path / "slurm2"
-    p = run_cli(SMOKE, *_slurm_args(slurm_cluster, w), "executor.ntasks_per_node=2")
+    p = run_cli(SMOKE, CORPUS_ONLY, *_slurm_args(slurm_cluster, w), "executor.ntasks_per_node=2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert json.loads((w / "stages" / "prepare_corpus.json").read_text())["world_size"] == 2
     for name in CORPUS_FILES:
@@ -58,7 +58,7 @@ def test_failed_slurm_job_exits_1_with_its_log(slurm_cluster, tmp_path, run_cli)
     w = tmp_path / "slurm_fail"
     (w / "corpus").mkdir(parents=True)
     (w / "corpus" / ".parts").write_text("in the way")
-    p = run_cli(SMOKE, *_slurm_args(slurm_cluster, w))
+    p = run_cli(SMOKE, CORPUS_ONLY, *_slurm_args(slurm_cluster, w))
     assert p.returncode == 1, p.stdout + p.stderr
     log = w / "logs" / "prepare_corpus.rank0.log"
     assert f"stage 'prepare_corpus' failed. Its log: {log}" in p.stderr
@@ -68,7 +68,7 @@ def test_failed_slurm_job_exits_1_with_its_log(slurm_cluster, tmp_path, run_cli)
 
 def test_dry_run_submits_nothing(slurm_cluster, tmp_path, run_cli):
     name = f"dry{tmp_path.name[-8:]}".replace("-", "")  # job names no other test uses
-    p = run_cli(SMOKE, *_slurm_args(slurm_cluster, tmp_path / "dry"), f"name={name}", "--dry-run")
+    p = run_cli(SMOKE, CORPUS_ONLY, *_slurm_args(slurm_cluster, tmp_path / "dry"), f"name={name}", "--dry-run")
     assert p.returncode == 0, p.stderr
     assert "#SBATCH --time=00:10:00" in p.stdout and f"#SBATCH --partition={slurm_cluster.partition}" in p.stdout
     assert f"#SBATCH --job-name=retro-{name}-tokenizer" in p.stdout

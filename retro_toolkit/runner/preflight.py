@@ -22,6 +22,10 @@ def check_inputs(recipe: DictConfig) -> None:
             raise UserError("data.sources is empty: name at least one corpus (e.g. data=pydoc, or a .jsonl path).")
         for i, src in enumerate(recipe.data.sources):
             check_source(src, f"data.sources[{i}]")
+    if "build_db" in stages:
+        from retro_toolkit.collections.retrieval.embedder import resolve_path
+
+        resolve_path(recipe.retrieval.embedder.path)
     if "tokenizer" in stages and recipe.tokenizer.model and not Path(recipe.tokenizer.model).is_file():
         raise UserError(
             f"tokenizer.model: SentencePiece model {recipe.tokenizer.model} does not exist. "

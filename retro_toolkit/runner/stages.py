@@ -40,8 +40,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "build_db",
             ("prepare_corpus",),
-            ("model.chunk_length", "model.num_neighbors", "model.num_retrieved_chunks"),
-            None,
+            ("retrieval", "model.chunk_length", "model.num_neighbors", "seed"),
+            "retro_toolkit.collections.retrieval.build_db:run",
             "chunk DB, BERT embeddings, faiss index, neighbours",
         ),
         StageSpec("pretrain", ("build_db",), ("model",), None, "pretrain Retro (or its GPT twin)"),

@@ -102,7 +102,7 @@ def train_sentencepiece(
     except RuntimeError as e:
         if reader_error:
             raise reader_error[0] from None
-        msg = str(e).strip().splitlines()[-1]
+        msg = str(e).strip().splitlines()[-1].split("] ")[-1]  # drop "INTERNAL: src/x.cc(744) [...]"
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise UserError(
                 f"tokenizer.vocab_size = {vocab_size} does not fit this corpus (SentencePiece: {msg}). "

@@ -1,0 +1,1 @@
+"""The retrieval database: chunks, BERT embeddings, faiss index, precomputed neighbours."""

@@ -1,0 +1,113 @@
+"""Block files: a long array computed in fixed ranges, one HDF5 file per range.
+
+    <dir>/NNNNNN-NNNNNN.h5   dataset `data` for rows [start, end), attrs rows/complete
+
+A block is written to a temporary name and renamed, so a killed run leaves whole
+blocks or none; a rerun computes only the missing ones. Each block records the `key`
+(a hash of everything that determines its content); a block with another key is
+recomputed, so a changed setting never reuses old blocks. A block that does not open or
+has the wrong shape (a truncated copy, a bad disk) is reported and rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from retro_toolkit.core import files
+
+
+def ranges(n: int, block_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+
+
+def path(folder: Path, start: int, end: int, n: int) -> Path:
+    width = max(6, len(str(n)))
+    return folder / f"{start:0{width}d}-{end:0{width}d}.h5"
+
+
+def read(p: Path, rows: int | None = None, key: str | None = None) -> np.ndarray | None:
+    """The block's array, or None when it is missing, unreadable, the wrong size or stale."""
+    import h5py
+
+    if not p.exists():
+        return None
+    try:
+        with h5py.File(p, "r") as f:
+            if not f.attrs.get("complete", False):
+                return None
+            if key is not None and f.attrs.get("key") != key:
+                return None
+            data = f["data"][:]
+    except (OSError, KeyError, ValueError):
+        return None
+    if rows is not None and len(data) != rows:
+        return None
+    return data
+
+
+def write(p: Path, data: np.ndarray, key: str = "", **attrs: object) -> None:
+    import h5py
+
+    with files.atomic_path(p) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("data", data=data)
+        f.attrs.update(attrs)
+        f.attrs["rows"] = len(data)
+        f.attrs["key"] = key
+        f.attrs["complete"] = True
+
+
+def compute_missing(
+    folder: Path,
+    n: int,
+    block_size: int,
+    compute: Callable[[int, int], np.ndarray],
+    key: str,
+    rank: int = 0,
+    world_size: int = 1,
+    on_block: Callable[[int, int, str], None] | None = None,
+) -> dict[str, int]:
+    """Compute this rank's missing blocks (round-robin over ranks); count what happened."""
+    counts = {"computed": 0, "reused": 0, "rebuilt": 0}
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (start, end) in enumerate(ranges(n, block_size)):
+        if i % world_size != rank:
+            continue
+        p = path(folder, start, end, n)
+        if read(p, end - start, key) is not None:
+            counts["reused"] += 1
+            state = "reused"
+        else:
+            state = "rebuilt" if p.exists() else "computed"
+            counts[state] += 1
+            write(p, compute(start, end), key=key)
+        if on_block:
+            on_block(start, end, state)
+    return counts
+
+
+def iter_blocks(folder: Path, n: int, block_size: int, key: str) -> Iterator[tuple[int, int, np.ndarray]]:
+    for start, end in ranges(n, block_size):
+        data = read(path(folder, start, end, n), end - start, key)
+        if data is None:
+            raise RuntimeError(f"block {path(folder, start, end, n)} is missing or damaged")
+        yield start, end, data
+
+
+def stale_files(folder: Path, n: int, block_size: int) -> list[Path]:
+    """Block files that do not belong to the current layout (another block size or N)."""
+    if not folder.is_dir():
+        return []
+    keep = {path(folder, s, e, n).name for s, e in ranges(n, block_size)}
+    return [f for f in folder.glob("*.h5") if f.name not in keep]
+
+
+def remove(paths: list[Path]) -> None:
+    for f in paths:
+        try:
+            os.remove(f)
+        except FileNotFoundError:
+            pass

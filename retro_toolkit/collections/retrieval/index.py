@@ -1,0 +1,102 @@
+"""The faiss index: choose a factory string, check it fits the corpus, train, add.
+
+    index/<string>/trained.faissindex   trained, empty
+    index/<string>/added.faissindex     every database chunk added, ids = chunk ids
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from retro_toolkit.core import files
+from retro_toolkit.errors import UserError
+
+# faiss k-means wants this many points per centroid before it stops warning.
+POINTS_PER_CENTROID = 39
+
+
+def auto_string(n: int, dim: int, memory_gb: float) -> str:
+    """A sound factory string for n vectors of size dim within a memory budget."""
+    if n < 100_000:
+        return "Flat"  # exact search is fast enough and needs no training
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nlist = min(nlist, n // POINTS_PER_CENTROID)
+    if n * dim * 4 <= memory_gb * 2**30 * 0.8:
+        return f"IVF{nlist},Flat"
+    m = max((m for m in (64, 48, 32, 16, 8, 4) if dim % m == 0), default=1)  # PQ sub-vectors divide dim
+    return f"OPQ{m},IVF{nlist}_HNSW32,PQ{m}"
+
+
+def min_train_points(string: str) -> int:
+    """The fewest training vectors faiss accepts for this factory string."""
+    need = 1
+    for nlist in re.findall(r"IVF(\d+)", string):
+        need = max(need, int(nlist))
+    for _, nbits in re.findall(r"PQ(\d+)(?:x(\d+))?", string):
+        need = max(need, 2 ** int(nbits or 8))
+    return need
+
+
+def folder_name(string: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,-]", "_", string)
+
+
+def check_fits(string: str, n: int, key: str = "retrieval.index.string") -> None:
+    need = min_train_points(string)
+    if n < need:
+        raise UserError(
+            f"{key} = {string!r} needs at least {need} training vectors, but the database has {n} chunks. "
+            f"Use {key}=auto (picks Flat or a smaller IVF for this size), or add documents."
+        )
+
+
+def make(string: str, dim: int):
+    import faiss
+
+    try:
+        return faiss.index_factory(dim, string, faiss.METRIC_L2)
+    except RuntimeError as e:
+        msg = str(e).strip().splitlines()[-1]
+        raise UserError(f"retrieval.index.string = {string!r} is not a faiss factory string faiss accepts ({msg}).") from None
+
+
+def set_threads(local_world_size: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+
+
+def set_nprobe(index, nprobe: int) -> None:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except RuntimeError:
+        pass  # not an IVF index
+
+
+def save(index, path: Path) -> None:
+    import faiss
+
+    with files.atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def load(path: Path, mmap: bool = False):
+    import faiss
+
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(path), flags)
+
+
+def training_sample(n: int, ntrain: int | None, seed: int) -> np.ndarray:
+    """Sorted chunk ids to train on: all when small, else a seeded sample."""
+    size = min(n, ntrain or 1_000_000)
+    if size >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)

@@ -1,0 +1,143 @@
+"""build_db through the real runner on a small corpus (20 pydoc topics, blocks of 100)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retro_toolkit.collections.retrieval import blocks, chunk_db
+from retro_toolkit.collections.text.token_stream import TokenStream
+from tests.conftest import REPO, SMOKE
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.sources=[{path: builtin:pydoc, max_docs: 20}]", "tokenizer.vocab_size=1000",
+         "data.split=[0.8,0.1,0.1]", "retrieval.block_size=100"]
+SPLITS = ("train", "valid", "test")
+
+
+def _neighbors(w: Path, split: str) -> np.ndarray:
+    meta = json.loads((w / "neighbors" / "meta.json").read_text())
+    s = meta["splits"][split]
+    return np.concatenate([d for _, _, d in blocks.iter_blocks(w / "neighbors" / split, s["query_chunks"],
+                                                                 meta["block_size"], s["key"])])
+
+
+@pytest.fixture(scope="session")
+def small_db(tmp_path_factory) -> Path:
+    from tests.conftest import retro_run
+
+    w = tmp_path_factory.mktemp("small_db") / "w"
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return w
+
+
+def test_chunk_db_matches_the_train_documents(small_db):
+    db = chunk_db.load(small_db / "db" / "chunks.h5")
+    train = TokenStream(small_db / "corpus", "train")
+    assert np.array_equal(db.doc_offsets, train.doc_offsets)
+    doc_of_first = np.searchsorted(train.doc_offsets, db.chunk_start, side="right") - 1
+    doc_of_last = np.searchsorted(train.doc_offsets, db.chunk_end - 1, side="right") - 1
+    assert np.array_equal(doc_of_first, db.chunk_doc) and np.array_equal(doc_of_last, db.chunk_doc)
+    assert not np.any(np.isin(train.tokens[np.concatenate([np.arange(s, e) for s, e in zip(db.chunk_start, db.chunk_end)])],
+                              [train.meta["special_ids"]["eod"]]))
+
+
+def test_neighbours_cover_every_query_chunk_and_never_leak(small_db):
+    db = chunk_db.load(small_db / "db" / "chunks.h5")
+    for split in SPLITS:
+        stream = TokenStream(small_db / "corpus", split)
+        nb = _neighbors(small_db, split)
+        assert nb.shape == (-(-len(stream) // 64), 2) and nb.dtype == np.int64
+        assert nb.min() >= -1 and nb.max() < len(db)
+        if split != "train":
+            assert np.all(nb >= 0)  # nothing to filter: the DB holds no valid/test documents
+            continue
+        for i, row in enumerate(nb):
+            window = np.arange(i * 64, min((i + 2) * 64, len(stream)))
+            overlapping = set(np.searchsorted(stream.doc_offsets, window, side="right") - 1)
+            assert not {int(db.chunk_doc[c]) for c in row if c >= 0} & overlapping, i
+
+
+def test_neighbours_are_the_exact_nearest_chunks(small_db):
+    """Recompute test-split neighbours by brute force from the stored embeddings."""
+    from retro_toolkit.collections.retrieval.build_db import chunk_text
+    from retro_toolkit.collections.retrieval.embedder import BertEmbedder
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+
+    db_emb = np.concatenate([blocks.read(f) for f in sorted((small_db / "db" / "embeddings").glob("*.h5"))])
+    assert len(db_emb) == len(chunk_db.load(small_db / "db" / "chunks.h5"))
+    tok = Tokenizer(small_db / "tokenizer" / "tokenizer.model")
+    test = TokenStream(small_db / "corpus", "test")
+    texts = [chunk_text(tok, test.tokens[i:i + 64]) for i in range(0, len(test), 64)]
+    q = BertEmbedder("builtin:all-minilm-l6-v2", batch_size=64).embed(texts)
+    d2 = ((q[:, None, :] - db_emb[None, :, :]) ** 2).sum(-1)
+    expect = np.argsort(d2, axis=1, kind="stable")[:, :2]
+    got = _neighbors(small_db, "test")
+    assert (got[:, 0] == expect[:, 0]).mean() == 1.0
+    assert (got == expect).mean() >= 0.95  # ties between near-equal distances may swap
+
+
+def test_second_run_skips_build_db(small_db, run_cli):
+    p = run_cli(SMOKE, f"workdir={small_db}", *SMALL)
+    assert p.returncode == 0, p.stderr
+    assert "skip  build_db" in p.stdout
+
+
+def test_index_string_too_big_exits_2_and_keeps_the_database(small_db, tmp_path, run_cli):
+    w = tmp_path / "w"
+    shutil.copytree(small_db, w)
+    before = (w / "neighbors" / "meta.json").read_bytes()
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, "retrieval.index.string=OPQ32_64,IVF65536_HNSW8,PQ32")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "needs at least 65536 training vectors, but the database has" in p.stderr and "auto" in p.stderr
+    assert (w / "neighbors" / "meta.json").read_bytes() == before
+
+
+def test_sigkill_during_embedding_resumes_and_matches(small_db, tmp_path):
+    w = tmp_path / "killed"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "retro_toolkit", SMOKE, f"workdir={w}", *SMALL],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    emb = w / "db" / "embeddings"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(emb.glob("*.h5"))) < 2:
+        time.sleep(0.1)
+    done_before = {p.name for p in emb.glob("*.h5")}
+    assert len(done_before) >= 2, "build_db never wrote two embedding blocks"
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and the job it started
+    proc.wait()
+    job = subprocess.run(["pkill", "-9", "-f", f"retro_toolkit.launch build_db {w}"], check=False)
+    assert job.returncode in (0, 1)
+    assert not (w / "stages" / "build_db.json").exists()
+
+    from tests.conftest import retro_run
+
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = json.loads((w / "stages" / "build_db.json").read_text())
+    total = len(list(emb.glob("*.h5")))
+    assert m["summary"]["embedding_blocks_computed"] <= total - len(done_before)  # finished blocks were kept
+    for f in sorted(emb.glob("*.h5")):
+        assert np.array_equal(blocks.read(f), blocks.read(small_db / "db" / "embeddings" / f.name)), f.name
+    for split in SPLITS:
+        assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
+
+
+def test_torchrun_two_processes_give_the_same_neighbours(small_db, tmp_path, run_cli):
+    w = tmp_path / "tr"
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, "executor=torchrun", "executor.nproc_per_node=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    for split in SPLITS:
+        assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split

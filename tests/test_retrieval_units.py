@@ -1,0 +1,155 @@
+"""Retrieval invariants on synthetic data: chunking, neighbour filtering, continuations,
+index sizing, resumable blocks. Fast; tests/test_build_db.py runs the real stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retro_toolkit.collections.retrieval import blocks, chunk_db, neighbors
+from retro_toolkit.collections.retrieval import index as faiss_index
+from retro_toolkit.errors import UserError
+
+EOD, PAD = 3, 0
+
+
+def _stream(doc_lengths, seed=0):
+    """A token stream of documents (content tokens >= 10) each followed by EOD."""
+    rng = np.random.default_rng(seed)
+    docs = [np.append(rng.integers(10, 1000, n), EOD) for n in doc_lengths]
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    return np.concatenate(docs).astype(np.int64), offsets
+
+
+@pytest.mark.parametrize("lengths", [[1], [64], [65], [130, 3, 64, 200, 1], list(range(1, 300, 7))])
+def test_chunks_never_cross_documents_and_cover_every_content_token(lengths):
+    tokens, offsets = _stream(lengths)
+    doc, start, end = chunk_db.cut_chunks(offsets, 64)
+    assert np.all(end > start) and np.all(end - start <= 64)
+    assert np.all(start >= offsets[doc]) and np.all(end <= offsets[doc + 1] - 1)  # inside, EOD excluded
+    covered = np.zeros(len(tokens), dtype=int)
+    for s, e in zip(start, end):
+        covered[s:e] += 1
+    assert np.all(covered[tokens != EOD] == 1) and np.all(covered[tokens == EOD] == 0)
+    assert len(doc) == sum(-(-n // 64) for n in lengths)
+
+
+def _db(lengths, m=64):
+    tokens, offsets = _stream(lengths)
+    doc, start, end = chunk_db.cut_chunks(offsets, m)
+    return tokens, chunk_db.ChunkDB(doc, start, end, offsets, m, "train")
+
+
+def test_continuation_stays_in_the_document_and_pads():
+    tokens, db = _db([100, 50, 200])
+    out = chunk_db.neighbor_tokens(db, tokens, np.array([[0, 1], [2, 3]]), r=128, pad_id=PAD)
+    assert out.shape == (2, 2, 128)
+    # chunk 0: doc 0 tokens 0..99, then pad (never doc 1's tokens, never EOD)
+    assert np.array_equal(out[0, 0, :100], tokens[:100]) and np.all(out[0, 0, 100:] == PAD)
+    # chunk 1 is doc 0's second chunk (tokens 64..99): 36 tokens then pad
+    assert np.array_equal(out[0, 1, :36], tokens[64:100]) and np.all(out[0, 1, 36:] == PAD)
+    # chunk 2 is doc 1 (50 tokens)
+    assert np.array_equal(out[1, 0, :50], tokens[101:151]) and np.all(out[1, 0, 50:] == PAD)
+    # chunk 3 is doc 2's first chunk: a full 128-token continuation inside doc 2
+    assert np.array_equal(out[1, 1], tokens[152:280])
+
+
+def test_missing_neighbours_stay_minus_one_and_are_never_read():
+    tokens, db = _db([100, 50])
+    ids = np.array([[-1, 1], [-1, -1]])
+    out = chunk_db.neighbor_tokens(db, tokens, ids, r=128, pad_id=PAD)
+    assert np.all(out[0, 0] == -1) and np.all(out[1] == -1)
+    assert not np.any(np.isin(out[ids == -1], tokens[-5:]))  # no wrap to the stream's end
+
+
+def test_filter_drops_documents_overlapping_the_chunk_or_the_next():
+    m, k = 64, 2
+    tokens, offsets = _stream([90, 30, 300, 10, 120])
+    db_doc, _, _ = chunk_db.cut_chunks(offsets, m)
+    nq = neighbors.num_query_chunks(len(tokens), m)
+    rng = np.random.default_rng(1)
+    cand = np.stack([rng.permutation(len(db_doc)) for _ in range(nq)])[:, :8]
+    cand[0, 3] = -1  # faiss returns -1 when it has fewer results
+    lo, hi = neighbors.banned_doc_range(offsets, len(tokens), 0, nq, m)
+    kept = neighbors.filter_candidates(cand, db_doc[np.clip(cand, 0, None)], lo, hi, k)
+    assert kept.shape == (nq, k)
+    for i in range(nq):
+        window = slice(i * m, min((i + 2) * m, len(tokens)))
+        overlapping = set(np.searchsorted(offsets, np.arange(len(tokens))[window], side="right") - 1)
+        allowed = [c for c in cand[i] if c >= 0 and db_doc[c] not in overlapping]
+        expect = (allowed + [-1] * k)[:k]
+        assert kept[i].tolist() == expect, i
+
+
+def test_filter_without_overlap_keeps_rank_order():
+    cand = np.array([[5, 3, 9], [2, -1, 7]])
+    kept = neighbors.filter_candidates(cand, cand, None, None, 2)
+    assert kept.tolist() == [[5, 3], [2, 7]]
+
+
+@pytest.mark.parametrize(
+    "string, need", [("Flat", 1), ("IVF4096,Flat", 4096), ("OPQ32_64,IVF65536_HNSW8,PQ32", 65536), ("PQ16x4", 16), ("HNSW32", 1)]
+)
+def test_min_train_points(string, need):
+    assert faiss_index.min_train_points(string) == need
+
+
+def test_index_string_too_big_is_a_clear_error():
+    with pytest.raises(UserError, match=r"needs at least 65536 training vectors, but the database has 1800 chunks.*=auto"):
+        faiss_index.check_fits("OPQ32_64,IVF65536_HNSW8,PQ32", 1800)
+
+
+@pytest.mark.parametrize("n", [50, 10_800, 99_999, 2_000_000, 50_000_000])
+def test_auto_index_string_is_trainable_and_buildable(n):
+    string = faiss_index.auto_string(n, 384, memory_gb=8)
+    assert faiss_index.min_train_points(string) <= n
+    faiss_index.make(string, 384)  # faiss accepts it
+    if n < 100_000:
+        assert string == "Flat"
+    else:
+        assert "IVF" in string
+    if n * 384 * 4 > 8 * 2**30:
+        assert "PQ" in string  # compressed when flat vectors would not fit the budget
+
+
+def test_auto_flat_search_is_exact():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 16)).astype(np.float32)
+    idx = faiss_index.make(faiss_index.auto_string(50, 16, 1), 16)
+    idx.add(x)
+    _, ids = idx.search(x, 1)
+    assert ids[:, 0].tolist() == list(range(50))
+
+
+def test_bad_factory_string():
+    with pytest.raises(UserError, match="is not a faiss factory string"):
+        faiss_index.make("IVFbanana", 16)
+
+
+def test_blocks_resume_detect_damage_and_stale_keys(tmp_path):
+    calls = []
+
+    def compute(s, e):
+        calls.append((s, e))
+        return np.arange(s, e, dtype=np.float32)[:, None].repeat(3, 1)
+
+    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1") == {"computed": 3, "reused": 0, "rebuilt": 0}
+    assert calls == [(0, 10), (10, 20), (20, 25)]
+    calls.clear()
+    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1") == {"computed": 0, "reused": 3, "rebuilt": 0}
+    assert calls == []
+    # a truncated block (a copy cut short, a full disk) is detected and rebuilt
+    p = blocks.path(tmp_path, 10, 20, 25)
+    p.write_bytes(p.read_bytes()[:100])
+    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1")["rebuilt"] == 1
+    assert calls == [(10, 20)]
+    got = np.concatenate([d for _, _, d in blocks.iter_blocks(tmp_path, 25, 10, "k1")])
+    assert np.array_equal(got[:, 0], np.arange(25))
+    # another key (a changed setting) recomputes everything
+    calls.clear()
+    blocks.compute_missing(tmp_path, 25, 10, compute, "k2")
+    assert len(calls) == 3
+    # ranks take blocks round-robin
+    calls.clear()
+    blocks.compute_missing(tmp_path / "r", 25, 10, compute, "k", rank=1, world_size=2)
+    assert calls == [(10, 20)]
