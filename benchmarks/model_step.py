@@ -1,0 +1,145 @@
+"""Training-step speed of RetroModel vs its GPT twin (same decoder), on CPU.
+
+    python benchmarks/model_step.py [--configs tiny reference] [--steps 3] [--out FILE.json]
+
+One step = forward + backward + Adam step, fp32, dropout 0. In the same run a plain fp32
+matmul (2048^3) is timed as the machine's limit; each model's FLOP/s is reported as a
+fraction of it, with the Retro/GPT step-time ratio next to the FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize  # noqa: E402
+
+REFERENCE = dict(
+    vocab_size=32000,
+    num_layers=12,
+    hidden_size=512,
+    num_attention_heads=8,
+    ffn_hidden_size=2048,
+    seq_length=512,
+    chunk_length=64,
+    num_neighbors=2,
+    num_retrieved_chunks=2,
+    encoder_num_layers=2,
+    cca_layers=[6, 9, 12],
+)
+NO_DROPOUT = dict(hidden_dropout=0.0, attention_dropout=0.0, encoder_hidden_dropout=0.0, encoder_attention_dropout=0.0)
+
+
+def sections(name: str) -> dict:
+    if name == "reference":
+        return {**REFERENCE, **NO_DROPOUT}
+    section = yaml.safe_load((REPO / "yaml" / "model" / "retro_tiny.yaml").read_text())
+    return {**section, "vocab_size": 8000, **NO_DROPOUT}
+
+
+def matmul_limit(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / min(times)
+
+
+def forward_flops(s: dict, retro: bool, batch: int) -> float:
+    """Matmul FLOPs of one forward pass (attention scores counted in full, as Megatron does)."""
+    n, h, f, L, V = s["seq_length"], s["hidden_size"], s["ffn_hidden_size"], s["num_layers"], s["vocab_size"]
+    mlp = (3 if s.get("swiglu") else 2) * 2 * h * f
+    layer = n * (2 * h * 3 * h + 2 * h * h + mlp) + 2 * 2 * n * n * h
+    total = L * layer + 2 * n * h * V
+    if retro:
+        m, k, r = s["chunk_length"], s["num_neighbors"], s["num_retrieved_chunks"] * s["chunk_length"]
+        l = n // m
+        t = l * k * r  # encoder tokens
+        cca = n * 2 * h * h * 2 + t * 2 * h * 2 * h + 2 * 2 * n * k * r * h
+        enc = s["encoder_num_layers"] * (t * (2 * h * 3 * h + 2 * h * h + mlp) + 2 * 2 * t * r * h)
+        enc += t * 2 * h * h * 2 + n * 2 * h * 2 * h + 2 * 2 * t * m * h
+        total += len(s["cca_layers"]) * cca + enc
+    return batch * total
+
+
+def time_steps(section: dict, arch: str, batch: int, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    cfg, args = config_from_model_section({**section, "arch": arch})
+    model = build_model(cfg, args).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    n, m = section["seq_length"], section["chunk_length"]
+    k, r = section["num_neighbors"], section["num_retrieved_chunks"] * m
+    tokens = torch.randint(0, args.vocab_size, (batch, n))
+    neighbors = torch.randint(0, args.vocab_size, (batch, n // m, k, r)) if arch == "retro" else None
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and caches
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = model(tokens, neighbors, labels=tokens).mean()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "reference"], choices=["tiny", "reference"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    initialize(1, seed=1)
+    limit = matmul_limit()
+    result = {"threads": a.threads, "batch": a.batch, "matmul_2048_flops_per_s": limit, "configs": {}}
+    for name in a.configs:
+        s = sections(name)
+        row = {}
+        for arch in ("gpt", "retro"):
+            times = time_steps(s, arch, a.batch, a.steps)
+            step = min(times)  # best of: other work on a shared box only ever adds time
+            flops = 3 * forward_flops(s, arch == "retro", a.batch)
+            row[arch] = {
+                "step_s": step,
+                "step_median_s": statistics.median(times),
+                "step_times_s": times,
+                "flops_per_step": flops,
+                "fraction_of_matmul_limit": flops / step / limit,
+            }
+        row["retro_gpt_step_ratio"] = row["retro"]["step_s"] / row["gpt"]["step_s"]
+        row["retro_gpt_flop_ratio"] = row["retro"]["flops_per_step"] / row["gpt"]["flops_per_step"]
+        result["configs"][name] = row
+        print(
+            f"{name}: gpt {row['gpt']['step_s']:.3f}s ({row['gpt']['fraction_of_matmul_limit']:.0%} of matmul), "
+            f"retro {row['retro']['step_s']:.3f}s ({row['retro']['fraction_of_matmul_limit']:.0%}), "
+            f"step ratio {row['retro_gpt_step_ratio']:.2f} vs FLOP ratio {row['retro_gpt_flop_ratio']:.2f}",
+            flush=True,
+        )
+    text = json.dumps(result, indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

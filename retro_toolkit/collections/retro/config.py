@@ -1,0 +1,177 @@
+"""RetroConfig: megatron-core's TransformerConfig plus the Retro settings.
+
+`config_from_model_section` turns a recipe's `model:` section into a RetroConfig and the
+few GPTModel arguments that are not TransformerConfig fields (vocabulary, sequence
+length, embedding tying), so every stage builds the model the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from retro_toolkit.errors import UserError
+
+
+def default_cca_layers(num_layers: int) -> list[int]:
+    """Retro's rule: CCA in layers 6, 9, 12, ... (<= 15 layers) else 9, 12, ... (1-based)."""
+    first = 6 if num_layers <= 15 else 9
+    return list(range(first, num_layers + 1, 3))
+
+
+@dataclass
+class RetroConfig(TransformerConfig):
+    # Tokens per chunk (m); the sequence length must be a multiple of it.
+    chunk_length: int = 64
+    # Neighbours per chunk (k).
+    num_neighbors: int = 2
+    # Chunks per neighbour: the retrieved chunk plus its continuation (r = this * m tokens).
+    num_retrieved_chunks: int = 2
+    encoder_num_layers: int = 2
+    encoder_hidden_dropout: float = 0.1
+    encoder_attention_dropout: float = 0.1
+    # 1-based decoder layers with chunked cross-attention; None = default_cca_layers.
+    # An empty list is the GPT twin.
+    cca_layers: Optional[list[int]] = None
+    # Scales the CCA output; 0 skips the encoder and CCA entirely (decoder only).
+    retrieval_gate: float = 1.0
+    # Neighbour token id masked like -1 (document-end padding), if the data uses one.
+    neighbor_pad_id: Optional[int] = None
+    # Read by GPTModel when present on the config.
+    position_embedding_type: str = "rope"
+    rotary_percent: float = 1.0
+    rotary_base: int = 10000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cca_layers is None:
+            self.cca_layers = default_cca_layers(self.num_layers)
+        self.cca_layers = sorted(int(x) for x in self.cca_layers)
+        bad = [x for x in self.cca_layers if not 1 <= x <= self.num_layers]
+        if bad or len(set(self.cca_layers)) != len(self.cca_layers):
+            raise UserError(
+                f"model.cca_layers {self.cca_layers} must be distinct 1-based layer numbers between 1 "
+                f"and num_layers ({self.num_layers}); null picks Retro's rule "
+                f"({default_cca_layers(self.num_layers) or 'none for fewer than 6 layers'})."
+            )
+        for key in ("chunk_length", "num_neighbors", "num_retrieved_chunks", "encoder_num_layers"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be at least 1 (got {getattr(self, key)}).")
+
+    @property
+    def retrieved_length(self) -> int:
+        """Tokens per neighbour (r)."""
+        return self.num_retrieved_chunks * self.chunk_length
+
+    def encoder_config(self) -> "RetroConfig":
+        """The neighbour encoder's config: same widths, its own depth and dropouts."""
+        return dataclasses.replace(
+            self,
+            num_layers=self.encoder_num_layers,
+            hidden_dropout=self.encoder_hidden_dropout,
+            attention_dropout=self.encoder_attention_dropout,
+            cca_layers=[],
+        )
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """GPTModel arguments that are not TransformerConfig fields."""
+
+    arch: str
+    vocab_size: int
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+
+
+def cpu_flags() -> dict[str, Any]:
+    """TransformerConfig settings local specs need on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return {}
+    return dict(
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+
+
+def config_from_model_section(
+    model: Mapping[str, Any], vocab_size: Optional[int] = None, **overrides: Any
+) -> tuple[RetroConfig, ModelArgs]:
+    """Build (RetroConfig, ModelArgs) from a recipe's `model` section (DictConfig or dict).
+
+    `vocab_size` is the tokenizer's; it is used when the section leaves vocab_size null.
+    `overrides` are extra TransformerConfig fields (parallel sizes, dtypes, ...).
+    """
+    m = dict(model.items())
+    get = m.get
+    arch = get("arch", "retro")
+    if arch not in ("retro", "gpt"):
+        raise UserError(f"model.arch must be 'retro' or 'gpt' (got {arch!r}).")
+    vocab = get("vocab_size") or vocab_size
+    if not vocab:
+        raise UserError("model.vocab_size is null and no tokenizer vocabulary size was given: set model.vocab_size.")
+    seq = int(get("seq_length", 2048))
+    chunk = int(get("chunk_length", 64))
+    if seq % chunk:
+        raise UserError(
+            f"model.seq_length ({seq}) must be a multiple of model.chunk_length ({chunk}): "
+            "Retro splits every sample into whole chunks."
+        )
+    num_layers = int(get("num_layers"))
+    cca = get("cca_layers")
+    cca = list(cca) if cca is not None else None
+    if arch == "gpt":
+        cca = []
+    elif (cca if cca is not None else default_cca_layers(num_layers)) == []:
+        raise UserError(
+            f"model.num_layers is {num_layers}: Retro's rule puts chunked cross-attention in layers 6, 9, "
+            "... so a model this shallow has none. Set model.cca_layers to an explicit list, e.g. [2]."
+        )
+    swiglu = bool(get("swiglu", False))
+    kwargs: dict[str, Any] = dict(
+        num_layers=num_layers,
+        hidden_size=int(get("hidden_size")),
+        num_attention_heads=int(get("num_attention_heads")),
+        ffn_hidden_size=int(get("ffn_hidden_size")),
+        hidden_dropout=float(get("hidden_dropout", 0.1)),
+        attention_dropout=float(get("attention_dropout", 0.1)),
+        init_method_std=float(get("init_method_std", 0.02)),
+        layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)),
+        normalization=str(get("normalization", "LayerNorm")),
+        layernorm_zero_centered_gamma=bool(get("apply_layernorm_1p", False)),
+        add_bias_linear=bool(get("add_bias_linear", True)),
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        chunk_length=chunk,
+        num_neighbors=int(get("num_neighbors", 2)),
+        num_retrieved_chunks=int(get("num_retrieved_chunks", 2)),
+        encoder_num_layers=int(get("encoder_num_layers", 2)),
+        encoder_hidden_dropout=float(get("encoder_hidden_dropout", 0.1)),
+        encoder_attention_dropout=float(get("encoder_attention_dropout", 0.1)),
+        cca_layers=cca,
+        retrieval_gate=float(get("retrieval_gate", 1.0)),
+        position_embedding_type=str(get("position_embedding_type", "rope")),
+        rotary_percent=float(get("rotary_percent", 1.0)),
+        rotary_base=int(get("rotary_base", 10000)),
+        tensor_model_parallel_size=int(get("tensor_model_parallel_size", 1)),
+    )
+    kwargs.update(cpu_flags())
+    kwargs.update(overrides)
+    config = RetroConfig(**kwargs)
+    args = ModelArgs(
+        arch=arch,
+        vocab_size=int(vocab),
+        max_sequence_length=seq,
+        share_embeddings_and_output_weights=not bool(get("untie_embeddings_and_output_weights", False)),
+    )
+    return config, args

@@ -1,0 +1,100 @@
+"""Retro layers as megatron-core ModuleSpecs (local, non-Transformer-Engine modules).
+
+Decoder: megatron-core's GPT layer everywhere; a CCA layer fills the layer's three
+cross-attention slots (pre_cross_attn_layernorm, cross_attention, cross_attn_bda). The
+first CCA layer's cross-attention also owns the neighbour encoder: a TransformerBlock
+whose layers self-attend bidirectionally over one neighbour and whose first layer
+cross-attends to the decoder chunk that retrieved it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from retro_toolkit.collections.retro.config import RetroConfig
+from retro_toolkit.collections.retro.layers import (
+    ChunkedCrossAttention,
+    ChunkedCrossAttentionBDA,
+    ChunkedCrossAttentionSubmodules,
+    EncoderCrossAttention,
+    Norm,
+)
+
+
+def gpt_layer_spec() -> ModuleSpec:
+    """megatron-core's local GPT layer, with our norm (LayerNorm-1p capable, no apex)."""
+    spec = get_gpt_layer_local_spec()
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm)
+    )
+
+
+def _cross_attention_spec(module: type) -> ModuleSpec:
+    return ModuleSpec(
+        module=module,
+        params={"attn_mask_type": AttnMaskType.padding},
+        submodules=CrossAttentionSubmodules(
+            linear_q=ColumnParallelLinear,
+            linear_kv=ColumnParallelLinear,
+            core_attention=DotProductAttention,
+            linear_proj=RowParallelLinear,
+        ),
+    )
+
+
+def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
+    """Neighbour encoder: bidirectional (padding-masked) GPT layers; layer 1 adds cross-attention."""
+    gpt = gpt_layer_spec()
+    self_attn = dataclasses.replace(gpt.submodules.self_attention, params={"attn_mask_type": AttnMaskType.padding})
+    plain = dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=self_attn))
+    first = dataclasses.replace(
+        plain,
+        submodules=dataclasses.replace(
+            plain.submodules,
+            pre_cross_attn_layernorm=Norm,
+            cross_attention=_cross_attention_spec(EncoderCrossAttention),
+            cross_attn_bda=get_bias_dropout_add,
+        ),
+    )
+    layers = [first] + [plain] * (config.encoder_num_layers - 1)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Norm)
+
+
+def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
+    gpt = gpt_layer_spec()
+    cca = ModuleSpec(
+        module=ChunkedCrossAttention,
+        submodules=ChunkedCrossAttentionSubmodules(
+            attention=_cross_attention_spec(CrossAttention),
+            encoder=encoder_block_spec(config) if with_encoder else None,
+        ),
+    )
+    return dataclasses.replace(
+        gpt,
+        submodules=dataclasses.replace(
+            gpt.submodules,
+            pre_cross_attn_layernorm=Norm,
+            cross_attention=cca,
+            cross_attn_bda=ChunkedCrossAttentionBDA,
+        ),
+    )
+
+
+def decoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
+    """One spec per decoder layer: CCA layers at config.cca_layers, GPT layers elsewhere."""
+    gpt = gpt_layer_spec()
+    cca = set(config.cca_layers)
+    first = min(cca) if cca else None
+    layers = [
+        cca_layer_spec(config, with_encoder=(i == first)) if i in cca else gpt for i in range(1, config.num_layers + 1)
+    ]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Norm)

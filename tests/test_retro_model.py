@@ -1,0 +1,221 @@
+"""RetroModel on megatron-core, on CPU: causality, gate 0, masking, layer placement, input errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+from retro_toolkit.collections.retro import (  # noqa: E402
+    GPTTwinModel,
+    RetroModel,
+    build_model,
+    config_from_model_section,
+    default_cca_layers,
+    initialize,
+)
+from retro_toolkit.collections.retro.layers import ChunkedCrossAttention  # noqa: E402
+from retro_toolkit.errors import UserError  # noqa: E402
+
+M, K, VOCAB = 8, 2, 97
+SMALL = dict(
+    arch="retro",
+    num_layers=3,
+    hidden_size=32,
+    num_attention_heads=4,
+    ffn_hidden_size=64,
+    seq_length=32,
+    chunk_length=M,
+    num_neighbors=K,
+    num_retrieved_chunks=2,
+    encoder_num_layers=2,
+    cca_layers=[2, 3],
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    encoder_hidden_dropout=0.0,
+    encoder_attention_dropout=0.0,
+    swiglu=True,
+    apply_layernorm_1p=True,
+    add_bias_linear=True,
+    rotary_percent=0.5,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel():
+    initialize(1, seed=7)
+
+
+def make(**over):
+    torch.manual_seed(0)
+    cfg, args = config_from_model_section({**SMALL, **over}, vocab_size=VOCAB)
+    model = build_model(cfg, args)
+    # Biases start at zero; make them nonzero so "no output at masked positions" is tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def inputs(b=2, n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, n), generator=g)
+    nb = torch.randint(0, VOCAB, (b, n // M, K, 2 * M), generator=g)
+    nb[0, 1, 1, 5:] = -1  # a short neighbour (document end)
+    nb[1, 2, 0] = -1  # a missing neighbour
+    return tokens, nb
+
+
+@torch.no_grad()
+def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_1():
+    model = make()
+    tokens, nb = inputs()
+    base = model(tokens, nb)
+    assert torch.isfinite(base).all()
+    for j in range(nb.shape[1]):
+        nb2 = nb.clone()
+        nb2[:, j] = torch.randint(0, VOCAB, nb2[:, j].shape)
+        out = model(tokens, nb2)
+        first = (j + 1) * M - 1
+        assert torch.equal(out[:, :first], base[:, :first]), j
+        assert not torch.allclose(out[:, first:], base[:, first:]), j
+
+
+@torch.no_grad()
+def test_token_t_does_not_reach_earlier_positions():
+    model = make()
+    tokens, nb = inputs()
+    base = model(tokens, nb)
+    for t in (0, M - 1, M, 2 * M + 3, 31):
+        tok2 = tokens.clone()
+        tok2[:, t] = (tok2[:, t] + 1) % VOCAB
+        out = model(tok2, nb)
+        assert torch.equal(out[:, :t], base[:, :t]), t
+        assert not torch.allclose(out[:, t:], base[:, t:]), t
+
+
+@torch.no_grad()
+def test_gate_zero_equals_gpt_twin_with_same_decoder_weights():
+    model = make()
+    twin = make(arch="gpt")
+    assert isinstance(twin, GPTTwinModel)
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")]
+    assert unexpected and all(".cross_attention." in k or ".pre_cross_attn_layernorm." in k for k in unexpected)
+    tokens, nb = inputs()
+    with_retrieval = model(tokens, nb)
+    model.config.retrieval_gate = 0.0
+    try:
+        gated = model(tokens, nb)
+    finally:
+        model.config.retrieval_gate = 1.0
+    assert torch.equal(gated, twin(tokens))
+    assert not torch.allclose(with_retrieval, gated)
+
+
+@torch.no_grad()
+def test_all_missing_neighbours_equal_gate_zero():
+    model = make()
+    tokens, nb = inputs()
+    none = model(tokens, None)
+    assert torch.equal(model(tokens, torch.full_like(nb, -1)), none)
+    # Per sample, inside a mixed batch too.
+    mixed = nb.clone()
+    mixed[0] = -1
+    out = model(tokens, mixed)
+    assert torch.equal(out[0], none[0])
+    assert not torch.allclose(out[1], none[1])
+
+
+@torch.no_grad()
+def test_pad_id_is_masked_like_minus_one():
+    model = make()
+    tokens, nb = inputs()
+    model.config.neighbor_pad_id = 3
+    try:
+        padded = nb.clone()
+        padded[0, 1, 1, 5:] = 3
+        assert torch.equal(model(tokens, padded), model(tokens, nb))
+    finally:
+        model.config.neighbor_pad_id = None
+
+
+def test_backward_reaches_encoder_and_cca():
+    model = make()
+    model.train()
+    tokens, nb = inputs()
+    loss = model(tokens, nb, labels=tokens).float().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    enc = [g for n, g in grads.items() if ".encoder." in n]
+    assert enc and all(g is not None and torch.isfinite(g).all() for g in enc)
+    assert any(g.abs().sum() > 0 for g in enc)
+
+
+@pytest.mark.parametrize(
+    "layers,expected",
+    [
+        (12, [6, 9, 12]),
+        (24, [9, 12, 15, 18, 21, 24]),
+        (32, [9, 12, 15, 18, 21, 24, 27, 30]),
+        (48, list(range(9, 49, 3))),
+    ],
+)
+def test_default_cca_layers(layers, expected):
+    assert default_cca_layers(layers) == expected
+    cfg, _ = config_from_model_section({**SMALL, "num_layers": layers, "cca_layers": None}, vocab_size=VOCAB)
+    assert cfg.cca_layers == expected
+
+
+def test_explicit_cca_layers_below_six_layers():
+    model = make(num_layers=4, cca_layers=[2, 4])
+    cca = [i + 1 for i, layer in enumerate(model.decoder.layers) if isinstance(layer.cross_attention, ChunkedCrossAttention)]
+    assert cca == [2, 4]
+    assert model.decoder.layers[1].cross_attention.encoder is not None
+    assert model.decoder.layers[3].cross_attention.encoder is None
+    assert len(model.decoder.layers[1].cross_attention.encoder.layers) == 2
+    with torch.no_grad():
+        assert model(*inputs()).shape == (2, 32, VOCAB)
+    with pytest.raises(UserError, match="cca_layers"):
+        config_from_model_section({**SMALL, "num_layers": 4, "cca_layers": None}, vocab_size=VOCAB)
+    with pytest.raises(UserError, match="cca_layers"):
+        config_from_model_section({**SMALL, "num_layers": 4, "cca_layers": [5]}, vocab_size=VOCAB)
+
+
+@torch.no_grad()
+def test_bad_inputs_are_user_errors():
+    model = make()
+    tokens, nb = inputs()
+    with pytest.raises(UserError, match="multiple of the chunk length"):
+        model(tokens[:, :30], None)
+    with pytest.raises(UserError, match="expected"):
+        model(tokens, nb[:, :3])
+    with pytest.raises(UserError, match="num_neighbors"):
+        model(tokens, torch.cat([nb, nb[:, :, :1]], dim=2))
+    with pytest.raises(UserError, match="expected"):
+        model(tokens, nb[:, :, :, :-1])
+    with pytest.raises(UserError, match="neighbor_tokens must be"):
+        model(tokens, nb[0])
+    with pytest.raises(UserError, match="multiple of model.chunk_length"):
+        config_from_model_section({**SMALL, "seq_length": 30}, vocab_size=VOCAB)
+
+
+def test_pipeline_and_sequence_parallel_are_refused():
+    cfg, args = config_from_model_section(SMALL, vocab_size=VOCAB)
+    cfg.sequence_parallel = True
+    with pytest.raises(UserError, match="sequence_parallel"):
+        RetroModel(cfg, args.vocab_size, args.max_sequence_length)
+
+
+def test_dropout_runs_through_the_cpu_rng_tracker():
+    model = make(hidden_dropout=0.1, attention_dropout=0.1, encoder_hidden_dropout=0.1, encoder_attention_dropout=0.1)
+    model.train()
+    tokens, nb = inputs()
+    with torch.no_grad():
+        a, b = model(tokens, nb), model(tokens, nb)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
