@@ -4,6 +4,7 @@
     retro-run validate RECIPE [key=value ...]
     retro-run show RECIPE [key=value ...]
     retro-run ls
+    retro-run inspect WORKDIR {stats | chunk N | neighbours SPLIT N}
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ A finished stage is skipped on the next run unless its settings (or an upstream
 stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 """
 
-COMMANDS = ("run", "validate", "show", "ls")
+COMMANDS = ("run", "validate", "show", "ls", "inspect")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -49,7 +50,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls}")
+    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect}")
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe file (recipes/smoke.yaml) or bundled recipe name (smoke)")
@@ -69,7 +70,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     s = sub.add_parser("show", help="print the resolved recipe as YAML")
     recipe_args(s)
     ls = sub.add_parser("ls", help="list bundled recipes and yaml pieces")
-    return p, {"run": r, "validate": v, "show": s, "ls": ls}
+    i = sub.add_parser("inspect", help="look inside a work directory's retrieval database",
+                       description="stats: counts, index type, sizes; chunk N: a database chunk's text; "
+                       "neighbours SPLIT N: a query chunk of SPLIT and its neighbours with continuations.")
+    i.add_argument("workdir")
+    i.add_argument("what", nargs="+", metavar="stats | chunk N | neighbours SPLIT N")
+    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i}
 
 
 def _split_stages(text: str | None) -> list[str] | None:
@@ -92,6 +98,25 @@ def _ls() -> int:
     return 0
 
 
+def _inspect(workdir: str, what: list[str]) -> int:
+    from retro_toolkit.errors import UserError
+
+    usage = "use: inspect WORKDIR stats | chunk N | neighbours SPLIT N"
+    kind = what[0]
+    words = {"stats": 1, "chunk": 2, "neighbours": 3, "neighbors": 3}
+    if words.get(kind) != len(what):
+        raise UserError(f"inspect: '{' '.join(what)}' is not understood; {usage}.")
+    try:
+        n = int(what[-1]) if kind != "stats" else 0
+    except ValueError:
+        raise UserError(f"inspect: N must be a number, not '{what[-1]}'; {usage}.") from None
+    from retro_toolkit.collections.retrieval.inspect_db import Inspector
+
+    ins = Inspector(workdir)
+    print(ins.stats() if kind == "stats" else ins.chunk(n) if kind == "chunk" else ins.neighbours(what[1], n))
+    return 0
+
+
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run", *argv]
@@ -105,6 +130,8 @@ def dispatch(argv: list[str]) -> int:
     args.command = argv[0]
     if args.command == "ls":
         return _ls()
+    if args.command == "inspect":
+        return _inspect(args.workdir, args.what)
 
     from retro_toolkit.recipe import load_recipe, to_yaml
 

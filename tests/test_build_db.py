@@ -141,3 +141,33 @@ def test_torchrun_two_processes_give_the_same_neighbours(small_db, tmp_path, run
     assert p.returncode == 0, p.stdout + p.stderr
     for split in SPLITS:
         assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
+
+
+def test_retriever_finds_a_chunk_from_its_own_text(small_db):
+    from retro_toolkit.collections.retrieval.retriever import Retriever
+
+    r = Retriever(small_db)
+    text = r.chunk_text(10)
+    hits = r.search([text, r.stream.tokens[r.db.chunk_start[20]:r.db.chunk_end[20]]], k=3)
+    assert hits.ids.shape == (2, 3) and hits.tokens.shape == (2, 3, 128)
+    assert hits.ids[0, 0] == 10 and hits.ids[1, 0] == 20
+    assert hits.distances[0, 0] <= hits.distances[0, 1] <= hits.distances[0, 2]
+    own = r.stream.tokens[r.db.chunk_start[10]:r.db.chunk_end[10]]
+    assert np.array_equal(hits.tokens[0, 0, :len(own)], own)  # chunk, then its continuation
+
+
+def test_inspect_commands(small_db, run_cli):
+    p = run_cli("inspect", str(small_db), "stats")
+    assert p.returncode == 0, p.stderr
+    assert "index: Flat" in p.stdout and "neighbours test:" in p.stdout and "database:" in p.stdout
+    p = run_cli("inspect", str(small_db), "chunk", "3")
+    assert p.returncode == 0 and p.stdout.startswith("chunk 3: document 0, tokens 192..256 (64)")
+    p = run_cli("inspect", str(small_db), "neighbours", "valid", "0")
+    assert p.returncode == 0 and "neighbour 0: chunk" in p.stdout and "neighbour 1: chunk" in p.stdout
+    for args, msg in ((["chunk", "999999"], "chunk 999999 is out of range"),
+                      (["neighbours", "dev", "0"], "no neighbours for split 'dev'"),
+                      (["chunk", "x"], "N must be a number")):
+        p = run_cli("inspect", str(small_db), *args)
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
+    p = run_cli("inspect", str(small_db.parent), "stats")
+    assert p.returncode == 2 and "has no finished build_db" in p.stderr

@@ -137,7 +137,7 @@ class RetrievalConfig:
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     # Candidates fetched per query chunk before same-document filtering keeps model.num_neighbors.
-    k_query: int = 20
+    k_query: int = 200
     # Chunks per embedding / neighbour block file (the unit of resume and of work per rank).
     block_size: int = 10000
     # Splits whose query chunks get neighbours.

@@ -101,10 +101,14 @@ def run(ctx: StageContext) -> StageResult:
 
     def embed_chunks(start: int, end: int) -> np.ndarray:
         texts = [chunk_text(tok, train.tokens[s:e]) for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])]
-        return embedder.embed(texts)
+        return embedder.embed(texts, on_batch=lambda k: progress.update(k * env.world_size))
+
+    def skipped(start: int, end: int, state: str) -> None:
+        if state == "reused":
+            progress.update((end - start) * env.world_size)
 
     counts = blocks.compute_missing(emb_dir, n, cfg.block_size, embed_chunks, emb_key, env.rank, env.world_size,
-                                    on_block=lambda s, e, state: progress.update((e - s) * env.world_size))
+                                    on_block=skipped)
     progress.close()
     if counts["rebuilt"]:
         print(f"[build_db] rank {env.rank}: {counts['rebuilt']} damaged or stale embedding block(s) rebuilt", flush=True)
@@ -131,7 +135,8 @@ def run(ctx: StageContext) -> StageResult:
 
         def query(start: int, end: int, stream=stream, split=split) -> np.ndarray:
             texts = [chunk_text(tok, w_) for w_ in neighbors.query_windows(stream.tokens, start, end, m)]
-            _, cand = index.search(embedder.embed(texts), min(cfg.k_query, n))
+            emb = embedder.embed(texts, on_batch=lambda k: progress.update(k * env.world_size))
+            _, cand = index.search(emb, min(cfg.k_query, n))
             cand_doc = db.chunk_doc[np.clip(cand, 0, n - 1)]
             lo = hi = None
             if split == db.split:  # the database holds this split's documents
@@ -140,7 +145,7 @@ def run(ctx: StageContext) -> StageResult:
 
         out_dir = w / NEIGHBORS_DIR / split
         blocks.compute_missing(out_dir, nq, cfg.block_size, query, key, env.rank, env.world_size,
-                               on_block=lambda s, e, state: progress.update((e - s) * env.world_size))
+                               on_block=skipped)
         progress.close()
         if env.is_main:
             blocks.remove(blocks.stale_files(out_dir, nq, cfg.block_size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class BertEmbedder:
         self.dim: int = int(self.model.config.hidden_size)
         self.max_tokens, self.batch_size = max_tokens, batch_size
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         import torch
 
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -81,6 +82,8 @@ class BertEmbedder:
                 summed = (states * keep).sum(1)
                 count = keep.sum(1).clamp(min=1)  # an empty chunk text embeds to zeros
                 out[rows] = (summed / count).cpu().numpy()
+                if on_batch:
+                    on_batch(len(rows))
         return out
 
 
