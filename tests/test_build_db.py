@@ -26,10 +26,9 @@ SPLITS = ("train", "valid", "test")
 
 
 def _neighbors(w: Path, split: str) -> np.ndarray:
-    meta = json.loads((w / "neighbors" / "meta.json").read_text())
-    s = meta["splits"][split]
-    return np.concatenate([d for _, _, d in blocks.iter_blocks(w / "neighbors" / split, s["query_chunks"],
-                                                                 meta["block_size"], s["key"])])
+    from retro_toolkit.collections.retrieval.build_db import load_neighbors
+
+    return load_neighbors(w, split)
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +147,11 @@ def test_retriever_finds_a_chunk_from_its_own_text(small_db):
 
     r = Retriever(small_db)
     text = r.chunk_text(10)
-    hits = r.search([text, r.stream.tokens[r.db.chunk_start[20]:r.db.chunk_end[20]]], k=3)
+    hits = r.search([text, r.tokens[r.db.chunk_start[20]:r.db.chunk_end[20]]], k=3)
     assert hits.ids.shape == (2, 3) and hits.tokens.shape == (2, 3, 128)
     assert hits.ids[0, 0] == 10 and hits.ids[1, 0] == 20
     assert hits.distances[0, 0] <= hits.distances[0, 1] <= hits.distances[0, 2]
-    own = r.stream.tokens[r.db.chunk_start[10]:r.db.chunk_end[10]]
+    own = r.tokens[r.db.chunk_start[10]:r.db.chunk_end[10]]
     assert np.array_equal(hits.tokens[0, 0, :len(own)], own)  # chunk, then its continuation
 
 
@@ -161,7 +160,7 @@ def test_inspect_commands(small_db, run_cli):
     assert p.returncode == 0, p.stderr
     assert "index: Flat" in p.stdout and "neighbours test:" in p.stdout and "database:" in p.stdout
     p = run_cli("inspect", str(small_db), "chunk", "3")
-    assert p.returncode == 0 and p.stdout.startswith("chunk 3: document 0, tokens 192..256 (64)")
+    assert p.returncode == 0 and p.stdout.startswith("chunk 3: train document 0, tokens 192..256 (64)")
     p = run_cli("inspect", str(small_db), "neighbours", "valid", "0")
     assert p.returncode == 0 and "neighbour 0: chunk" in p.stdout and "neighbour 1: chunk" in p.stdout
     for args, msg in ((["chunk", "999999"], "chunk 999999 is out of range"),
@@ -171,3 +170,46 @@ def test_inspect_commands(small_db, run_cli):
         assert p.returncode == 2 and msg in p.stderr, p.stderr
     p = run_cli("inspect", str(small_db.parent), "stats")
     assert p.returncode == 2 and "has no finished build_db" in p.stderr
+
+
+def test_extra_corpus_updates_the_database_without_retraining(small_db, tmp_path, run_cli):
+    from retro_toolkit.collections.retrieval.retriever import Retriever
+
+    w = tmp_path / "w"
+    shutil.copytree(small_db, w)
+    extra = tmp_path / "extra.jsonl"
+    facts = ["The retro toolkit lighthouse keeper counts seventeen purple herons every morning at dawn.",
+             "Marmalade submarines navigate the frozen canals of an imaginary city called Quillfort."]
+    extra.write_text("".join(json.dumps({"text": t}) + "\n" for t in facts))
+    n_before = len(chunk_db.load(w / "db" / "chunks.h5"))
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, f"retrieval.extra_sources=[{{path: {extra}}}]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "run   build_db        changed: retrieval" in p.stdout
+    assert "reusing the trained Flat index (not retrained)" in p.stdout
+    summary = json.loads((w / "stages" / "build_db.json").read_text())["summary"]
+    assert summary["embedding_blocks_computed"] == 1  # only the new chunks were embedded
+    db = chunk_db.load(w / "db" / "chunks.h5")
+    assert db.parts == ["train", "extra"] and len(db) == n_before + 2 and db.part_chunks[1] == n_before
+    r = Retriever(w)
+    hits = r.search(["How many purple herons does the lighthouse keeper count?"], k=1)
+    assert hits.ids[0, 0] == n_before and "seventeen purple herons" in r.chunk_text(int(hits.ids[0, 0]))
+    # every split was searched again against the larger index
+    for split in SPLITS:
+        nb = _neighbors(w, split)
+        assert nb.shape == _neighbors(small_db, split).shape and nb.max() < len(db)
+
+
+def test_damaged_block_is_rebuilt_and_validation_reports_identical(small_db, tmp_path, run_cli):
+    w = tmp_path / "w"
+    shutil.copytree(small_db, w)
+    victim = sorted((w / "db" / "embeddings").glob("*.h5"))[2]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated copy
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, "--force", "build_db", "retrieval.validate_fraction=1.0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "1 damaged or stale embedding block(s) rebuilt" in p.stdout
+    assert "all identical" in p.stdout
+    summary = json.loads((w / "stages" / "build_db.json").read_text())["summary"]
+    assert summary["embedding_blocks_computed"] == 1 and summary["validation_mismatches"] == 0
+    assert np.array_equal(blocks.read(victim), blocks.read(small_db / "db" / "embeddings" / victim.name))
+    for split in SPLITS:
+        assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split

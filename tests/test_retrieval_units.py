@@ -37,7 +37,8 @@ def test_chunks_never_cross_documents_and_cover_every_content_token(lengths):
 def _db(lengths, m=64):
     tokens, offsets = _stream(lengths)
     doc, start, end = chunk_db.cut_chunks(offsets, m)
-    return tokens, chunk_db.ChunkDB(doc, start, end, offsets, m, "train")
+    return tokens, chunk_db.ChunkDB(doc, start, end, offsets, m, ["train"], np.array([0, len(tokens)]),
+                                    np.array([0, len(doc)]))
 
 
 def test_continuation_stays_in_the_document_and_pads():
@@ -126,6 +127,37 @@ def test_bad_factory_string():
         faiss_index.make("IVFbanana", 16)
 
 
+SPANS = blocks.ranges(25, 10)
+
+
+def test_block_ranges_respect_part_boundaries():
+    assert SPANS == [(0, 10), (10, 20), (20, 25)]
+    assert blocks.ranges(25, 10, boundaries=[17]) == [(0, 10), (10, 17), (17, 25)]
+    # rows added after a boundary leave the blocks before it unchanged
+    assert blocks.ranges(40, 10, boundaries=[17])[:2] == [(0, 10), (10, 17)]
+
+
+def test_database_parts_keep_train_ids_and_read_across_streams():
+    train, t_off = _stream([100, 30])
+    extra, e_off = _stream([70], seed=5)
+    db_train = chunk_db.cut_chunks(t_off, 64)
+    from pathlib import Path
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        db = chunk_db.build([("train", t_off), ("extra", e_off)], 64, Path(d) / "chunks.h5")
+        assert chunk_db.load(Path(d) / "chunks.h5").parts == ["train", "extra"]
+    n_train = len(db_train[0])
+    assert np.array_equal(db.chunk_start[:n_train], db_train[1])  # train chunk ids unchanged
+    assert db.part_chunks.tolist() == [0, n_train, len(db)]
+    tokens = chunk_db.PartTokens([train, extra], db.part_tokens)
+    first_extra = n_train
+    out = chunk_db.neighbor_tokens(db, tokens, np.array([first_extra, 0]), r=128, pad_id=PAD)
+    assert np.array_equal(out[0, :70], extra[:70]) and np.all(out[0, 70:] == PAD)
+    assert np.array_equal(out[1, :100], train[:100])
+    assert np.array_equal(tokens[int(db.chunk_start[first_extra]):int(db.chunk_end[first_extra])], extra[:64])
+
+
 def test_blocks_resume_detect_damage_and_stale_keys(tmp_path):
     calls = []
 
@@ -133,23 +165,23 @@ def test_blocks_resume_detect_damage_and_stale_keys(tmp_path):
         calls.append((s, e))
         return np.arange(s, e, dtype=np.float32)[:, None].repeat(3, 1)
 
-    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1") == {"computed": 3, "reused": 0, "rebuilt": 0}
+    assert blocks.compute_missing(tmp_path, 25, SPANS, compute, "k1") == {"computed": 3, "reused": 0, "rebuilt": 0}
     assert calls == [(0, 10), (10, 20), (20, 25)]
     calls.clear()
-    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1") == {"computed": 0, "reused": 3, "rebuilt": 0}
+    assert blocks.compute_missing(tmp_path, 25, SPANS, compute, "k1") == {"computed": 0, "reused": 3, "rebuilt": 0}
     assert calls == []
     # a truncated block (a copy cut short, a full disk) is detected and rebuilt
     p = blocks.path(tmp_path, 10, 20, 25)
     p.write_bytes(p.read_bytes()[:100])
-    assert blocks.compute_missing(tmp_path, 25, 10, compute, "k1")["rebuilt"] == 1
+    assert blocks.compute_missing(tmp_path, 25, SPANS, compute, "k1")["rebuilt"] == 1
     assert calls == [(10, 20)]
-    got = np.concatenate([d for _, _, d in blocks.iter_blocks(tmp_path, 25, 10, "k1")])
+    got = np.concatenate([d for _, _, d in blocks.iter_blocks(tmp_path, 25, SPANS, "k1")])
     assert np.array_equal(got[:, 0], np.arange(25))
     # another key (a changed setting) recomputes everything
     calls.clear()
-    blocks.compute_missing(tmp_path, 25, 10, compute, "k2")
+    blocks.compute_missing(tmp_path, 25, SPANS, compute, "k2")
     assert len(calls) == 3
     # ranks take blocks round-robin
     calls.clear()
-    blocks.compute_missing(tmp_path / "r", 25, 10, compute, "k", rank=1, world_size=2)
+    blocks.compute_missing(tmp_path / "r", 25, SPANS, compute, "k", rank=1, world_size=2)
     assert calls == [(10, 20)]

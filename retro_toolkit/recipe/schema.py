@@ -142,6 +142,12 @@ class RetrievalConfig:
     block_size: int = 10000
     # Splits whose query chunks get neighbours.
     query_splits: list[str] = field(default_factory=lambda: ["train", "valid", "test"])
+    # Corpora retrieved from but never trained on (same formats as data.sources). Adding
+    # one later updates the database without retraining the index: only the new chunks
+    # are embedded, and every query is searched again.
+    extra_sources: list[SourceConfig] = field(default_factory=list)
+    # Fraction of finished embedding blocks to recompute and compare bit for bit.
+    validate_fraction: float = 0.0
 
 
 @dataclass

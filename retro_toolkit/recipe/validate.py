@@ -209,6 +209,11 @@ def _semantic(r: dict[str, Any]) -> None:
     q = r["retrieval"]
     for i, split in enumerate(q["query_splits"]):
         _check_choice(split, ("train", "valid", "test"), f"retrieval.query_splits[{i}]")
+    for i, src in enumerate(q["extra_sources"]):
+        if not src["path"].startswith("builtin:"):
+            src["path"] = _abspath(src["path"])
+    if not 0.0 <= q["validate_fraction"] <= 1.0:
+        raise UserError("recipe key 'retrieval.validate_fraction' must be between 0 and 1.")
     for key in ("k_query", "block_size"):
         if q[key] < 1:
             raise UserError(f"recipe key 'retrieval.{key}' must be at least 1.")

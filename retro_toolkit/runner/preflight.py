@@ -26,6 +26,8 @@ def check_inputs(recipe: DictConfig) -> None:
         from retro_toolkit.collections.retrieval.embedder import resolve_path
 
         resolve_path(recipe.retrieval.embedder.path)
+        for i, src in enumerate(recipe.retrieval.extra_sources):
+            check_source(src, f"retrieval.extra_sources[{i}]")
     if "tokenizer" in stages and recipe.tokenizer.model and not Path(recipe.tokenizer.model).is_file():
         raise UserError(
             f"tokenizer.model: SentencePiece model {recipe.tokenizer.model} does not exist. "

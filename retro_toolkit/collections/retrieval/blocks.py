@@ -20,8 +20,19 @@ import numpy as np
 from retro_toolkit.core import files
 
 
-def ranges(n: int, block_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+Span = tuple[int, int]
+Key = str | Callable[[int, int], str]
+
+
+def ranges(n: int, block_size: int, boundaries: tuple[int, ...] | list[int] = ()) -> list[Span]:
+    """Blocks of at most block_size rows; a block never straddles a boundary (e.g. where
+    an extra corpus starts), so adding rows after a boundary leaves earlier blocks as they are."""
+    cuts = sorted({0, n, *(int(b) for b in boundaries if 0 < b < n)})
+    return [(s, min(s + block_size, hi)) for lo, hi in zip(cuts, cuts[1:]) for s in range(lo, hi, block_size)]
+
+
+def _key(key: Key, start: int, end: int) -> str:
+    return key if isinstance(key, str) else key(start, end)
 
 
 def path(folder: Path, start: int, end: int, n: int) -> Path:
@@ -63,9 +74,9 @@ def write(p: Path, data: np.ndarray, key: str = "", **attrs: object) -> None:
 def compute_missing(
     folder: Path,
     n: int,
-    block_size: int,
+    spans: list[Span],
     compute: Callable[[int, int], np.ndarray],
-    key: str,
+    key: Key,
     rank: int = 0,
     world_size: int = 1,
     on_block: Callable[[int, int, str], None] | None = None,
@@ -73,35 +84,36 @@ def compute_missing(
     """Compute this rank's missing blocks (round-robin over ranks); count what happened."""
     counts = {"computed": 0, "reused": 0, "rebuilt": 0}
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (start, end) in enumerate(ranges(n, block_size)):
+    for i, (start, end) in enumerate(spans):
         if i % world_size != rank:
             continue
         p = path(folder, start, end, n)
-        if read(p, end - start, key) is not None:
+        block_key = _key(key, start, end)
+        if read(p, end - start, block_key) is not None:
             counts["reused"] += 1
             state = "reused"
         else:
             state = "rebuilt" if p.exists() else "computed"
             counts[state] += 1
-            write(p, compute(start, end), key=key)
+            write(p, compute(start, end), key=block_key)
         if on_block:
             on_block(start, end, state)
     return counts
 
 
-def iter_blocks(folder: Path, n: int, block_size: int, key: str) -> Iterator[tuple[int, int, np.ndarray]]:
-    for start, end in ranges(n, block_size):
-        data = read(path(folder, start, end, n), end - start, key)
+def iter_blocks(folder: Path, n: int, spans: list[Span], key: Key) -> Iterator[tuple[int, int, np.ndarray]]:
+    for start, end in spans:
+        data = read(path(folder, start, end, n), end - start, _key(key, start, end))
         if data is None:
             raise RuntimeError(f"block {path(folder, start, end, n)} is missing or damaged")
         yield start, end, data
 
 
-def stale_files(folder: Path, n: int, block_size: int) -> list[Path]:
+def stale_files(folder: Path, n: int, spans: list[Span]) -> list[Path]:
     """Block files that do not belong to the current layout (another block size or N)."""
     if not folder.is_dir():
         return []
-    keep = {path(folder, s, e, n).name for s, e in ranges(n, block_size)}
+    keep = {path(folder, s, e, n).name for s, e in spans}
     return [f for f in folder.glob("*.h5") if f.name not in keep]
 
 

@@ -1,7 +1,11 @@
 """Stage `build_db`: chunk DB -> BERT embeddings -> faiss index -> neighbours of every split.
 
-Every long step is a set of block files (resumable, split round-robin over torchrun
-ranks); the index is trained and filled by rank 0 and then read by every rank.
+Every long step is a set of block files, resumable and split round-robin over torchrun
+ranks. Blocks are keyed by their content (the tokens they embed, the embedder, the
+index they searched), so a rerun reuses exactly what is still valid: after a kill, only
+missing blocks are computed; after extra corpora are added (`retrieval.extra_sources`),
+only the new chunks are embedded, the trained index is reused (not retrained), and every
+query is searched again. The index is trained and filled by rank 0, then read by all.
 """
 
 from __future__ import annotations
@@ -14,22 +18,24 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
-from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
+from retro_toolkit.collections.text import token_stream as ts
+from retro_toolkit.collections.text.sources import iter_documents
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 
 EMBEDDINGS_DIR = "db/embeddings"
+QUERY_EMBEDDINGS_DIR = "db/query_embeddings"
+EXTRA_DIR = "db/extra"
 NEIGHBORS_DIR = "neighbors"
 NEIGHBORS_META = "neighbors/meta.json"
 
 
 def chunk_text(tok: Tokenizer, ids: np.ndarray) -> str:
     """Text of a token window; documents inside it are joined by a blank line."""
-    ids = np.asarray(ids).tolist()
     pieces, cur = [], []
-    for t in ids:
+    for t in np.asarray(ids).tolist():
         if t == tok.eod_id:
             pieces.append(cur)
             cur = []
@@ -39,32 +45,32 @@ def chunk_text(tok: Tokenizer, ids: np.ndarray) -> str:
     return "\n\n".join(tok.decode(p) for p in pieces if p)
 
 
-def _key(*parts: object) -> str:
-    return files.sha256_of([str(p) for p in parts])
-
-
-def _db_hash(db: chunk_db.ChunkDB) -> str:
+def _sha(*parts: object) -> str:
     h = hashlib.sha256()
-    for a in (db.chunk_start, db.chunk_end):
-        h.update(np.ascontiguousarray(a).tobytes())
+    for p in parts:
+        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
     return h.hexdigest()
 
 
-def _train_and_fill(string: str, dim: int, emb_dir: Path, n: int, block_size: int, key: str,
-                    ntrain: int | None, seed: int, out_dir: Path, log) -> None:
-    index = faiss_index.make(string, dim)
-    if not index.is_trained:
-        ids = faiss_index.training_sample(n, ntrain, seed)
-        sample = np.empty((len(ids), dim), dtype=np.float32)
-        for start, end, data in blocks.iter_blocks(emb_dir, n, block_size, key):
-            lo, hi = np.searchsorted(ids, [start, end])
-            sample[lo:hi] = data[ids[lo:hi] - start]
-        log(f"training {string} on {len(ids)} vectors")
-        index.train(sample)
-    faiss_index.save(index, out_dir / "trained.faissindex")
-    for _, _, data in blocks.iter_blocks(emb_dir, n, block_size, key):
-        index.add(data)  # block order = chunk order, so faiss ids are chunk ids
-    faiss_index.save(index, out_dir / "added.faissindex")
+def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
+    """Tokenize retrieval.extra_sources into db/extra (rank 0), reusing a matching earlier run."""
+    sources = ctx.recipe.retrieval.extra_sources
+    if not sources:
+        return None
+    folder = ctx.workdir / EXTRA_DIR
+    key = _sha([dict(s) for s in sources], files.sha256_file(tok.model_file))
+    if ctx.env.is_main:
+        meta_file = folder / "meta.json"
+        if not meta_file.is_file() or files.read_json(meta_file).get("key") != key:
+            ctx.log(f"tokenizing {len(sources)} extra corpora (retrieved from, not trained on)")
+            texts = (t for t, _ in iter_documents(sources, ctx.recipe.data.on_invalid_utf8, key_prefix="retrieval.extra_sources"))
+            dtype = ts.dtype_for_vocab(tok.vocab_size)
+            counts = ts.write_stream(folder, "extra", (tok.encode([t])[0] for t in texts), dtype, tok.eod_id)
+            files.write_json(meta_file, {"key": key, "dtype": dtype.name, "special_ids": tok.special_ids(),
+                                         "tokenizer_sha256": files.sha256_file(tok.model_file),
+                                         "splits": {"extra": counts}})
+    dist.barrier()
+    return ts.TokenStream(folder, "extra")
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -72,22 +78,24 @@ def run(ctx: StageContext) -> StageResult:
     cfg, m, k = r.retrieval, r.model.chunk_length, r.model.num_neighbors
     w = ctx.workdir
     tok = Tokenizer(w / MODEL_FILE)
-    train = TokenStream(w / CORPUS_DIR, "train")
+    train = ts.TokenStream(w / ts.CORPUS_DIR, "train")
+    extra = _extra_stream(ctx, tok)
+    streams = [train] + ([extra] if extra else [])
 
-    # 1. chunk database (train documents)
+    # 1. chunk database: train documents, then extra corpora
     if env.is_main:
-        chunk_db.build(train.doc_offsets, m, "train", w / chunk_db.CHUNKS_FILE)
+        chunk_db.build([("train", train.doc_offsets)] + ([("extra", extra.doc_offsets)] if extra else []),
+                       m, w / chunk_db.CHUNKS_FILE)
     dist.barrier()
     db = chunk_db.load(w / chunk_db.CHUNKS_FILE)
-    n = len(db)
-    ctx.log(f"{n} database chunks of up to {m} tokens from {train.num_docs} train documents")
-
+    tokens = chunk_db.PartTokens([s.tokens for s in streams], db.part_tokens)
+    n, n_train = len(db), int(db.part_chunks[1])
+    ctx.log(f"{n} database chunks of up to {m} tokens ({n_train} from train"
+            + (f", {n - n_train} from extra corpora" if extra else "") + ")")
     string = cfg.index.string
     if string != "auto":
-        ntrain = min(n, cfg.index.ntrain or n)
-        faiss_index.check_fits(string, ntrain)
+        faiss_index.check_fits(string, min(n_train, cfg.index.ntrain or n_train))
 
-    # 2. embeddings, block by block
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine's cores
     embedder = BertEmbedder(cfg.embedder.path, cfg.embedder.max_tokens, cfg.embedder.batch_size,
                             threads=threads_per_rank(local))
@@ -95,69 +103,152 @@ def run(ctx: StageContext) -> StageResult:
     if string == "auto":
         string = faiss_index.auto_string(n, embedder.dim, cfg.index.memory_gb)
         ctx.log(f"index.string auto -> {string}")
-    emb_key = _key(cfg.embedder.path, cfg.embedder.max_tokens, train.meta["tokenizer_sha256"], m, _db_hash(db))
-    emb_dir = w / EMBEDDINGS_DIR
-    progress = ctx.progress("embed", n, "chunks")
+    embedder_id = (cfg.embedder.path, cfg.embedder.max_tokens, embedder.dim)
 
-    def embed_chunks(start: int, end: int) -> np.ndarray:
-        texts = [chunk_text(tok, train.tokens[s:e]) for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])]
-        return embedder.embed(texts, on_batch=lambda k: progress.update(k * env.world_size))
+    # 2. embeddings of database chunks, block by block
+    spans = blocks.ranges(n, cfg.block_size, boundaries=db.part_chunks[1:-1])
+    emb_dir = w / EMBEDDINGS_DIR
+
+    def chunk_texts(start: int, end: int) -> list[str]:
+        return [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])]
+
+    def emb_key(start: int, end: int) -> str:
+        return _sha(embedder_id, [tokens[s:e] for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])])
+
+    emb_keys = {s: emb_key(s, e) for s, e in spans}
+    progress = ctx.progress("embed", n, "chunks")
 
     def skipped(start: int, end: int, state: str) -> None:
         if state == "reused":
             progress.update((end - start) * env.world_size)
 
-    counts = blocks.compute_missing(emb_dir, n, cfg.block_size, embed_chunks, emb_key, env.rank, env.world_size,
-                                    on_block=skipped)
+    counts = blocks.compute_missing(
+        emb_dir, n, spans, lambda s, e: embedder.embed(chunk_texts(s, e), lambda b: progress.update(b * env.world_size)),
+        lambda s, e: emb_keys[s], env.rank, env.world_size, on_block=skipped)
     progress.close()
     if counts["rebuilt"]:
         print(f"[build_db] rank {env.rank}: {counts['rebuilt']} damaged or stale embedding block(s) rebuilt", flush=True)
     dist.barrier()
 
-    # 3. index (rank 0 trains and adds; the others wait, then read it)
+    # 3. index: trained on train chunks only (so extra corpora never retrain it), then filled
     idx_dir = w / "index" / faiss_index.folder_name(string)
+    train_spans = [sp for sp in spans if sp[1] <= n_train]
+    sample = faiss_index.training_sample(n_train, cfg.index.ntrain, r.seed)
+    train_key = _sha(string, sample, [emb_keys[s] for s, _ in train_spans])
+    fill_key = _sha(train_key, [emb_keys[s] for s, _ in spans])
     if env.is_main:
-        blocks.remove(blocks.stale_files(emb_dir, n, cfg.block_size))
-        _train_and_fill(string, embedder.dim, emb_dir, n, cfg.block_size, emb_key, cfg.index.ntrain, r.seed,
+        blocks.remove(blocks.stale_files(emb_dir, n, spans))
+        _train_and_fill(string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
                         idx_dir, ctx.log)
     dist.barrier()
     index = faiss_index.load(idx_dir / "added.faissindex")
     faiss_index.set_nprobe(index, cfg.index.nprobe)
 
     # 4. neighbours of every query chunk of every split
-    summary: dict = {"db_chunks": n, "index": string, "embedding_blocks_computed": counts["computed"]}
+    summary: dict = {"db_chunks": n, "index": string, "embedding_blocks_computed": counts["computed"] + counts["rebuilt"]}
     splits_meta = {}
     for split in cfg.query_splits:
-        stream = TokenStream(w / CORPUS_DIR, split)
+        stream = ts.TokenStream(w / ts.CORPUS_DIR, split)
         nq = neighbors.num_query_chunks(len(stream), m)
-        key = _key(emb_key, split, string, k, cfg.k_query, cfg.index.nprobe, len(stream), stream.meta["tokenizer_sha256"])
+        q_spans = blocks.ranges(nq, cfg.block_size)
+        q_dir, nb_dir = w / QUERY_EMBEDDINGS_DIR / split, w / NEIGHBORS_DIR / split
         progress = ctx.progress(f"neighbours {split}", nq, "queries")
 
-        def query(start: int, end: int, stream=stream, split=split) -> np.ndarray:
-            texts = [chunk_text(tok, w_) for w_ in neighbors.query_windows(stream.tokens, start, end, m)]
-            emb = embedder.embed(texts, on_batch=lambda k: progress.update(k * env.world_size))
+        def q_texts(start: int, end: int, stream=stream) -> list[str]:
+            return [chunk_text(tok, x) for x in neighbors.query_windows(stream.tokens, start, end, m)]
+
+        def q_key(start: int, end: int, stream=stream) -> str:
+            return _sha(embedder_id, np.asarray(stream.tokens[start * m:end * m]))
+
+        blocks.compute_missing(
+            q_dir, nq, q_spans, lambda s, e: embedder.embed(q_texts(s, e), lambda b: progress.update(b * env.world_size)),
+            q_key, env.rank, env.world_size, on_block=skipped)
+
+        def search(start: int, end: int, stream=stream, split=split, q_dir=q_dir) -> np.ndarray:
+            emb = blocks.read(blocks.path(q_dir, start, end, nq), end - start, q_key(start, end))
             _, cand = index.search(emb, min(cfg.k_query, n))
-            cand_doc = db.chunk_doc[np.clip(cand, 0, n - 1)]
             lo = hi = None
             if split == db.split:  # the database holds this split's documents
                 lo, hi = neighbors.banned_doc_range(stream.doc_offsets, len(stream), start, end, m)
-            return neighbors.filter_candidates(cand, cand_doc, lo, hi, k)
+            return neighbors.filter_candidates(cand, db.chunk_doc[np.clip(cand, 0, n - 1)], lo, hi, k)
 
-        out_dir = w / NEIGHBORS_DIR / split
-        blocks.compute_missing(out_dir, nq, cfg.block_size, query, key, env.rank, env.world_size,
-                               on_block=skipped)
+        nb_key = lambda s, e, q_key=q_key: _sha(q_key(s, e), fill_key, k, cfg.k_query, cfg.index.nprobe)  # noqa: E731
+        dist.barrier()  # every rank's query embeddings are on disk before anyone searches
+        blocks.compute_missing(nb_dir, nq, q_spans, search, nb_key, env.rank, env.world_size)
         progress.close()
         if env.is_main:
-            blocks.remove(blocks.stale_files(out_dir, nq, cfg.block_size))
-        splits_meta[split] = {"query_chunks": nq, "tokens": len(stream), "key": key}
+            for folder in (q_dir, nb_dir):
+                blocks.remove(blocks.stale_files(folder, nq, q_spans))
+        splits_meta[split] = {"query_chunks": nq, "tokens": len(stream), "keys": [nb_key(s, e) for s, e in q_spans]}
         summary[f"{split}_queries"] = nq
     dist.barrier()
 
+    if cfg.validate_fraction > 0 and env.is_main:
+        summary.update(_validate(spans, cfg.validate_fraction, r.seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx))
     if env.is_main:
         files.write_json(w / NEIGHBORS_META, {
-            "chunk_length": m, "num_neighbors": k, "k_query": cfg.k_query, "index": string,
-            "db_chunks": n, "tokenizer_sha256": train.meta["tokenizer_sha256"], "block_size": cfg.block_size,
-            "splits": splits_meta,
+            "chunk_length": m, "num_neighbors": k, "k_query": cfg.k_query, "index": string, "db_chunks": n,
+            "tokenizer_sha256": train.meta["tokenizer_sha256"], "block_size": cfg.block_size, "splits": splits_meta,
         })
     outputs = [chunk_db.CHUNKS_FILE, f"index/{faiss_index.folder_name(string)}/added.faissindex", NEIGHBORS_META]
     return StageResult(outputs=outputs, summary=summary)
+
+
+def _train_and_fill(string, dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
+                    out_dir: Path, log) -> None:
+    keys_file = out_dir / "keys.json"
+    keys = files.read_json(keys_file) if keys_file.is_file() else {}
+    if keys.get("fill") == fill_key and (out_dir / "added.faissindex").is_file():
+        return  # nothing changed since the last fill
+    trained = out_dir / "trained.faissindex"
+    if keys.get("train") == train_key and trained.is_file():
+        index = faiss_index.load(trained)
+        log(f"reusing the trained {string} index (not retrained)")
+    else:
+        index = faiss_index.make(string, dim)
+        if not index.is_trained:
+            vectors = np.empty((len(sample), dim), dtype=np.float32)
+            for start, end, data in blocks.iter_blocks(emb_dir, n, train_spans, lambda s, e: emb_keys[s]):
+                lo, hi = np.searchsorted(sample, [start, end])
+                vectors[lo:hi] = data[sample[lo:hi] - start]
+            log(f"training {string} on {len(sample)} vectors")
+            index.train(vectors)
+        faiss_index.save(index, trained)
+        files.write_json(keys_file, {"train": train_key})
+    for _, _, data in blocks.iter_blocks(emb_dir, n, spans, lambda s, e: emb_keys[s]):
+        index.add(data)  # block order = chunk order, so faiss ids are chunk ids
+    faiss_index.save(index, out_dir / "added.faissindex")
+    files.write_json(keys_file, {"train": train_key, "fill": fill_key})
+
+
+def _validate(spans, fraction, seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx) -> dict:
+    """Recompute a random fraction of finished embedding blocks; compare bit for bit."""
+    rng = np.random.default_rng(seed)
+    pick = sorted(rng.choice(len(spans), size=max(1, round(fraction * len(spans))), replace=False))
+    bad = []
+    for i in pick:
+        s, e = spans[i]
+        stored = blocks.read(blocks.path(emb_dir, s, e, n), e - s, emb_keys[s])
+        if stored is None or not np.array_equal(stored, embedder.embed(chunk_texts(s, e))):
+            bad.append(f"{s}-{e}")
+    ctx.log(f"validated {len(pick)} embedding block(s): "
+            + ("all identical" if not bad else f"{len(bad)} MISMATCH: {', '.join(bad)}"))
+    return {"validated_blocks": len(pick), "validation_mismatches": len(bad)}
+
+
+def database_tokens(workdir: Path, db: chunk_db.ChunkDB) -> chunk_db.PartTokens:
+    """The database's tokens by global position: the train stream, then extra corpora."""
+    streams = [ts.TokenStream(workdir / ts.CORPUS_DIR, "train").tokens]
+    if "extra" in db.parts:
+        streams.append(ts.TokenStream(workdir / EXTRA_DIR, "extra").tokens)
+    return chunk_db.PartTokens(streams, db.part_tokens)
+
+
+def load_neighbors(workdir: Path, split: str) -> np.ndarray:
+    """All neighbour ids of a split's query chunks, [query chunks, k]; checks every block."""
+    meta = files.read_json(workdir / NEIGHBORS_META)
+    s = meta["splits"][split]
+    spans = blocks.ranges(s["query_chunks"], meta["block_size"])
+    keys = dict(zip(spans, s["keys"]))
+    return np.concatenate([d for _, _, d in blocks.iter_blocks(workdir / NEIGHBORS_DIR / split, s["query_chunks"],
+                                                               spans, lambda a, b: keys[(a, b)])])

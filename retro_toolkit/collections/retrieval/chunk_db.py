@@ -1,14 +1,19 @@
 """The chunk database: every database document cut into m-token chunks.
 
-Chunks never cross documents; a document's last chunk may be short. A document's
-trailing EOD token belongs to no chunk.
+The database is made of parts: the train split (always first) and, optionally, extra
+corpora that are retrieved from but not trained on. Positions and document ids are
+global over the parts laid end to end, so train chunks keep their ids when extra
+corpora are added. Chunks never cross documents; a document's last chunk may be short;
+a document's trailing EOD token belongs to no chunk.
 
     db/chunks.h5
       chunk_doc    int64 [N]    document of each chunk (index into doc_offsets)
-      chunk_start  int64 [N]    first token (position in the train token stream)
+      chunk_start  int64 [N]    first token (global position)
       chunk_end    int64 [N]    one past the last token
-      doc_offsets  int64 [D+1]  document d is stream[doc_offsets[d]:doc_offsets[d+1]] (EOD included)
-      attrs: chunk_length, split, num_tokens
+      doc_offsets  int64 [D+1]  document d is tokens[doc_offsets[d]:doc_offsets[d+1]] (EOD included)
+      part_tokens  int64 [P+1]  global position where each part starts
+      part_chunks  int64 [P+1]  first chunk id of each part
+      attrs: chunk_length, parts (names, comma-separated)
 """
 
 from __future__ import annotations
@@ -31,14 +36,46 @@ class ChunkDB:
     chunk_end: np.ndarray
     doc_offsets: np.ndarray
     chunk_length: int
-    split: str
+    parts: list[str]
+    part_tokens: np.ndarray
+    part_chunks: np.ndarray
 
     def __len__(self) -> int:
         return len(self.chunk_doc)
 
+    @property
+    def split(self) -> str:
+        return self.parts[0]
+
     def doc_content_end(self, docs: np.ndarray) -> np.ndarray:
         """Where a document's text ends: its EOD position."""
         return self.doc_offsets[docs + 1] - 1
+
+
+class PartTokens:
+    """Token streams of the database parts, indexed by global position."""
+
+    def __init__(self, streams: list[np.ndarray], part_tokens: np.ndarray) -> None:
+        self.streams, self.part_tokens = streams, part_tokens
+
+    def __len__(self) -> int:
+        return int(self.part_tokens[-1])
+
+    def __getitem__(self, pos):
+        if isinstance(pos, slice):
+            p = int(np.searchsorted(self.part_tokens, pos.start, side="right") - 1)
+            base = int(self.part_tokens[p])
+            return self.streams[p][pos.start - base : pos.stop - base]
+        pos = np.asarray(pos)
+        if len(self.streams) == 1:
+            return self.streams[0][pos]
+        part = np.searchsorted(self.part_tokens, pos, side="right") - 1
+        out = np.empty(pos.shape, dtype=np.int64)
+        for p, stream in enumerate(self.streams):
+            sel = part == p
+            if sel.any():
+                out[sel] = stream[pos[sel] - self.part_tokens[p]]
+        return out
 
 
 def cut_chunks(doc_offsets: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,15 +90,24 @@ def cut_chunks(doc_offsets: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray,
     return doc, start, end
 
 
-def build(doc_offsets: np.ndarray, m: int, split: str, out: Path) -> ChunkDB:
+def build(parts: list[tuple[str, np.ndarray]], m: int, out: Path) -> ChunkDB:
+    """Chunk DB over parts given as (name, doc_offsets of that part's stream)."""
     import h5py
 
-    doc, start, end = cut_chunks(np.asarray(doc_offsets, dtype=np.int64), m)
+    offsets, part_tokens = [np.zeros(1, dtype=np.int64)], [0]
+    for _, doc_offsets in parts:
+        offsets.append(np.asarray(doc_offsets[1:], dtype=np.int64) + part_tokens[-1])
+        part_tokens.append(part_tokens[-1] + int(doc_offsets[-1]))
+    doc_offsets = np.concatenate(offsets)
+    doc, start, end = cut_chunks(doc_offsets, m)
+    part_chunks = np.searchsorted(start, part_tokens).astype(np.int64)
+    db = ChunkDB(doc, start, end, doc_offsets, m, [name for name, _ in parts],
+                 np.asarray(part_tokens, dtype=np.int64), part_chunks)
     with files.atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f["chunk_doc"], f["chunk_start"], f["chunk_end"] = doc, start, end
-        f["doc_offsets"] = np.asarray(doc_offsets, dtype=np.int64)
-        f.attrs.update(chunk_length=m, split=split, num_tokens=int(doc_offsets[-1]))
-    return ChunkDB(doc, start, end, np.asarray(doc_offsets, dtype=np.int64), m, split)
+        f["chunk_doc"], f["chunk_start"], f["chunk_end"] = db.chunk_doc, db.chunk_start, db.chunk_end
+        f["doc_offsets"], f["part_tokens"], f["part_chunks"] = db.doc_offsets, db.part_tokens, db.part_chunks
+        f.attrs.update(chunk_length=m, parts=",".join(db.parts))
+    return db
 
 
 def load(path: str | os.PathLike) -> ChunkDB:
@@ -70,15 +116,16 @@ def load(path: str | os.PathLike) -> ChunkDB:
     with h5py.File(path, "r") as f:
         return ChunkDB(
             f["chunk_doc"][:], f["chunk_start"][:], f["chunk_end"][:], f["doc_offsets"][:],
-            int(f.attrs["chunk_length"]), str(f.attrs["split"]),
+            int(f.attrs["chunk_length"]), str(f.attrs["parts"]).split(","), f["part_tokens"][:], f["part_chunks"][:],
         )
 
 
-def neighbor_tokens(db: ChunkDB, tokens: np.ndarray, ids: np.ndarray, r: int, pad_id: int) -> np.ndarray:
+def neighbor_tokens(db: ChunkDB, tokens, ids: np.ndarray, r: int, pad_id: int) -> np.ndarray:
     """Tokens of each neighbour chunk plus its continuation: [..., r], int64.
 
-    The continuation stays inside the neighbour's document (padded with pad_id at the
-    document end); a missing neighbour (-1) is all -1 and is never dereferenced.
+    `tokens` is indexable by global position (an array, or PartTokens). The continuation
+    stays inside the neighbour's document (padded with pad_id at the document end); a
+    missing neighbour (-1) is all -1 and is never dereferenced.
     """
     ids = np.asarray(ids, dtype=np.int64)
     flat = ids.reshape(-1)

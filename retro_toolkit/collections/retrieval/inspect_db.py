@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db
-from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_DIR, NEIGHBORS_META, chunk_text
+from retro_toolkit.collections.retrieval.build_db import (
+    NEIGHBORS_DIR,
+    NEIGHBORS_META,
+    chunk_text,
+    database_tokens,
+    load_neighbors,
+)
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
@@ -27,7 +33,7 @@ class Inspector:
         self.meta = files.read_json(self.w / NEIGHBORS_META)
         self.tok = Tokenizer(self.w / MODEL_FILE)
         self.db = chunk_db.load(self.w / chunk_db.CHUNKS_FILE)
-        self.train = TokenStream(self.w / CORPUS_DIR, self.db.split)
+        self.tokens = database_tokens(self.w, self.db)
 
     def _check(self, n: int, size: int, what: str) -> None:
         if not 0 <= n < size:
@@ -36,8 +42,9 @@ class Inspector:
     def chunk(self, n: int) -> str:
         self._check(n, len(self.db), "chunk")
         s, e = int(self.db.chunk_start[n]), int(self.db.chunk_end[n])
-        return (f"chunk {n}: document {int(self.db.chunk_doc[n])}, tokens {s}..{e} ({e - s})\n"
-                + _indent(chunk_text(self.tok, self.train.tokens[s:e])))
+        part = self.db.parts[int(np.searchsorted(self.db.part_chunks, n, side="right") - 1)]
+        return (f"chunk {n}: {part} document {int(self.db.chunk_doc[n])}, tokens {s}..{e} ({e - s})\n"
+                + _indent(chunk_text(self.tok, self.tokens[s:e])))
 
     def neighbours(self, split: str, n: int) -> str:
         if split not in self.meta["splits"]:
@@ -54,7 +61,7 @@ class Inspector:
         out = [f"{split} query chunk {n} (tokens {n * m}..{min((n + 1) * m, len(stream))}):",
                _indent(chunk_text(self.tok, stream.tokens[n * m:(n + 1) * m]))]
         r = 2 * m
-        toks = chunk_db.neighbor_tokens(self.db, self.train.tokens, block[n - start], r, self.tok.pad_id)
+        toks = chunk_db.neighbor_tokens(self.db, self.tokens, block[n - start], r, self.tok.pad_id)
         for j, (cid, t) in enumerate(zip(block[n - start], toks)):
             if cid < 0:
                 out.append(f"neighbour {j}: none")
@@ -72,11 +79,10 @@ class Inspector:
         idx_files = list((self.w / "index").glob("*/added.faissindex"))
         size = sum(f.stat().st_size for f in idx_files)
         lines.append(f"database: {len(self.db)} chunks of up to {self.meta['chunk_length']} tokens, "
-                     f"from {len(self.db.doc_offsets) - 1} documents")
+                     f"from {len(self.db.doc_offsets) - 1} documents ({', '.join(self.db.parts)})")
         lines.append(f"index: {self.meta['index']}, {size / 2**20:.1f} MiB")
         for split, s in self.meta["splits"].items():
-            nb = np.concatenate([d for _, _, d in blocks.iter_blocks(self.w / NEIGHBORS_DIR / split, s["query_chunks"],
-                                                                     self.meta["block_size"], s["key"])])
+            nb = load_neighbors(self.w, split)
             lines.append(f"neighbours {split}: {s['query_chunks']} query chunks x {nb.shape[1]}, "
                          f"{(nb < 0).mean() * 100:.1f}% missing (-1)")
         return "\n".join(lines)

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from retro_toolkit.collections.retrieval import chunk_db, index as faiss_index
-from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, chunk_text
+from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, chunk_text, database_tokens
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder
-from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import files
@@ -44,7 +43,7 @@ class Retriever:
         self.recipe = load_recipe(str(self.workdir / "recipe.resolved.yaml"))
         self.tokenizer = Tokenizer(self.workdir / MODEL_FILE)
         self.db = chunk_db.load(self.workdir / chunk_db.CHUNKS_FILE)
-        self.stream = TokenStream(self.workdir / CORPUS_DIR, self.db.split)
+        self.tokens = database_tokens(self.workdir, self.db)
         self.chunk_length = self.db.chunk_length
         self.retrieved_length = self.recipe.model.num_retrieved_chunks * self.chunk_length
         self.index = faiss_index.load(self.workdir / "index" / faiss_index.folder_name(self.meta["index"]) / "added.faissindex")
@@ -64,12 +63,12 @@ class Retriever:
         return Hits(ids, dist, self.neighbor_tokens(ids))
 
     def neighbor_tokens(self, ids: np.ndarray) -> np.ndarray:
-        return chunk_db.neighbor_tokens(self.db, self.stream.tokens, ids, self.retrieved_length, self.tokenizer.pad_id)
+        return chunk_db.neighbor_tokens(self.db, self.tokens, ids, self.retrieved_length, self.tokenizer.pad_id)
 
     def chunk_text(self, chunk_id: int, with_continuation: bool = False) -> str:
         if with_continuation:
             toks = self.neighbor_tokens(np.array([chunk_id]))[0]
             toks = toks[(toks >= 0) & (toks != self.tokenizer.pad_id)]
         else:
-            toks = self.stream.tokens[self.db.chunk_start[chunk_id] : self.db.chunk_end[chunk_id]]
+            toks = self.tokens[self.db.chunk_start[chunk_id] : self.db.chunk_end[chunk_id]]
         return chunk_text(self.tokenizer, toks)

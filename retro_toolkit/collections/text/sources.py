@@ -127,11 +127,13 @@ def _wiki_sample() -> Iterator[tuple[str, str]]:
                 elem.clear()
 
 
-def iter_documents(sources: Any, on_invalid_utf8: str, stats: ReadStats | None = None) -> Iterator[tuple[str, str]]:
+def iter_documents(
+    sources: Any, on_invalid_utf8: str, stats: ReadStats | None = None, key_prefix: str = "data.sources"
+) -> Iterator[tuple[str, str]]:
     """(text, origin) for every non-empty document of every source, in recipe order."""
     stats = stats if stats is not None else ReadStats()
     for i, src in enumerate(sources):
-        key = f"data.sources[{i}]"
+        key = f"{key_prefix}[{i}]"
         check_source(src, key)
         if src.path == "builtin:pydoc":
             docs = _pydoc()
