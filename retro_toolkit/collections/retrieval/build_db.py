@@ -138,8 +138,8 @@ def run(ctx: StageContext) -> StageResult:
     fill_key = _sha(train_key, [emb_keys[s] for s, _ in spans])
     if env.is_main:
         blocks.remove(blocks.stale_files(emb_dir, n, spans))
-        _train_and_fill(string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
-                        idx_dir, ctx.log)
+    _build_index(ctx, string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
+                 idx_dir)
     dist.barrier()
     index = faiss_index.load(idx_dir / "added.faissindex")
     faiss_index.set_nprobe(index, cfg.index.nprobe)
@@ -194,31 +194,47 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, summary=summary)
 
 
-def _train_and_fill(string, dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
-                    out_dir: Path, log) -> None:
-    keys_file = out_dir / "keys.json"
+def _build_index(ctx, string, dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
+                 out_dir: Path) -> None:
+    """Rank 0 trains (or reuses the trained index); every rank encodes its blocks with
+    sa_encode; rank 0 appends the codes in chunk order, so faiss ids are chunk ids."""
+    env = ctx.env
+    keys_file, trained_file, added_file = out_dir / "keys.json", out_dir / "trained.faissindex", out_dir / "added.faissindex"
     keys = files.read_json(keys_file) if keys_file.is_file() else {}
-    if keys.get("fill") == fill_key and (out_dir / "added.faissindex").is_file():
+    if keys.get("fill") == fill_key and added_file.is_file():
         return  # nothing changed since the last fill
-    trained = out_dir / "trained.faissindex"
-    if keys.get("train") == train_key and trained.is_file():
-        index = faiss_index.load(trained)
-        log(f"reusing the trained {string} index (not retrained)")
-    else:
-        index = faiss_index.make(string, dim)
-        if not index.is_trained:
-            vectors = np.empty((len(sample), dim), dtype=np.float32)
-            for start, end, data in blocks.iter_blocks(emb_dir, n, train_spans, lambda s, e: emb_keys[s]):
-                lo, hi = np.searchsorted(sample, [start, end])
-                vectors[lo:hi] = data[sample[lo:hi] - start]
-            log(f"training {string} on {len(sample)} vectors")
-            index.train(vectors)
-        faiss_index.save(index, trained)
-        files.write_json(keys_file, {"train": train_key})
-    for _, _, data in blocks.iter_blocks(emb_dir, n, spans, lambda s, e: emb_keys[s]):
-        index.add(data)  # block order = chunk order, so faiss ids are chunk ids
-    faiss_index.save(index, out_dir / "added.faissindex")
-    files.write_json(keys_file, {"train": train_key, "fill": fill_key})
+    if env.is_main:
+        if keys.get("train") == train_key and trained_file.is_file():
+            ctx.log(f"reusing the trained {string} index (not retrained)")
+        else:
+            index = faiss_index.make(string, dim)
+            if not index.is_trained:
+                vectors = np.empty((len(sample), dim), dtype=np.float32)
+                for start, end, data in blocks.iter_blocks(emb_dir, n, train_spans, lambda s, e: emb_keys[s]):
+                    lo, hi = np.searchsorted(sample, [start, end])
+                    vectors[lo:hi] = data[sample[lo:hi] - start]
+                ctx.log(f"training {string} on {len(sample)} vectors")
+                index.train(vectors)
+            faiss_index.save(index, trained_file)
+            files.write_json(keys_file, {"train": train_key})
+    dist.barrier()
+
+    trained = faiss_index.load(trained_file)
+    codes_dir = out_dir / "codes"
+    code_key = lambda s, e: _sha(train_key, emb_keys[s])  # noqa: E731
+
+    def encode(start: int, end: int) -> np.ndarray:
+        return faiss_index.encode(trained, blocks.read(blocks.path(emb_dir, start, end, n), end - start, emb_keys[start]))
+
+    blocks.compute_missing(codes_dir, n, spans, encode, code_key, env.rank, env.world_size)
+    dist.barrier()
+    if env.is_main:
+        blocks.remove(blocks.stale_files(codes_dir, n, spans))
+        for start, _, codes in blocks.iter_blocks(codes_dir, n, spans, code_key):
+            faiss_index.add_codes(trained, codes, start)
+        faiss_index.save(trained, added_file)
+        files.write_json(keys_file, {"train": train_key, "fill": fill_key})
+    dist.barrier()
 
 
 def _validate(spans, fraction, seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx) -> dict:

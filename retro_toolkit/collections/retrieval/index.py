@@ -100,3 +100,17 @@ def training_sample(n: int, ntrain: int | None, seed: int) -> np.ndarray:
     if size >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def encode(index, vectors: np.ndarray) -> np.ndarray:
+    """The codes `index` stores for these vectors (any rank can do this in parallel)."""
+    return index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def add_codes(index, codes: np.ndarray, first_id: int) -> None:
+    """Append precomputed codes with ids first_id, first_id + 1, ... (no re-encoding)."""
+    import faiss
+
+    target = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    target.add_sa_codes(codes, np.arange(first_id, first_id + len(codes), dtype=np.int64))
+    index.ntotal = target.ntotal
