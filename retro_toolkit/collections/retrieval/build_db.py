@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,7 @@ def run(ctx: StageContext) -> StageResult:
     counts = blocks.compute_missing(
         emb_dir, n, spans, lambda s, e: embedder.embed(chunk_texts(s, e), lambda b: progress.update(b * env.world_size)),
         lambda s, e: emb_keys[s], env.rank, env.world_size, on_block=skipped)
-    progress.close()
+    timings = {"embed_s": round(progress.close(), 3)}
     if counts["rebuilt"]:
         print(f"[build_db] rank {env.rank}: {counts['rebuilt']} damaged or stale embedding block(s) rebuilt", flush=True)
     dist.barrier()
@@ -138,6 +139,7 @@ def run(ctx: StageContext) -> StageResult:
     fill_key = _sha(train_key, [emb_keys[s] for s, _ in spans])
     if env.is_main:
         blocks.remove(blocks.stale_files(emb_dir, n, spans))
+    t_index = time.monotonic()
     _build_index(ctx, string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
                  idx_dir)
     dist.barrier()
@@ -145,7 +147,9 @@ def run(ctx: StageContext) -> StageResult:
     faiss_index.set_nprobe(index, cfg.index.nprobe)
 
     # 4. neighbours of every query chunk of every split
-    summary: dict = {"db_chunks": n, "index": string, "embedding_blocks_computed": counts["computed"] + counts["rebuilt"]}
+    timings["index_s"] = round(time.monotonic() - t_index, 3)
+    summary: dict = {"db_chunks": n, "index": string, "embedding_blocks_computed": counts["computed"] + counts["rebuilt"],
+                     "timings": timings}
     splits_meta = {}
     for split in cfg.query_splits:
         stream = ts.TokenStream(w / ts.CORPUS_DIR, split)
@@ -153,6 +157,7 @@ def run(ctx: StageContext) -> StageResult:
         q_spans = blocks.ranges(nq, cfg.block_size)
         q_dir, nb_dir = w / QUERY_EMBEDDINGS_DIR / split, w / NEIGHBORS_DIR / split
         progress = ctx.progress(f"neighbours {split}", nq, "queries")
+        t_split = time.monotonic()
 
         def q_texts(start: int, end: int, stream=stream) -> list[str]:
             return [chunk_text(tok, x) for x in neighbors.query_windows(stream.tokens, start, end, m)]
@@ -181,6 +186,7 @@ def run(ctx: StageContext) -> StageResult:
                 blocks.remove(blocks.stale_files(folder, nq, q_spans))
         splits_meta[split] = {"query_chunks": nq, "tokens": len(stream), "keys": [nb_key(s, e) for s, e in q_spans]}
         summary[f"{split}_queries"] = nq
+        timings[f"neighbors_{split}_s"] = round(time.monotonic() - t_split, 3)
     dist.barrier()
 
     if cfg.validate_fraction > 0 and env.is_main:
