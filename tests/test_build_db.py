@@ -213,3 +213,18 @@ def test_damaged_block_is_rebuilt_and_validation_reports_identical(small_db, tmp
     assert np.array_equal(blocks.read(victim), blocks.read(small_db / "db" / "embeddings" / victim.name))
     for split in SPLITS:
         assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
+
+
+def test_build_db_without_a_prepared_corpus_names_the_missing_stage(tmp_path, run_cli):
+    """The job entry point refuses to run build_db before prepare_corpus has finished."""
+    import subprocess
+    import sys
+
+    w = tmp_path / "w"
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, "--stages", "tokenizer")
+    assert p.returncode == 0, p.stderr
+    job = subprocess.run([sys.executable, "-m", "retro_toolkit.launch", "build_db", str(w / "recipe.resolved.yaml")],
+                         capture_output=True, text=True)
+    assert job.returncode == 2
+    assert "stage 'build_db' needs stage 'prepare_corpus', which is not done (not run yet)" in job.stderr
+    assert not (w / "db").exists()

