@@ -38,6 +38,19 @@ def run_cli():
     return retro_run
 
 
+# A small database: 20 pydoc topics, blocks of 100 chunks (several blocks, under a minute).
+SMALL = ["data.sources=[{path: builtin:pydoc, max_docs: 20}]", "tokenizer.vocab_size=1000",
+         "data.split=[0.8,0.1,0.1]", "retrieval.block_size=100"]
+
+
+@pytest.fixture(scope="session")
+def small_db(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("small_db") / "w"
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return w
+
+
 @pytest.fixture(scope="session")
 def smoke_local(tmp_path_factory) -> Path:
     """The smoke recipe's tokenizer + prepare_corpus, run once locally (one process)."""

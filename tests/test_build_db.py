@@ -16,12 +16,10 @@ import pytest
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db
 from retro_toolkit.collections.text.token_stream import TokenStream
-from tests.conftest import REPO, SMOKE
+from tests.conftest import REPO, SMALL, SMOKE
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["data.sources=[{path: builtin:pydoc, max_docs: 20}]", "tokenizer.vocab_size=1000",
-         "data.split=[0.8,0.1,0.1]", "retrieval.block_size=100"]
 SPLITS = ("train", "valid", "test")
 
 
@@ -29,16 +27,6 @@ def _neighbors(w: Path, split: str) -> np.ndarray:
     from retro_toolkit.collections.retrieval.build_db import load_neighbors
 
     return load_neighbors(w, split)
-
-
-@pytest.fixture(scope="session")
-def small_db(tmp_path_factory) -> Path:
-    from tests.conftest import retro_run
-
-    w = tmp_path_factory.mktemp("small_db") / "w"
-    p = retro_run(SMOKE, f"workdir={w}", *SMALL)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return w
 
 
 def test_chunk_db_matches_the_train_documents(small_db):
