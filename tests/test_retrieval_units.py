@@ -205,3 +205,13 @@ def test_adding_parallel_encoded_codes_equals_adding_vectors(string):
     faiss_index.set_nprobe(a, 4)
     faiss_index.set_nprobe(b, 4)
     assert np.array_equal(a.search(x[:100], 5)[1], b.search(x[:100], 5)[1])
+
+
+def test_block_keys_hash_whole_arrays():
+    from retro_toolkit.collections.retrieval.build_db import _sha
+
+    a = np.arange(5000)
+    b = a.copy()
+    b[2500] = -1  # a change numpy's repr would hide behind "..."
+    assert _sha([a]) != _sha([b]) and _sha([a]) == _sha([a.copy()])
+    assert _sha([a[:10], a[10:20]]) != _sha([a[:20]])

@@ -47,9 +47,23 @@ def chunk_text(tok: Tokenizer, ids: np.ndarray) -> str:
 
 
 def _sha(*parts: object) -> str:
+    """Content hash; arrays (also inside lists) hash by their bytes, never by repr (which elides)."""
     h = hashlib.sha256()
+
+    def feed(p: object) -> None:
+        if isinstance(p, np.ndarray):
+            h.update(f"{p.dtype}{p.shape}".encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, (list, tuple)):
+            h.update(b"[")
+            for q in p:
+                feed(q)
+            h.update(b"]")
+        else:
+            h.update(repr(p).encode())
+
     for p in parts:
-        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+        feed(p)
     return h.hexdigest()
 
 
