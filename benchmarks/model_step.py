@@ -7,8 +7,10 @@ the same run a plain fp32 matmul (2048^3) is timed as the machine's limit; each 
 FLOP/s is reported as a fraction of it, with the Retro/GPT step-time ratio next to the
 FLOP ratio. On a shared machine timings are noisy: the matmul and one step of every model
 are timed in interleaved rounds and the best of each is kept, so the ratios compare
-like with like. --compare-unfused adds both models with megatron-core's unfused
-DotProductAttention (the core attention before SDPAttention).
+like with like; CPU-time figures (process time) are reported next to the wall-clock ones
+because they move less with other load (exact at --threads 1). --compare-before adds both
+models as they were before SDPAttention (megatron-core's DotProductAttention and rotary
+embedding, torch's default Adam).
 """
 
 from __future__ import annotations
@@ -54,16 +56,17 @@ def sections(name: str) -> dict:
     return {**section, "vocab_size": 8000, **NO_DROPOUT}
 
 
-def matmul_limit(n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of the best of `reps` plain fp32 n^3 matmuls."""
+def matmul_limit(n: int = 2048, reps: int = 5) -> tuple[float, float]:
+    """FLOP/s of the best of `reps` plain fp32 n^3 matmuls: (per wall second, per CPU second)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    times = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / min(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return 2 * n**3 / min(wall), 2 * n**3 / min(cpu)
 
 
 def forward_flops(s: dict, retro: bool, batch: int) -> float:
@@ -96,13 +99,14 @@ class Stepper:
         self.tokens = torch.randint(0, args.vocab_size, (batch, n))
         self.neighbors = torch.randint(0, args.vocab_size, (batch, n // m, k, r)) if arch == "retro" else None
 
-    def step(self) -> float:
-        t = time.perf_counter()
+    def step(self) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of this process) of one training step."""
+        t, c = time.perf_counter(), time.process_time()
         self.opt.zero_grad(set_to_none=True)
         loss = self.model(self.tokens, self.neighbors, labels=self.tokens).mean()
         loss.backward()
         self.opt.step()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
 
 def make_optimizer(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
@@ -122,9 +126,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--core-attention", default="sdpa", choices=["sdpa", "unfused"])
     ap.add_argument(
-        "--compare-unfused",
+        "--compare-before",
         action="store_true",
-        help="also time both models with megatron-core's DotProductAttention (rows gpt_unfused, retro_unfused)",
+        help="also time both models as they were before SDPAttention: megatron-core's DotProductAttention and "
+        "rotary embedding, torch's default Adam (rows gpt_before, retro_before)",
     )
     ap.add_argument("--no-fused-adam", action="store_true", help="torch's foreach Adam instead of the fused one")
     ap.add_argument("--out", type=Path, default=None)
@@ -143,53 +148,72 @@ def main() -> None:
     limits: list[float] = []
     for name in a.configs:
         s = sections(name)
-        variants = {"gpt": ("gpt", a.core_attention), "retro": ("retro", a.core_attention)}
-        if a.compare_unfused:
-            variants.update(gpt_unfused=("gpt", "unfused"), retro_unfused=("retro", "unfused"))
-        steppers = {key: Stepper(s, arch, a.batch, attn, fused) for key, (arch, attn) in variants.items()}
+        variants = {"gpt": ("gpt", a.core_attention, fused), "retro": ("retro", a.core_attention, fused)}
+        if a.compare_before:
+            variants.update(gpt_before=("gpt", "unfused", False), retro_before=("retro", "unfused", False))
+        steppers = {key: Stepper(s, arch, a.batch, attn, fa) for key, (arch, attn, fa) in variants.items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
-        config_limits = []
+        cpu_times: dict[str, list[float]] = {key: [] for key in steppers}
+        config_limits, cpu_limits = [], []
         for round_ in range(a.steps + 1):  # round 0 warms up allocators and caches
-            config_limits.append(matmul_limit(reps=3))
+            wall_limit, cpu_limit = matmul_limit(reps=3)
+            config_limits.append(wall_limit)
+            cpu_limits.append(cpu_limit)
             for key, st in steppers.items():
-                dt = st.step()
+                dt, dc = st.step()
                 if round_:
                     times[key].append(dt)
+                    cpu_times[key].append(dc)
         limit = max(config_limits)  # the machine's best: contention only ever lowers it
+        cpu_limit = max(cpu_limits)
         limits.append(limit)
-        row: dict = {"matmul_2048_flops_per_s": limit}
-        for key, (arch, attn) in variants.items():
+        row: dict = {"matmul_2048_flops_per_s": limit, "matmul_2048_flops_per_cpu_s": cpu_limit}
+        for key, (arch, attn, fa) in variants.items():
             step = min(times[key])  # best of: other work on a shared box only ever adds time
             flops = 3 * forward_flops(s, arch == "retro", a.batch)
             row[key] = {
                 "core_attention": attn,
+                "fused_adam": fa,
                 "step_s": step,
                 "step_median_s": statistics.median(times[key]),
                 "step_times_s": times[key],
                 "flops_per_step": flops,
                 "fraction_of_matmul_limit": flops / step / limit,
+                # CPU seconds (all threads) against the matmul's FLOP per CPU second: much less
+                # sensitive to other processes on the box than wall time (exact at --threads 1).
+                "step_cpu_s": min(cpu_times[key]),
+                "fraction_of_matmul_limit_cpu": flops / min(cpu_times[key]) / cpu_limit,
             }
         row["retro_gpt_step_ratio"] = row["retro"]["step_s"] / row["gpt"]["step_s"]
         row["retro_gpt_flop_ratio"] = row["retro"]["flops_per_step"] / row["gpt"]["flops_per_step"]
         row["step_ratio_over_flop_ratio"] = row["retro_gpt_step_ratio"] / row["retro_gpt_flop_ratio"]
-        if a.compare_unfused:
-            row["unfused_retro_gpt_step_ratio"] = row["retro_unfused"]["step_s"] / row["gpt_unfused"]["step_s"]
+        row["retro_gpt_cpu_ratio"] = row["retro"]["step_cpu_s"] / row["gpt"]["step_cpu_s"]
+        if a.compare_before:
+            row["before_retro_gpt_step_ratio"] = row["retro_before"]["step_s"] / row["gpt_before"]["step_s"]
+            row["before_retro_gpt_cpu_ratio"] = row["retro_before"]["step_cpu_s"] / row["gpt_before"]["step_cpu_s"]
         result["configs"][name] = row
         line = (
             f"{name}: matmul {limit / 1e9:.0f} GFLOP/s; gpt {row['gpt']['step_s']:.3f}s "
             f"({row['gpt']['fraction_of_matmul_limit']:.0%} of matmul), retro {row['retro']['step_s']:.3f}s "
             f"({row['retro']['fraction_of_matmul_limit']:.0%}), step ratio {row['retro_gpt_step_ratio']:.2f} "
-            f"vs FLOP ratio {row['retro_gpt_flop_ratio']:.2f}"
+            f"vs FLOP ratio {row['retro_gpt_flop_ratio']:.2f}; CPU time: "
+            f"gpt {row['gpt']['fraction_of_matmul_limit_cpu']:.0%}, "
+            f"retro {row['retro']['fraction_of_matmul_limit_cpu']:.0%}, ratio {row['retro_gpt_cpu_ratio']:.2f}"
         )
-        if a.compare_unfused:
+        if a.compare_before:
             line += (
-                f"; unfused: gpt {row['gpt_unfused']['fraction_of_matmul_limit']:.0%}, "
-                f"retro {row['retro_unfused']['fraction_of_matmul_limit']:.0%}, "
-                f"ratio {row['unfused_retro_gpt_step_ratio']:.2f}"
+                f"; before: gpt {row['gpt_before']['fraction_of_matmul_limit']:.0%}, "
+                f"retro {row['retro_before']['fraction_of_matmul_limit']:.0%}, "
+                f"ratio {row['before_retro_gpt_step_ratio']:.2f}; CPU time: "
+                f"gpt {row['gpt_before']['fraction_of_matmul_limit_cpu']:.0%}, "
+                f"retro {row['retro_before']['fraction_of_matmul_limit_cpu']:.0%}, "
+                f"ratio {row['before_retro_gpt_cpu_ratio']:.2f}"
             )
         print(line, flush=True)
         del steppers
     result["matmul_2048_flops_per_s"] = max(limits)
+    if a.threads == 1:
+        result["note"] = "one thread: CPU-time fractions are exact and insensitive to other load"
     text = json.dumps(result, indent=2)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

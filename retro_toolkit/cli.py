@@ -5,6 +5,7 @@
     retro-run show RECIPE [key=value ...]
     retro-run ls
     retro-run inspect WORKDIR {stats | chunk N | neighbours SPLIT N}
+    retro-run show-model yaml/model/retro_48b.yaml
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ A finished stage is skipped on the next run unless its settings (or an upstream
 stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 """
 
-COMMANDS = ("run", "validate", "show", "ls", "inspect")
+COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model")
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -50,7 +51,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect}")
+    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect,show-model}")
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe file (recipes/smoke.yaml) or bundled recipe name (smoke)")
@@ -75,7 +76,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                        "neighbours SPLIT N: a query chunk of SPLIT and its neighbours with continuations.")
     i.add_argument("workdir")
     i.add_argument("what", nargs="+", metavar="stats | chunk N | neighbours SPLIT N")
-    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i}
+    sm = sub.add_parser("show-model", help="parameter count of a model piece, per part (no weights allocated)")
+    sm.add_argument("model", help="a yaml/model/*.yaml file or piece name (retro_843m)")
+    sm.add_argument("--vocab-size", type=int, default=None,
+                    help="vocabulary for pieces that take it from the tokenizer (retro_tiny)")
+    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm}
 
 
 def _split_stages(text: str | None) -> list[str] | None:
@@ -117,6 +122,28 @@ def _inspect(workdir: str, what: list[str]) -> int:
     return 0
 
 
+def _show_model(model: str, vocab_size: int | None) -> int:
+    from pathlib import Path
+
+    from retro_toolkit.errors import UserError
+    from retro_toolkit.recipe import paths
+
+    path = Path(model)
+    if not path.is_file():
+        path = paths.builtin_root("yaml") / "model" / f"{model}.yaml"
+    if not path.is_file():
+        raise UserError(f"show-model: {model} is neither a file nor a piece in yaml/model/ (retro-run ls lists them).")
+    import warnings
+
+    with warnings.catch_warnings():  # megatron-core warns about apex and TE it does not need here
+        warnings.simplefilter("ignore")
+        from retro_toolkit.collections.retro.describe import describe_model
+
+        text = describe_model(str(path), vocab_size=vocab_size)
+    print(text)
+    return 0
+
+
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run", *argv]
@@ -132,6 +159,8 @@ def dispatch(argv: list[str]) -> int:
         return _ls()
     if args.command == "inspect":
         return _inspect(args.workdir, args.what)
+    if args.command == "show-model":
+        return _show_model(args.model, args.vocab_size)
 
     from retro_toolkit.recipe import load_recipe, to_yaml
 

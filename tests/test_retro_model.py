@@ -219,3 +219,36 @@ def test_dropout_runs_through_the_cpu_rng_tracker():
     with torch.no_grad():
         a, b = model(tokens, nb), model(tokens, nb)
     assert torch.isfinite(a).all() and not torch.equal(a, b)
+
+
+def test_sdpa_matches_megatron_unfused_attention_within_rounding():
+    """SDPAttention + our rotary embedding vs megatron-core's DotProductAttention + rope.
+
+    Not bit-identical (SDPA never materialises the scores; the flash kernel sums in another
+    order), so compared with a tolerance: logits and every gradient.
+    """
+    fast = make(rotary_percent=0.5)
+    torch.manual_seed(0)
+    cfg, args = config_from_model_section({**SMALL, "rotary_percent": 0.5}, vocab_size=VOCAB, core_attention="unfused")
+    slow = build_model(cfg, args)
+    slow.load_state_dict(fast.state_dict())
+    tokens, nb = inputs()
+    nb[1, 3] = -1  # a chunk with no neighbours at all (fully masked encoder rows)
+    outs = []
+    for model in (fast, slow):
+        model.train()
+        model.zero_grad()
+        logits = model(tokens, nb)
+        (logits.float() ** 2).mean().backward()
+        outs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        assert torch.isfinite(ga[name]).all(), name
+        assert torch.allclose(ga[name], gb[name], rtol=1e-3, atol=1e-6), (name, (ga[name] - gb[name]).abs().max())
+
+
+def test_unknown_core_attention_is_a_user_error():
+    with pytest.raises(UserError, match="core_attention"):
+        config_from_model_section(SMALL, vocab_size=VOCAB, core_attention="flash")

@@ -29,6 +29,7 @@ def apply() -> bool:
     _patch_causal_masks()
     _patch_cuda_synchronize()
     _patch_tensor_parallel_buffers()
+    _patch_dist_checkpointing_devices()
     _applied = True
     return True
 
@@ -167,16 +168,11 @@ def _patch_cuda_synchronize() -> None:
     torch.cuda.synchronize = lambda device=None: None
 
 
-def _patch_tensor_parallel_buffers() -> None:
-    # megatron/core/tensor_parallel/mappings.py (_gather_along_last_dim, _gather_along_first_dim,
-    # _reduce_scatter_*, all_to_all) and tensor_parallel/layers.py (sequence-parallel all-gather
-    # buffers, GPU-side weight init) allocate with device=torch.cuda.current_device(): TP=2
-    # logits gathering fails without this. Their module-level `torch` becomes a view of torch
-    # whose torch.cuda.current_device() answers "cpu"; everything else is the real torch.
+def _cpu_torch_view() -> Any:
+    """A view of torch whose torch.cuda.current_device() answers "cpu" (all else is torch)."""
     import types
 
     import torch
-    from megatron.core.tensor_parallel import layers, mappings
 
     class _Cuda(types.SimpleNamespace):
         def __getattr__(self, name: str) -> Any:
@@ -192,6 +188,31 @@ def _patch_tensor_parallel_buffers() -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(torch, name)
 
-    proxy = _Torch("torch")
+    return _Torch("torch")
+
+
+def _patch_dist_checkpointing_devices() -> None:
+    # megatron/core/dist_checkpointing/strategies/state_dict_saver.py
+    # (save_state_dict_async_finalize: the all-reduced failure flag) and
+    # strategies/async_utils.py (the async caller's liveness and call-index all-reduces)
+    # put small tensors on torch.cuda.current_device(): every dist_checkpointing.save
+    # reaches the first. Their module-level `torch` becomes the CPU view.
+    # Not covered (not on the default save/load path): state_dict_saver's
+    # verify_global_md_reuse (device='cuda') and exchange_utils (fully parallel load).
+    from megatron.core.dist_checkpointing.strategies import async_utils, state_dict_saver
+
+    proxy = _cpu_torch_view()
+    for mod in (state_dict_saver, async_utils):
+        mod.torch = proxy
+
+
+def _patch_tensor_parallel_buffers() -> None:
+    # megatron/core/tensor_parallel/mappings.py (_gather_along_last_dim, _gather_along_first_dim,
+    # _reduce_scatter_*, all_to_all) and tensor_parallel/layers.py (sequence-parallel all-gather
+    # buffers, GPU-side weight init) allocate with device=torch.cuda.current_device(): TP=2
+    # logits gathering fails without this. Their module-level `torch` becomes the CPU view.
+    from megatron.core.tensor_parallel import layers, mappings
+
+    proxy = _cpu_torch_view()
     for mod in (mappings, layers):
         mod.torch = proxy

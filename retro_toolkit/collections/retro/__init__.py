@@ -6,6 +6,7 @@ from retro_toolkit.collections.retro.config import (
     config_from_model_section,
     default_cca_layers,
 )
+from retro_toolkit.collections.retro.describe import describe_model
 from retro_toolkit.collections.retro.model import (
     GPTTwinModel,
     RetroModel,
@@ -23,6 +24,7 @@ __all__ = [
     "build_model",
     "config_from_model_section",
     "default_cca_layers",
+    "describe_model",
     "gpt_twin_config",
     "initialize",
     "parameter_counts",

@@ -42,6 +42,10 @@ class RetroConfig(TransformerConfig):
     retrieval_gate: float = 1.0
     # Neighbour token id masked like -1 (document-end padding), if the data uses one.
     neighbor_pad_id: Optional[int] = None
+    # Attention of the local specs: "sdpa" (torch scaled_dot_product_attention, our rotary
+    # embedding) or "unfused" (megatron-core's DotProductAttention and rotary embedding:
+    # materialised scores, bit-compatible with upstream's local spec).
+    core_attention: str = "sdpa"
     # Read by GPTModel when present on the config.
     position_embedding_type: str = "rope"
     rotary_percent: float = 1.0
@@ -59,6 +63,8 @@ class RetroConfig(TransformerConfig):
                 f"and num_layers ({self.num_layers}); null picks Retro's rule "
                 f"({default_cca_layers(self.num_layers) or 'none for fewer than 6 layers'})."
             )
+        if self.core_attention not in ("sdpa", "unfused"):
+            raise UserError(f"model.core_attention must be 'sdpa' or 'unfused' (got {self.core_attention!r}).")
         for key in ("chunk_length", "num_neighbors", "num_retrieved_chunks", "encoder_num_layers"):
             if getattr(self, key) < 1:
                 raise UserError(f"model.{key} must be at least 1 (got {getattr(self, key)}).")

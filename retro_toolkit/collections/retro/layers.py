@@ -12,10 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
+import math
+
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.transformer.attention import CrossAttention
+from megatron.core.transformer.attention import CrossAttention, SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -45,6 +49,188 @@ class Norm(torch.nn.Module):
         if self.rms:
             return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+
+
+class _Rope(torch.autograd.Function):
+    """Rotary embedding (non-interleaved halves) on x [s, b, n, d] with cos/sin [s, 1, 1, rot/2].
+
+    out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin on the first `rot` channels, the rest
+    passes through: the same rotation as megatron-core's unfused _apply_rotary_pos_emb_bshd,
+    written into one output without its rotate-half concatenations and negations (and
+    without saving x: the backward is the inverse rotation of the gradient).
+    """
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, sin: Tensor, negate_sin: bool) -> Tensor:
+        half = cos.shape[-1]
+        rot = 2 * half
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        x1, x2 = x[..., :half], x[..., half:rot]
+        o1, o2 = out[..., :half], out[..., half:rot]
+        sign = 1.0 if negate_sin else -1.0
+        torch.mul(x1, cos, out=o1)
+        o1.addcmul_(x2, sin, value=sign)
+        torch.mul(x2, cos, out=o2)
+        o2.addcmul_(x1, sin, value=-sign)
+        if rot < x.shape[-1]:
+            out[..., rot:].copy_(x[..., rot:])
+        return out
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _Rope._rotate(x, cos, sin, negate_sin=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        return _Rope._rotate(grad, cos, sin, negate_sin=True), None, None
+
+
+_ROPE_CACHE: list = []
+
+
+def _cos_sin(freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of the first half of megatron-core's [s, 1, 1, rot] = cat(f, f) frequencies.
+
+    Every layer gets the same freqs tensor in one forward pass: compute them once.
+    """
+    for entry in _ROPE_CACHE:
+        if entry[0] is freqs and entry[1] == dtype:
+            return entry[2], entry[3]
+    half = freqs.shape[-1] // 2
+    f = freqs[..., :half]
+    cos, sin = torch.cos(f).to(dtype), torch.sin(f).to(dtype)
+    _ROPE_CACHE.insert(0, (freqs, dtype, cos, sin))
+    del _ROPE_CACHE[4:]
+    return cos, sin
+
+
+class RetroSelfAttention(SelfAttention):
+    """megatron-core's SelfAttention with the rotary embedding applied by _Rope.
+
+    Same weights, same maths; the rotation is done inside get_query_key_value_tensors and
+    megatron-core's forward is called without rotary_pos_emb. Anything this does not
+    cover (interleaved or multi-latent rope, inference, packed sequences, per-layer no-rope
+    lists, a (q, k) pair of embeddings) goes through megatron-core's own path.
+    """
+
+    _rope: Optional[Tensor] = None
+
+    def forward(self, *args: Any, **kwargs: Any):
+        rope = kwargs.get("rotary_pos_emb")
+        c = self.config
+        if (
+            len(args) > 4
+            or not isinstance(rope, Tensor)
+            or kwargs.get("inference_context") is not None
+            or kwargs.get("inference_params") is not None
+            or kwargs.get("packed_seq_params") is not None
+            or c.rotary_interleaved
+            or getattr(c, "position_embedding_type", "rope") != "rope"
+            or c.multi_latent_attention
+            or c.no_rope_freq
+            or c.apply_rope_fusion
+            or c.attention_output_gate
+        ):
+            return super().forward(*args, **kwargs)
+        kwargs["rotary_pos_emb"] = None
+        self._rope = rope
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._rope = None
+
+    def get_query_key_value_tensors(self, *args: Any, **kwargs: Any):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope is None:
+            return out
+        query, key, value = out
+        cos, sin = _cos_sin(self._rope, query.dtype)
+        return _Rope.apply(query, cos, sin), _Rope.apply(key, cos, sin), value
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through torch's scaled_dot_product_attention, for the local specs.
+
+    A drop-in for megatron-core's DotProductAttention (same constructor and call:
+    query [sq, b, np, hn], key/value [sk, b, ng, hn], mask True = masked, output
+    [sq, b, np * hn]). It never materialises the [b, np, sq, sk] score tensor on CPU
+    (torch's flash kernel), skips the blocks above the diagonal under a causal mask and
+    reads the [s, b, ...] layout through strides instead of copying it.
+
+    Semantics kept: a causal layer without a mask is exactly causal (masked scores
+    contribute exact zeros, so logits never depend on later tokens); a given mask is used
+    as is (padding). Differences: scores are not materialised, so results agree with
+    DotProductAttention to float rounding, not bit for bit; a query row whose keys are
+    all masked gives 0 here (DotProductAttention gives the mean of the values); Retro
+    masks such rows out afterwards either way.
+    """
+
+    def __init__(
+        self,
+        config: RetroConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Any = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism.")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla" or getattr(config, "window_size", None):
+            raise ValueError("SDPAttention supports vanilla softmax without sliding windows only.")
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        head_dim = config.kv_channels
+        # DotProductAttention divides the scale by layer_number under
+        # apply_query_key_layer_scaling and multiplies the scores back in its softmax:
+        # the net scale is this one.
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Any = None,
+    ) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor an attention bias.")
+        sq, b, np_, hn = query.shape
+        groups = key.size(2)
+        if groups != np_:
+            key = key.repeat_interleave(np_ // groups, dim=2)
+            value = value.repeat_interleave(np_ // groups, dim=2)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        mask = None
+        causal = False
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True = masked; torch: True = attend
+        elif mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            causal = True
+        elif mask_type == AttnMaskType.causal_bottom_right and sq != key.size(0):
+            raise ValueError("SDPAttention: bottom-right causal masks need sq == sk.")
+        elif mask_type == AttnMaskType.causal_bottom_right:
+            causal = True
+        # [s, b, np, hn] -> [b, np, s, hn] as strided views (no copies).
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        p = self.dropout_p if self.training else 0.0
+        if p > 0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.softmax_scale
+                )
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
 
 class EncoderCrossAttention(CrossAttention):
@@ -109,6 +295,17 @@ class ChunkedCrossAttention(MegatronModule):
                     rotary_base=config.rotary_base,
                     use_cpu_initialization=config.use_cpu_initialization,
                 )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The attention's state under `prefix`; the encoder is a block of its own (no layer offsets)."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = sharded_state_dict_default(self.attention, f"{prefix}attention.", sharded_offsets, metadata)
+        if self.encoder is not None:
+            enc_meta = dict(metadata or {})
+            enc_meta["non_homogeneous_layers"] = True  # the first encoder layer has cross-attention
+            out.update(self.encoder.sharded_state_dict(f"{prefix}encoder.", (), enc_meta))
+        return out
 
     def encode(self, chunks: Tensor, neighbors: Tensor, mask: Tensor) -> Tensor:
         """chunks [m, b*l, h] (decoder), neighbors [r, b*l*k, h], mask [b, l, k, r] -> [k*r, b*l, h]."""

@@ -65,6 +65,19 @@ class RetroModel(GPTModel):
             pg_collection=pg_collection,
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron-core dist_checkpointing state, with one key per decoder layer.
+
+        megatron-core stacks identical layers into one [num_layers, ...] tensor per key;
+        Retro's layers differ (CCA layers have cross-attention, the first also the encoder),
+        so every layer gets its own keys (`decoder.layers.<i>.`), as megatron-core's
+        non_homogeneous_layers does. The GPT twin uses the same layout, so it loads a Retro
+        checkpoint's decoder.
+        """
+        metadata = dict(metadata or {})
+        metadata["non_homogeneous_layers"] = True
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     @property
     def has_retrieval(self) -> bool:
         return bool(self.config.cca_layers)
@@ -158,11 +171,13 @@ def build_model(config: RetroConfig, args: ModelArgs, parallel_output: bool = Tr
     )
 
 
-def parameter_counts(config: RetroConfig, args: ModelArgs) -> dict[str, int]:
+def parameter_counts(config: RetroConfig, args: ModelArgs, detail: bool = False) -> dict[str, int]:
     """Parameters per part, built on the meta device (no memory, no weights initialised).
 
     Parts: embedding, output_layer, decoder (GPT part of every layer + final norm),
-    cca (pre-CCA norms + chunked cross-attention), encoder, total. Outside a parallel job
+    cca (pre-CCA norms + chunked cross-attention), encoder, total. With `detail`, decoder
+    is split further into decoder_attention (input norm + self-attention), decoder_mlp
+    (pre-MLP norm + MLP) and final_norm, which sum to decoder. Outside a parallel job
     this sets up a world of one; inside one it counts this rank's tensor-parallel shard.
     """
     from megatron.core import parallel_state
@@ -176,6 +191,7 @@ def parameter_counts(config: RetroConfig, args: ModelArgs) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(cfg, args)
     counts = {"embedding": 0, "output_layer": 0, "decoder": 0, "cca": 0, "encoder": 0}
+    fine = {"decoder_attention": 0, "decoder_mlp": 0, "final_norm": 0}
     for name, p in model.named_parameters():
         if name.startswith("embedding."):
             part = "embedding"
@@ -187,8 +203,16 @@ def parameter_counts(config: RetroConfig, args: ModelArgs) -> dict[str, int]:
             part = "cca"
         else:
             part = "decoder"
+            if ".self_attention." in name or ".input_layernorm." in name:
+                fine["decoder_attention"] += p.numel()
+            elif ".mlp." in name or ".pre_mlp_layernorm." in name:
+                fine["decoder_mlp"] += p.numel()
+            else:
+                fine["final_norm"] += p.numel()
         counts[part] += p.numel()
     counts["total"] = sum(counts.values())
+    if detail:
+        counts.update(fine)
     return counts
 
 

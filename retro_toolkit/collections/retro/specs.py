@@ -27,25 +27,47 @@ from retro_toolkit.collections.retro.layers import (
     ChunkedCrossAttentionSubmodules,
     EncoderCrossAttention,
     Norm,
+    RetroSelfAttention,
+    SDPAttention,
 )
 
 
-def gpt_layer_spec() -> ModuleSpec:
-    """megatron-core's local GPT layer, with our norm (LayerNorm-1p capable, no apex)."""
+def core_attention(config: RetroConfig) -> type:
+    """The core-attention module config.core_attention names ("unfused": megatron-core's own)."""
+    return SDPAttention if config.core_attention == "sdpa" else DotProductAttention
+
+
+def gpt_layer_spec(config: RetroConfig) -> ModuleSpec:
+    """megatron-core's local GPT layer with our norm (LayerNorm-1p capable, no apex).
+
+    With config.core_attention "sdpa" (default) the self-attention is RetroSelfAttention
+    (megatron-core's, with a cheaper rotary embedding) over SDPAttention; "unfused" keeps
+    megatron-core's SelfAttention + DotProductAttention exactly.
+    """
     spec = get_gpt_layer_local_spec()
+    self_attn = spec.submodules.self_attention
+    if config.core_attention == "sdpa":
+        self_attn = dataclasses.replace(
+            self_attn,
+            module=RetroSelfAttention,
+            submodules=dataclasses.replace(self_attn.submodules, core_attention=SDPAttention),
+        )
     return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm)
+        spec,
+        submodules=dataclasses.replace(
+            spec.submodules, input_layernorm=Norm, pre_mlp_layernorm=Norm, self_attention=self_attn
+        ),
     )
 
 
-def _cross_attention_spec(module: type) -> ModuleSpec:
+def _cross_attention_spec(config: RetroConfig, module: type) -> ModuleSpec:
     return ModuleSpec(
         module=module,
         params={"attn_mask_type": AttnMaskType.padding},
         submodules=CrossAttentionSubmodules(
             linear_q=ColumnParallelLinear,
             linear_kv=ColumnParallelLinear,
-            core_attention=DotProductAttention,
+            core_attention=core_attention(config),
             linear_proj=RowParallelLinear,
         ),
     )
@@ -53,7 +75,7 @@ def _cross_attention_spec(module: type) -> ModuleSpec:
 
 def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
     """Neighbour encoder: bidirectional (padding-masked) GPT layers; layer 1 adds cross-attention."""
-    gpt = gpt_layer_spec()
+    gpt = gpt_layer_spec(config)
     self_attn = dataclasses.replace(gpt.submodules.self_attention, params={"attn_mask_type": AttnMaskType.padding})
     plain = dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=self_attn))
     first = dataclasses.replace(
@@ -61,7 +83,7 @@ def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
         submodules=dataclasses.replace(
             plain.submodules,
             pre_cross_attn_layernorm=Norm,
-            cross_attention=_cross_attention_spec(EncoderCrossAttention),
+            cross_attention=_cross_attention_spec(config, EncoderCrossAttention),
             cross_attn_bda=get_bias_dropout_add,
         ),
     )
@@ -70,11 +92,11 @@ def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
 
 
 def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
-    gpt = gpt_layer_spec()
+    gpt = gpt_layer_spec(config)
     cca = ModuleSpec(
         module=ChunkedCrossAttention,
         submodules=ChunkedCrossAttentionSubmodules(
-            attention=_cross_attention_spec(CrossAttention),
+            attention=_cross_attention_spec(config, CrossAttention),
             encoder=encoder_block_spec(config) if with_encoder else None,
         ),
     )
@@ -91,7 +113,7 @@ def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
 
 def decoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
     """One spec per decoder layer: CCA layers at config.cca_layers, GPT layers elsewhere."""
-    gpt = gpt_layer_spec()
+    gpt = gpt_layer_spec(config)
     cca = set(config.cca_layers)
     first = min(cca) if cca else None
     layers = [
