@@ -8,6 +8,7 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 from retro_toolkit.collections.retro import (  # noqa: E402
@@ -20,29 +21,10 @@ from retro_toolkit.collections.retro import (  # noqa: E402
 )
 from retro_toolkit.collections.retro.layers import ChunkedCrossAttention  # noqa: E402
 from retro_toolkit.errors import UserError  # noqa: E402
+from tests.retro_small import SMALL_SECTION  # noqa: E402
 
 M, K, VOCAB = 8, 2, 97
-SMALL = dict(
-    arch="retro",
-    num_layers=3,
-    hidden_size=32,
-    num_attention_heads=4,
-    ffn_hidden_size=64,
-    seq_length=32,
-    chunk_length=M,
-    num_neighbors=K,
-    num_retrieved_chunks=2,
-    encoder_num_layers=2,
-    cca_layers=[2, 3],
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    encoder_hidden_dropout=0.0,
-    encoder_attention_dropout=0.0,
-    swiglu=True,
-    apply_layernorm_1p=True,
-    add_bias_linear=True,
-    rotary_percent=0.5,
-)
+SMALL = {**SMALL_SECTION, "chunk_length": M, "num_neighbors": K}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,31 +7,12 @@ import torch
 from megatron.core import dist_checkpointing
 
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
+from tests.retro_small import UNTIED_SECTION
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
 VOCAB = 97
-SECTION = dict(
-    arch="retro",
-    num_layers=3,
-    hidden_size=32,
-    num_attention_heads=4,
-    ffn_hidden_size=64,
-    seq_length=32,
-    chunk_length=8,
-    num_neighbors=2,
-    num_retrieved_chunks=2,
-    cca_layers=[2, 3],
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    encoder_hidden_dropout=0.0,
-    encoder_attention_dropout=0.0,
-    swiglu=True,
-    apply_layernorm_1p=True,
-    add_bias_linear=True,
-    rotary_percent=0.5,
-    untie_embeddings_and_output_weights=True,
-)
+SECTION = UNTIED_SECTION
 
 
 def _model(seed: int, **over):
