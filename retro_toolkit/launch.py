@@ -21,7 +21,7 @@ from retro_toolkit.errors import RetroError, UserError
 
 
 def run_stage(stage: str, recipe_file: str) -> int:
-    from retro_toolkit.core import dist
+    from retro_toolkit.core import cpu, dist
     from retro_toolkit.core.stage import StageContext
     from retro_toolkit.recipe import load_recipe
     from retro_toolkit.runner import manifest
@@ -39,6 +39,7 @@ def run_stage(stage: str, recipe_file: str) -> int:
                 f"Run it first: retro-run {recipe_file} --stages {dep}"
             )
 
+    cpu.quiet_warnings()
     env = dist.init()
     started = time.time()
     if env.is_main:

@@ -40,7 +40,7 @@ def run_cli():
 
 # A small database: 20 pydoc topics, blocks of 100 chunks (several blocks, under a minute).
 SMALL = ["data.sources=[{path: builtin:pydoc, max_docs: 20}]", "tokenizer.vocab_size=1000",
-         "data.split=[0.8,0.1,0.1]", "retrieval.block_size=100"]
+         "data.split=[0.8,0.1,0.1]", "retrieval.block_size=100", "stages=[tokenizer,prepare_corpus,build_db]"]
 
 
 @pytest.fixture(scope="session")

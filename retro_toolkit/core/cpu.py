@@ -30,6 +30,7 @@ def apply() -> bool:
     _patch_cuda_synchronize()
     _patch_tensor_parallel_buffers()
     _patch_dist_checkpointing_devices()
+    _patch_ddp_and_optimizer()
     _applied = True
     return True
 
@@ -169,7 +170,9 @@ def _patch_cuda_synchronize() -> None:
 
 
 def _cpu_torch_view() -> Any:
-    """A view of torch whose torch.cuda.current_device() answers "cpu" (all else is torch)."""
+    """A view of torch for one megatron module: torch.cuda.current_device() answers "cpu" and
+    tensor factories called with device="cuda" build on the CPU; all else is torch."""
+    import functools
     import types
 
     import torch
@@ -182,13 +185,61 @@ def _cpu_torch_view() -> Any:
         def current_device() -> str:
             return "cpu"
 
+    def on_cpu(factory):
+        @functools.wraps(factory)
+        def build(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and str(device).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return factory(*args, **kwargs)
+
+        return build
+
     class _Torch(types.ModuleType):
         cuda = _Cuda()
+        zeros = staticmethod(on_cpu(torch.zeros))
+        ones = staticmethod(on_cpu(torch.ones))
+        empty = staticmethod(on_cpu(torch.empty))
+        full = staticmethod(on_cpu(torch.full))
+        tensor = staticmethod(on_cpu(torch.tensor))
 
         def __getattr__(self, name: str) -> Any:
             return getattr(torch, name)
 
     return _Torch("torch")
+
+
+def _patch_ddp_and_optimizer() -> None:
+    # megatron/core/distributed/param_and_grad_buffer.py (_ParamAndGradBuffer's grad and param
+    # buffers on torch.cuda.current_device()), distributed_data_parallel.py (same),
+    # optimizer/optimizer.py (ChainedOptimizer.get_loss_scale, the fp16 scaler's tensors on
+    # "cuda") and optimizer/clip_grads.py (get_grad_norm_fp32 / count_zeros_fp32 build their
+    # norm accumulators with device="cuda"). Their module-level `torch` becomes the CPU view,
+    # megatron/core/utils.py local_multi_tensor_l2_norm (the no-apex grad norm) returns its
+    # result on "cuda". The DDP wrapper, get_megatron_optimizer and grad clipping then run
+    # on CPU with gloo.
+    from megatron.core import utils
+    from megatron.core.distributed import distributed_data_parallel, param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    proxy = _cpu_torch_view()
+    for mod in (param_and_grad_buffer, distributed_data_parallel, moptimizer, clip_grads, utils):
+        mod.torch = proxy
+
+    # clip_grads.clip_grad_by_total_norm_fp32 asserts grad.type() == "torch.cuda.FloatTensor";
+    # optimizer.py imported it by name. Same scaling, any device.
+    import torch
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 def _patch_dist_checkpointing_devices() -> None:
@@ -216,3 +267,19 @@ def _patch_tensor_parallel_buffers() -> None:
     proxy = _cpu_torch_view()
     for mod in (mappings, layers):
         mod.torch = proxy
+
+
+def quiet_warnings() -> None:
+    """Drop megatron-core's and torch's warnings that say nothing actionable to a user.
+
+    Call before megatron-core is imported (its fallbacks warn at import time).
+    """
+    import warnings
+
+    for message in (
+        "Transformer Engine and Apex are not installed",  # megatron.core.optimizer etc.: torch fallbacks
+        "Apex is not installed",  # megatron.core.models.backends: torch norms
+        "full scope is deprecated",  # TransformerConfig's cuda_graph_scope default
+        r"`load_state_dict` is deprecated",  # dist_checkpointing calls torch.distributed.checkpoint's old name
+    ):
+        warnings.filterwarnings("ignore", message=message)

@@ -148,6 +148,65 @@ class RetrievalConfig:
     extra_sources: list[SourceConfig] = field(default_factory=list)
     # Fraction of finished embedding blocks to recompute and compare bit for bit.
     validate_fraction: float = 0.0
+    # Seed for sampling the index's training chunks and the validated blocks. The database's
+    # own, so changing the recipe seed (training data order) never rebuilds neighbours.
+    seed: int = 1234
+
+
+@dataclass
+class PretrainConfig:
+    # Optimizer steps (each over global_batch_size samples of model.seq_length tokens).
+    train_iters: int = 100
+    # Samples per forward pass on one rank, and per optimizer step over all ranks: global =
+    # micro * data-parallel ranks * gradient-accumulation steps.
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    # Peak learning rate after warmup, and the floor the decay ends at.
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    lr_warmup_iters: int = 0
+    # "cosine", "linear" or "constant" decay from lr to min_lr over lr_decay_iters
+    # (null = train_iters).
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    # Gradient-norm clipping (0 = off).
+    clip_grad: float = 1.0
+    # bf16 weights and activations with fp32 master weights (GPU only; CPU trains in fp32).
+    bf16: bool = False
+    # Recompute every layer's activations in the backward pass (memory for time).
+    recompute_activations: bool = False
+    # Shard optimizer state over data-parallel ranks (megatron-core's distributed optimizer);
+    # null = on when there is a GPU and more than one data-parallel rank.
+    use_distributed_optimizer: Optional[bool] = None
+    # Write a checkpoint every N iterations (0 = only at the end); the last one is always written.
+    save_interval: int = 0
+    # Print a progress line (and TensorBoard scalars) every N iterations.
+    log_interval: int = 10
+    # Continue from the latest checkpoint of an interrupted run of this stage (same model).
+    resume: bool = True
+    # Start from a GPT checkpoint (a checkpoints/<stage> folder or one iter_NNNNNNN folder):
+    # loads the decoder, initialises chunked cross-attention and the encoder fresh.
+    init_from: Optional[str] = None
+    # Retro-fitting: train only chunked cross-attention and the encoder.
+    freeze_decoder: bool = False
+    # Also train the GPT twin (same decoder without retrieval, same data and steps) into
+    # checkpoints/pretrain_gpt_twin/, so eval_ppl compares the two.
+    gpt_twin: bool = False
+    # TensorBoard event files under <workdir>/tensorboard/.
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalPplConfig:
+    # Splits to evaluate (each needs neighbours from build_db for Retro).
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    # Samples per split (windows of model.seq_length tokens, in stream order); null = all.
+    max_samples: Optional[int] = None
+    micro_batch_size: int = 4
 
 
 @dataclass
@@ -163,5 +222,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval_ppl: EvalPplConfig = field(default_factory=EvalPplConfig)
     # Checked against the executor schema chosen by executor.type (see executors.py).
     executor: Any = field(default_factory=lambda: {"type": "local"})

@@ -231,7 +231,52 @@ def _semantic(r: dict[str, Any]) -> None:
             f"({m['chunk_length']}): Retro splits every sample into whole chunks."
         )
 
+    _check_training(r)
     r["workdir"] = _abspath(r["workdir"])
+
+
+def _check_training(r: dict[str, Any]) -> None:
+    p, m = r["pretrain"], r["model"]
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+        if p[key] < 1:
+            raise UserError(f"recipe key 'pretrain.{key}' must be at least 1 (got {p[key]}).")
+    for key in ("lr_warmup_iters", "save_interval", "weight_decay", "clip_grad", "min_lr"):
+        if p[key] < 0:
+            raise UserError(f"recipe key 'pretrain.{key}' must not be negative (got {p[key]}).")
+    if p["global_batch_size"] % p["micro_batch_size"]:
+        raise UserError(
+            f"pretrain.global_batch_size ({p['global_batch_size']}) must be a multiple of "
+            f"pretrain.micro_batch_size ({p['micro_batch_size']}) times the data-parallel ranks."
+        )
+    if p["min_lr"] > p["lr"]:
+        raise UserError(f"pretrain.min_lr ({p['min_lr']}) is above pretrain.lr ({p['lr']}).")
+    _check_choice(p["lr_decay_style"], ("cosine", "linear", "constant"), "pretrain.lr_decay_style")
+    decay = p["lr_decay_iters"] or p["train_iters"]
+    if p["lr_warmup_iters"] >= decay:
+        raise UserError(
+            f"pretrain.lr_warmup_iters ({p['lr_warmup_iters']}) must be below the decay length "
+            f"({decay}: pretrain.lr_decay_iters, or pretrain.train_iters when that is null)."
+        )
+    for key in ("freeze_decoder", "gpt_twin"):
+        if p[key] and m["arch"] != "retro":
+            raise UserError(f"pretrain.{key} needs model.arch retro (it is '{m['arch']}').")
+    if p["freeze_decoder"] and not p["init_from"]:
+        raise UserError(
+            "pretrain.freeze_decoder trains only chunked cross-attention and the encoder, so the decoder "
+            "must come from somewhere: set pretrain.init_from to a GPT checkpoint."
+        )
+    if p["init_from"]:
+        p["init_from"] = _abspath(p["init_from"])
+        if not Path(p["init_from"]).exists():
+            raise UserError(
+                f"recipe key 'pretrain.init_from' points to {p['init_from']}, which does not exist. Give a "
+                "checkpoints/<stage> folder (with its 'latest' file) or one iter_NNNNNNN folder."
+            )
+    e = r["eval_ppl"]
+    for i, split in enumerate(e["splits"]):
+        _check_choice(split, ("train", "valid", "test"), f"eval_ppl.splits[{i}]")
+    if e["micro_batch_size"] < 1 or (e["max_samples"] is not None and e["max_samples"] < 1):
+        raise UserError("recipe keys 'eval_ppl.micro_batch_size' and 'eval_ppl.max_samples' must be at least 1.")
 
 
 def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def run(ctx: StageContext) -> StageResult:
     # 3. index: trained on train chunks only (so extra corpora never retrain it), then filled
     idx_dir = w / "index" / faiss_index.folder_name(string)
     train_spans = [sp for sp in spans if sp[1] <= n_train]
-    sample = faiss_index.training_sample(n_train, cfg.index.ntrain, r.seed)
+    sample = faiss_index.training_sample(n_train, cfg.index.ntrain, cfg.seed)
     train_key = _sha(string, sample, [emb_keys[s] for s, _ in train_spans])
     fill_key = _sha(train_key, [emb_keys[s] for s, _ in spans])
     if env.is_main:
@@ -204,7 +204,7 @@ def run(ctx: StageContext) -> StageResult:
     dist.barrier()
 
     if cfg.validate_fraction > 0 and env.is_main:
-        summary.update(_validate(spans, cfg.validate_fraction, r.seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx))
+        summary.update(_validate(spans, cfg.validate_fraction, cfg.seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx))
     if env.is_main:
         files.write_json(w / NEIGHBORS_META, {
             "chunk_length": m, "num_neighbors": k, "k_query": cfg.k_query, "index": string, "db_chunks": n,

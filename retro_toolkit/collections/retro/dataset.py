@@ -56,6 +56,7 @@ class RetroDataset:
         seed: int = 1234,
         num_samples: int | None = None,
         with_neighbors: bool = True,
+        shuffle: bool = True,
     ) -> None:
         if seq_length % chunk_length:
             raise UserError(f"seq_length {seq_length} is not a multiple of the chunk length {chunk_length}.")
@@ -67,7 +68,7 @@ class RetroDataset:
             raise UserError(f"split '{split}' has {len(self.stream)} tokens, fewer than one sample of "
                             f"seq_length + 1 = {seq_length + 1}; lower model.seq_length or add documents.")
         self.num_samples = num_samples or self.windows
-        self.seed = seed
+        self.seed, self.shuffle = seed, shuffle
         self._perm: tuple[int, np.ndarray] | None = None
         self.with_neighbors = with_neighbors
         if with_neighbors:
@@ -83,8 +84,11 @@ class RetroDataset:
         return self.num_samples
 
     def window(self, i: int) -> int:
-        """Stream window of sample i: a fresh seeded permutation of all windows each epoch."""
+        """Stream window of sample i: a fresh seeded permutation of all windows each epoch
+        (stream order without shuffle)."""
         epoch, j = divmod(i, self.windows)
+        if not self.shuffle:
+            return j
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.windows))
         return int(self._perm[1][j])

@@ -1,0 +1,157 @@
+"""The `pretrain` stage: train Retro (or its GPT twin) on the corpus and its neighbours.
+
+    retro-run RECIPE --stages pretrain          # from the CLI
+    from retro_toolkit.collections.retro.pretrain import pretrain_model   # from Python
+
+Writes checkpoints/pretrain/ (and checkpoints/pretrain_gpt_twin/ with pretrain.gpt_twin),
+metrics/<name>.jsonl and tensorboard/<name>/. A rerun after a kill resumes from the
+latest checkpoint and reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from retro_toolkit.collections.retro import checkpointing as ckpt
+from retro_toolkit.collections.retro import training
+from retro_toolkit.collections.retro.config import config_from_model_section
+from retro_toolkit.collections.retro.dataset import RetroDataset
+from retro_toolkit.collections.retro.model import build_model
+from retro_toolkit.collections.retro.parallel import initialize
+from retro_toolkit.collections.text.tokenizer import Tokenizer
+from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.core import dist
+from retro_toolkit.core.stage import StageContext, StageResult
+
+TWIN = "pretrain_gpt_twin"
+# pretrain keys a resumed run may change: how long to train and how to report, not what.
+RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from", "gpt_twin"}
+
+
+def resume_settings(recipe, section: dict[str, Any]) -> dict[str, Any]:
+    """Everything that makes a resumed run continue the same training, flattened for messages."""
+    p = OmegaConf.to_container(recipe.pretrain, resolve=True)
+    out = {f"model.{k}": v for k, v in section.items()}
+    out.update({f"pretrain.{k}": v for k, v in p.items() if k not in RESUME_FREE})
+    out["seed"] = recipe.seed
+    return out
+
+
+def model_section(recipe, arch: str) -> dict[str, Any]:
+    """The recipe's model section as plain data, for `arch`, with the vocabulary filled in."""
+    section = OmegaConf.to_container(recipe.model, resolve=True)
+    section["arch"] = arch
+    if not section.get("vocab_size"):
+        section["vocab_size"] = Tokenizer(Path(recipe.workdir) / MODEL_FILE).vocab_size
+    return section
+
+
+def build(recipe, arch: str, overrides: dict[str, Any] | None = None):
+    """(model on this job's device, its config, its section) for the recipe's model as `arch`."""
+    section = model_section(recipe, arch)
+    pad_id = Tokenizer(Path(recipe.workdir) / MODEL_FILE).pad_id
+    config, args = config_from_model_section(section, neighbor_pad_id=pad_id, **(overrides or {}))
+    initialize(config.tensor_model_parallel_size, recipe.seed)
+    model = build_model(config, args)
+    if config.bf16:
+        model = model.bfloat16()
+    return model.to(training.device()), config, section
+
+
+def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: bool = True) -> RetroDataset:
+    m = recipe.model
+    pad_id = Tokenizer(Path(recipe.workdir) / MODEL_FILE).pad_id
+    return RetroDataset(recipe.workdir, split, m.seq_length, m.chunk_length, m.num_neighbors,
+                        m.num_retrieved_chunks * m.chunk_length, pad_id, seed=recipe.seed,
+                        num_samples=num_samples, with_neighbors=arch == "retro", shuffle=shuffle)
+
+
+def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
+    """Train one model into checkpoints/<name>/; returns its summary facts."""
+    r, p = ctx.recipe, ctx.recipe.pretrain
+    root = ctx.workdir / "checkpoints" / name
+    overrides = training.precision_overrides(p.bf16, p.recompute_activations)
+    model, config, section = build(r, arch, overrides)
+    log = lambda msg: ctx.log(f"{name}: {msg}")  # noqa: E731
+
+    found = ckpt.latest(root)
+    if found is not None and not p.resume:
+        log(f"pretrain.resume is false: removing {root}")
+        dist.barrier()
+        if ctx.env.is_main:
+            shutil.rmtree(root)
+        dist.barrier()
+        found = None
+    settings = resume_settings(r, section)
+    if found is not None:
+        ckpt.check_resume(found, ckpt.common_state(found).get("settings", {}), settings)
+    elif name == TWIN:
+        # Equal decoders: the twin starts from the Retro model's initial decoder weights.
+        retro, _, _ = build(r, "retro", overrides)
+        model.load_state_dict(retro.state_dict(), strict=False)
+        del retro
+    elif p.init_from and arch == "retro":
+        source = ckpt.resolve(p.init_from, "pretrain.init_from")
+        new, loaded = ckpt.init_from_gpt(source, model)
+        log(f"init_from {source}: loaded {len(loaded)} decoder tensors; {len(new)} new parameters "
+            f"(chunked cross-attention and encoder, initialised fresh):")
+        for n in new:
+            log(f"  new: {n}")
+    if p.freeze_decoder:
+        for n, param in model.named_parameters():
+            param.requires_grad_(ckpt.is_retrieval_param(n))
+        trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+        log(f"freeze_decoder: training {trainable:,} of {sum(x.numel() for x in model.parameters()):,} "
+            "parameters (chunked cross-attention + encoder)")
+
+    ddp, opt, sched = training.wrap_and_optimizer(model, p, config)
+    start = 0
+    if found is not None:
+        state = ckpt.load_resume(found, model, opt, sched)
+        start = int(state["iteration"])
+        log(f"resuming from {found} (iteration {start})")
+
+    dp_rank, dp_size = training.data_parallel()
+    training.grad_accumulation(p.global_batch_size, p.micro_batch_size, dp_size)
+    data = dataset(r, "train", arch, p.train_iters * p.global_batch_size)
+    batches = training.Batches(data, p.global_batch_size, p.micro_batch_size, dp_rank, dp_size)
+    total = sum(x.numel() for x in model.parameters()) * config.tensor_model_parallel_size
+    log(f"{arch}: ~{total / 1e6:.2f}M parameters, {data.windows} training windows of {r.model.seq_length} "
+        f"tokens, {p.train_iters} iterations x {p.global_batch_size} samples "
+        f"(dp {dp_size}, tp {config.tensor_model_parallel_size}, micro {p.micro_batch_size}, "
+        f"accumulation {batches.accumulation})")
+    common = {"model_section": section, "settings": settings, "consumed_samples": 0}
+
+    def save(iteration: int) -> None:
+        common["consumed_samples"] = iteration * p.global_batch_size
+        path = ckpt.save(root, iteration, model, opt, sched, common)
+        log(f"saved {path.relative_to(ctx.workdir)}")
+
+    metrics = training.MetricsLog(ctx.workdir, name, start, p.tensorboard, ctx.env.is_main)
+    try:
+        if start >= p.train_iters:
+            log(f"already trained {start} iterations (pretrain.train_iters = {p.train_iters})")
+            last: dict[str, float] = {}
+        else:
+            last = training.train(ddp, opt, sched, batches, start, p.train_iters, r.model.seq_length, metrics,
+                                  log, p.log_interval, save, p.save_interval)
+    finally:
+        metrics.close()
+    return {f"{name}_loss": round(last["loss"], 4) if last else None,
+            f"{name}_s_per_iter": round(last["seconds_per_iteration"], 3) if last else None}
+
+
+def run(ctx: StageContext) -> StageResult:
+    p = ctx.recipe.pretrain
+    models = [(ctx.recipe.model.arch, "pretrain")] + ([("gpt", TWIN)] if p.gpt_twin else [])
+    summary: dict[str, Any] = {}
+    outputs: list[str] = []
+    for arch, name in models:
+        summary.update(pretrain_model(ctx, arch, name))
+        final = ckpt.latest(ctx.workdir / "checkpoints" / name)
+        outputs += [str(final.relative_to(ctx.workdir)), f"checkpoints/{name}/{ckpt.LATEST}"]
+    return StageResult(outputs=outputs, summary={k: v for k, v in summary.items() if v is not None})

@@ -1,0 +1,218 @@
+"""pretrain + eval_ppl through the real runner on the small database (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, SMALL, SMOKE, retro_run
+
+pytestmark = pytest.mark.slow
+
+TRAIN_STAGES = "stages=[tokenizer,prepare_corpus,build_db,pretrain,eval_ppl]"
+TRAIN = [
+    TRAIN_STAGES,
+    "model.seq_length=128",
+    "pretrain.train_iters=8",
+    "pretrain.micro_batch_size=2",
+    "pretrain.global_batch_size=4",
+    "pretrain.save_interval=4",
+    "pretrain.log_interval=2",
+    "pretrain.lr=2e-3",
+    "pretrain.min_lr=2e-4",
+    "pretrain.lr_warmup_iters=0",
+]
+
+
+def copy_db(small_db: Path, dst: Path) -> Path:
+    shutil.copytree(small_db, dst, ignore=shutil.ignore_patterns("logs", "*.lock"))
+    return dst
+
+
+def losses(w: Path, name: str = "pretrain") -> list[float]:
+    rows = [json.loads(line) for line in (w / "metrics" / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1))
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def trained(small_db, tmp_path_factory) -> Path:
+    """Retro and its GPT twin, 8 iterations each, evaluated: the reference the other tests compare with."""
+    w = copy_db(small_db, tmp_path_factory.mktemp("trained") / "w")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.gpt_twin=true")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skip  build_db" in p.stdout  # the copied database is reused
+    return w
+
+
+def test_checkpoints_metrics_and_schedule(trained):
+    for name in ("pretrain", "pretrain_gpt_twin"):
+        root = trained / "checkpoints" / name
+        assert (root / "latest").read_text().strip() == "iter_0000008"
+        assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
+        assert (root / "iter_0000008" / "metadata.json").is_file()
+    rows = [json.loads(line) for line in (trained / "metrics" / "pretrain.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(math.isfinite(r["loss"]) for r in rows)
+    lrs = [r["lr"] for r in rows]
+    # cosine from 2e-3 (no warmup) towards 2e-4 over 8 iterations: lr of iteration i is the schedule at step i-1
+    expected = [2e-4 + 0.5 * (2e-3 - 2e-4) * (1 + math.cos(math.pi * i / 8)) for i in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert list((trained / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
+
+
+def test_ppl_json_matches_a_direct_computation(trained):
+    ppl = json.loads((trained / "eval" / "ppl.json").read_text())
+    assert set(ppl) == {"valid", "test"}
+    for split, row in ppl.items():
+        assert set(row) == {"ppl", "ppl_no_retrieval", "ppl_gpt_twin", "tokens", "samples"}
+        assert row["tokens"] == row["samples"] * 128
+        assert 1.0 < row["ppl"] < 1000 and 1.0 < row["ppl_gpt_twin"] < 1000
+
+    # Recompute the test split's perplexity with plain torch from the checkpoint's weights.
+    import torch
+
+    from retro_toolkit.collections.retro import checkpointing as ckpt
+    from retro_toolkit.collections.retro.pretrain import build, dataset
+    from retro_toolkit.recipe import load_recipe
+
+    recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
+    model, _, _ = build(recipe, "retro")
+    ckpt.load_weights(ckpt.latest(trained / "checkpoints" / "pretrain"), model)
+    model.eval()
+    data = dataset(recipe, "test", "retro", None, shuffle=False)
+    data.num_samples = data.windows
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            s = data[i]
+            logits = model(torch.from_numpy(s["tokens"])[None], torch.from_numpy(s["neighbor_tokens"])[None])
+            nll += torch.nn.functional.cross_entropy(logits[0].double(), torch.from_numpy(s["labels"]),
+                                                     reduction="sum").item()
+            n += len(s["labels"])
+    assert n == ppl["test"]["tokens"]
+    assert math.exp(nll / n) == pytest.approx(ppl["test"]["ppl"], rel=1e-5)
+
+
+def test_torchrun_data_parallel_matches_one_process(trained, small_db, tmp_path, run_cli):
+    w = copy_db(small_db, tmp_path / "dp")
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "executor=torchrun", "executor.nproc_per_node=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "dp 2, tp 1, micro 2, accumulation 1" in (w / "logs" / "pretrain.rank0.log").read_text()
+    # 2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: the same global batches
+    assert losses(w) == pytest.approx(losses(trained), rel=1e-5)
+
+
+def test_torchrun_tensor_parallel_trains(trained, small_db, tmp_path, run_cli):
+    w = copy_db(small_db, tmp_path / "tp")
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "executor=torchrun", "executor.nproc_per_node=2",
+                "model.tensor_model_parallel_size=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "dp 1, tp 2" in (w / "logs" / "pretrain.rank0.log").read_text()
+    tp = losses(w)
+    assert len(tp) == 8 and all(math.isfinite(x) for x in tp) and tp[-1] < tp[0]
+    ppl = json.loads((w / "eval" / "ppl.json").read_text())
+    assert math.isfinite(ppl["test"]["ppl"])
+
+
+def test_kill_after_a_checkpoint_then_rerun_gives_identical_losses(small_db, tmp_path):
+    # Dropout on, so the resumed run must also restore the RNG streams to match.
+    args = [*SMALL, *TRAIN, "stages=[tokenizer,prepare_corpus,build_db,pretrain]", "pretrain.train_iters=24",
+            "model.hidden_dropout=0.1", "model.attention_dropout=0.1", "model.encoder_hidden_dropout=0.1"]
+    ref = copy_db(small_db, tmp_path / "ref")
+    p = retro_run(SMOKE, f"workdir={ref}", *args)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    w = copy_db(small_db, tmp_path / "killed")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen([sys.executable, "-m", "retro_toolkit", SMOKE, f"workdir={w}", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = w / "checkpoints" / "pretrain" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not latest.exists():
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(["pkill", "-9", "-f", f"retro_toolkit.launch pretrain {w}"], check=False)
+    killed_at = latest.read_text().strip()
+    assert killed_at != "iter_0000024", "the run finished before it could be killed"
+    assert not (w / "stages" / "pretrain.json").exists()
+
+    p = retro_run(SMOKE, f"workdir={w}", *args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = (w / "logs" / "pretrain.rank0.log").read_text()
+    assert f"resuming from {w / 'checkpoints' / 'pretrain' / killed_at}" in log
+    assert losses(w) == losses(ref)  # bit-identical, every iteration
+
+
+def test_changed_settings_refuse_to_resume_and_resume_false_starts_over(trained, tmp_path, run_cli):
+    w = tmp_path / "w"
+    shutil.copytree(trained, w, ignore=shutil.ignore_patterns("logs", "*.lock"))
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.gpt_twin=true", "pretrain.lr=1e-3")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "pretrain.lr: checkpoint 0.002 vs recipe 0.001" in p.stderr
+    assert "pretrain.resume=false" in p.stderr
+    assert (w / "checkpoints" / "pretrain" / "iter_0000008" / "metadata.json").is_file()  # nothing lost
+
+    # Another sequence length and seed on the same database: both train, neighbours are not rebuilt.
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "model.seq_length=64", "seed=7", "pretrain.resume=false",
+                "eval_ppl.splits=[test]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skip  build_db" in p.stdout
+    assert json.loads((w / "stages" / "build_db.json").read_text()) == json.loads(
+        (trained / "stages" / "build_db.json").read_text())
+    assert json.loads((w / "eval" / "ppl.json").read_text())["test"]["tokens"] % 64 == 0
+    assert losses(w) != losses(trained)
+
+
+def test_init_from_gpt_twin_loads_the_decoder_and_freeze_keeps_it(trained, small_db, tmp_path, run_cli):
+    import torch
+
+    from retro_toolkit.collections.retro import checkpointing as ckpt
+    from retro_toolkit.collections.retro.pretrain import build
+    from retro_toolkit.recipe import load_recipe
+
+    twin = trained / "checkpoints" / "pretrain_gpt_twin"
+    w = copy_db(small_db, tmp_path / "fit")
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", f"pretrain.init_from={twin}",
+                "pretrain.freeze_decoder=true", "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = (w / "logs" / "pretrain.rank0.log").read_text()
+    new = [line.split("new: ")[1] for line in log.splitlines() if "  new: " in line]
+    assert new and all(".cross_attention." in n or ".pre_cross_attn_layernorm." in n for n in new)
+    assert any(".encoder." in n for n in new)
+
+    recipe = load_recipe(str(w / "recipe.resolved.yaml"))
+    retro, _, _ = build(recipe, "retro")
+    gpt, _, _ = build(recipe, "gpt")
+    ckpt.load_weights(ckpt.latest(w / "checkpoints" / "pretrain"), retro)
+    ckpt.load_weights(ckpt.latest(twin), gpt)
+    rs, gs = retro.state_dict(), gpt.state_dict()
+    params = {k for k in set(rs) - set(gs) if not k.endswith("._extra_state")}
+    assert sorted(params) == sorted(new)  # exactly the new parameters
+    for name, t in gs.items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(rs[name], t), name  # decoder loaded and frozen: bit-identical after training
+
+
+def test_bad_init_from_and_other_model_size_are_clear_errors(trained, small_db, tmp_path, run_cli):
+    w = tmp_path / "bad"
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, f"pretrain.init_from={tmp_path / 'nope'}", "--dry-run")
+    assert p.returncode == 2
+    assert "pretrain.init_from" in p.stderr and "does not exist" in p.stderr
+
+    w = copy_db(small_db, tmp_path / "size")
+    twin = trained / "checkpoints" / "pretrain_gpt_twin"
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, f"pretrain.init_from={twin}", "model.hidden_size=32",
+                "model.ffn_hidden_size=64")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "another model size" in p.stderr and "embedding.word_embeddings.weight" in p.stderr
