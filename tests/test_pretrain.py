@@ -216,3 +216,21 @@ def test_bad_init_from_and_other_model_size_are_clear_errors(trained, small_db, 
                 "model.ffn_hidden_size=64")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "another model size" in p.stderr and "embedding.word_embeddings.weight" in p.stderr
+
+
+def test_activation_recompute_gives_the_same_losses(trained, tmp_path):
+    from retro_toolkit.collections.retro import pretrain as pt
+    from retro_toolkit.collections.retro import training
+    from retro_toolkit.recipe import load_recipe
+
+    recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
+    runs = {}
+    for recompute in (False, True):
+        model, config, _ = pt.build(recipe, "retro", training.precision_overrides(False, recompute))
+        assert config.recompute_granularity == ("full" if recompute else None)
+        ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
+        batches = training.Batches(pt.dataset(recipe, "train", "retro", 12), 4, 2, 0, 1)
+        metrics = training.MetricsLog(tmp_path / str(recompute), "run", 0, False, True)
+        training.train(ddp, opt, sched, batches, 0, 3, 128, metrics, lambda _: None, 10)
+        runs[recompute] = [json.loads(line)["loss"] for line in metrics.path.read_text().splitlines()]
+    assert len(runs[True]) == 3 and runs[True] == runs[False]

@@ -77,6 +77,15 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["name=null"], "'name' has the wrong type: got None"),
         (["novalue"], "override 'novalue' is not of the form key=value"),
         (["workdir=${nope}"], "cannot resolve recipe key 'workdir'"),
+        (["pretrain.global_batch_size=10"], "pretrain.global_batch_size (10) must be a multiple of pretrain.micro_batch_size (8)"),
+        (["pretrain.lr_decay_style=cosin"], "'pretrain.lr_decay_style' = 'cosin' is not one of cosine, linear, constant. Did you mean 'cosine'?"),
+        (["pretrain.lr_warmup_iters=200"], "pretrain.lr_warmup_iters (200) must be below the decay length (200"),
+        (["pretrain.freeze_decoder=true"], "set pretrain.init_from to a GPT checkpoint"),
+        (["pretrain.init_from=/no/such/ckpt"], "'pretrain.init_from' points to /no/such/ckpt, which does not exist"),
+        (["pretrain.min_lr=1.0"], "pretrain.min_lr (1.0) is above pretrain.lr"),
+        (["pretrain.gpt_twin=true", "model.arch=gpt"], "pretrain.gpt_twin needs model.arch retro"),
+        (["eval_ppl.splits=[vaild]"], "'eval_ppl.splits[0]' = 'vaild' is not one of train, valid, test. Did you mean 'valid'?"),
+        (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
     ],
 )
 def test_bad_recipe_values_name_the_key(overrides, expected):
