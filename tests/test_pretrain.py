@@ -140,9 +140,17 @@ def test_kill_after_a_checkpoint_then_rerun_gives_identical_losses(small_db, tmp
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not latest.exists():
         time.sleep(0.02)
+    import psutil
+
+    # The runner, its job, and the job's children (dist_checkpointing's writer-queue manager).
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
-    subprocess.run(["pkill", "-9", "-f", f"retro_toolkit.launch pretrain {w}"], check=False)
     killed_at = latest.read_text().strip()
     assert killed_at != "iter_0000024", "the run finished before it could be killed"
     assert not (w / "stages" / "pretrain.json").exists()
@@ -215,7 +223,7 @@ def test_bad_init_from_and_other_model_size_are_clear_errors(trained, small_db, 
     p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, f"pretrain.init_from={twin}", "model.hidden_size=32",
                 "model.ffn_hidden_size=64")
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "another model size" in p.stderr and "embedding.word_embeddings.weight" in p.stderr
+    assert "was written for another model (ffn_hidden_size: checkpoint 128 vs recipe 64, hidden_size: checkpoint 64 vs recipe 32)" in p.stderr
 
 
 def test_activation_recompute_gives_the_same_losses(trained, tmp_path):
@@ -234,3 +242,12 @@ def test_activation_recompute_gives_the_same_losses(trained, tmp_path):
         training.train(ddp, opt, sched, batches, 0, 3, 128, metrics, lambda _: None, 10)
         runs[recompute] = [json.loads(line)["loss"] for line in metrics.path.read_text().splitlines()]
     assert len(runs[True]) == 3 and runs[True] == runs[False]
+
+
+def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, run_cli):
+    w = copy_db(small_db, tmp_path / "retro_init")
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, f"pretrain.init_from={trained / 'checkpoints' / 'pretrain'}",
+                "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "is a 'retro' checkpoint; init_from starts Retro from a GPT (twin) checkpoint" in p.stderr
+    assert not (w / "checkpoints" / "pretrain").exists()

@@ -25,12 +25,15 @@ from retro_toolkit.core import dist, files
 from retro_toolkit.errors import UserError
 
 LATEST = "latest"
-# Recipe model keys that change no tensor shape: a checkpoint with other values loads fine.
-SHAPE_FREE_KEYS = {
+# Recipe model keys that may differ between a checkpoint and the model that evaluates it:
+# they change training, not what the trained weights compute.
+EVAL_FREE_KEYS = {
     "hidden_dropout", "attention_dropout", "encoder_hidden_dropout", "encoder_attention_dropout",
-    "retrieval_gate", "init_method_std", "seq_length", "tensor_model_parallel_size", "layernorm_epsilon",
-    "rotary_base", "rotary_percent",
+    "init_method_std", "seq_length", "tensor_model_parallel_size",
 }
+# Keys only Retro has: a GPT checkpoint that Retro starts from may differ in these.
+RETRIEVAL_KEYS = {"arch", "cca_layers", "chunk_length", "num_neighbors", "num_retrieved_chunks",
+                  "encoder_num_layers", "retrieval_gate"}
 
 
 def iter_name(iteration: int) -> str:
@@ -58,6 +61,10 @@ def resolve(path: str | os.PathLike, key: str) -> Path:
             "folder with metadata.json). Give a checkpoints/<stage> folder or one iter_NNNNNNN folder."
         )
     return found
+
+
+def _device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rng_object() -> ShardedObject:
@@ -98,6 +105,7 @@ def save(root: str | os.PathLike, iteration: int, model, optimizer, scheduler, c
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     sd["iteration"] = iteration
     sd["world_size"] = td.get_world_size()
+    sd["device"] = _device_kind()
     sd.update(common)
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
@@ -109,13 +117,25 @@ def save(root: str | os.PathLike, iteration: int, model, optimizer, scheduler, c
     return final
 
 
-def check_model_section(ckpt: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another model size, naming the keys that differ."""
-    keys = sorted(k for k in set(saved) | set(current) if k not in SHAPE_FREE_KEYS and saved.get(k) != current.get(k))
+def check_model_section(ckpt: Path, saved: dict[str, Any], current: dict[str, Any], free: set[str]) -> None:
+    """Refuse a checkpoint of another model (size, norms, rotary, gate...), naming the keys that differ."""
+    keys = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
     if keys:
         diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys)
         raise UserError(f"{ckpt} was written for another model ({diff}). Use a checkpoint of this model, "
-                        "or delete the folder to start over.")
+                        "or set these model keys to the checkpoint's values.")
+
+
+def check_tokenizer(ckpt: Path, common: dict[str, Any], workdir: Path) -> None:
+    """The checkpoint's tokenizer must be the work directory's (same vocabulary size is not enough)."""
+    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+
+    saved = common.get("tokenizer_sha256")
+    current = files.sha256_file(workdir / MODEL_FILE)
+    if saved is not None and saved != current:
+        raise UserError(f"{ckpt} was trained with another tokenizer (sha256 {saved[:12]}, this work directory's "
+                        f"{current[:12]}): token ids would mean different text. Use the checkpoint's tokenizer "
+                        "(tokenizer.model=...) or a checkpoint trained with this one.")
 
 
 def check_resume(ckpt: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -132,9 +152,11 @@ def check_resume(ckpt: Path, saved: dict[str, Any], current: dict[str, Any]) -> 
 
 def load_resume(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore everything a resumed run needs; returns the checkpoint's common entries."""
-    same_world = common_state(ckpt).get("world_size") == td.get_world_size()
+    saved = common_state(ckpt)
+    # RNG streams are per rank and per device kind: another world size or device starts them afresh.
+    same_world = saved.get("world_size") == td.get_world_size() and saved.get("device", "cpu") == _device_kind()
     sd = _state(model, optimizer, is_loading=True)
-    if same_world:  # RNG streams are per rank: another world size starts them afresh
+    if same_world:
         sd["rng"] = _rng_object()
     loaded = dist_checkpointing.load(sd, str(ckpt))
     model.load_state_dict(loaded.pop("model"))
@@ -186,12 +208,22 @@ def is_retrieval_param(name: str) -> bool:
     return ".cross_attention." in name or ".pre_cross_attn_layernorm." in name
 
 
-def init_from_gpt(ckpt: Path, model) -> tuple[list[str], list[str]]:
+def init_from_gpt(ckpt: Path, model, section: dict[str, Any], workdir: Path) -> tuple[list[str], list[str]]:
     """Load a GPT (twin) checkpoint's decoder into a Retro model; returns (new, loaded) keys.
 
-    New parameters may only be chunked cross-attention and the encoder; a checkpoint
-    tensor the model does not have, or one of another shape, is an error that lists them.
+    The checkpoint must be a GPT model whose decoder settings equal this model's (norms,
+    rotary, sizes) trained with this tokenizer. New parameters may only be chunked
+    cross-attention and the encoder; a checkpoint tensor the model does not have, or one
+    of another shape, is an error that lists them.
     """
+    common = common_state(ckpt)
+    saved = common.get("model_section")
+    if saved is not None:
+        if saved.get("arch") != "gpt":
+            raise UserError(f"pretrain.init_from: {ckpt} is a {saved.get('arch')!r} checkpoint; init_from starts "
+                            "Retro from a GPT (twin) checkpoint. To continue a Retro run, resume it instead.")
+        check_model_section(ckpt, saved, section, free=EVAL_FREE_KEYS | RETRIEVAL_KEYS)
+    check_tokenizer(ckpt, common, workdir)
     sd = model.sharded_state_dict()
     available = {k: v for k, v in _tensor_shapes(ckpt).items() if not k.startswith("optimizer.")}
     tensors = {t.key: (name, t) for name, t in sd.items() if isinstance(t, ShardedTensor)}

@@ -32,12 +32,13 @@ def loss_sum(model, data, micro_batch: int) -> tuple[float, int]:
     dev = training.device()
     dp_rank, dp_size = training.data_parallel()
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=dev)  # NCCL reduces only GPU tensors
     indices = list(range(dp_rank, len(data), dp_size))
     for start in range(0, len(indices), micro_batch):
         batch = training.collate([data[i] for i in indices[start:start + micro_batch]], dev)
         loss = model(batch["tokens"], batch.get("neighbor_tokens"), labels=batch["labels"])
-        total += torch.tensor([loss.double().sum().item(), loss.numel()], dtype=torch.float64)
+        total[0] += loss.double().sum()
+        total[1] += loss.numel()
     if dp_size > 1:
         td.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return float(total[0]), int(total[1])
@@ -56,7 +57,9 @@ def run(ctx: StageContext) -> StageResult:
     for arch_, name in models:
         source = ckpt.resolve(ctx.workdir / "checkpoints" / name, f"checkpoints/{name}")
         model, config, section = build(r, arch_)
-        ckpt.check_model_section(source, ckpt.common_state(source)["model_section"], section)
+        common = ckpt.common_state(source)
+        ckpt.check_model_section(source, common["model_section"], section, free=ckpt.EVAL_FREE_KEYS)
+        ckpt.check_tokenizer(source, common, ctx.workdir)
         ckpt.load_weights(source, model)
         ctx.log(f"{name}: weights from {source.relative_to(ctx.workdir)}")
         for split in e.splits:

@@ -24,7 +24,7 @@ from retro_toolkit.collections.retro.model import build_model
 from retro_toolkit.collections.retro.parallel import initialize
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
-from retro_toolkit.core import dist
+from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 
 TWIN = "pretrain_gpt_twin"
@@ -89,6 +89,15 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     settings = resume_settings(r, section)
     if found is not None:
         ckpt.check_resume(found, ckpt.common_state(found).get("settings", {}), settings)
+    elif name == TWIN and p.init_from:
+        # Equal decoders: both continue from the same GPT checkpoint.
+        source = ckpt.resolve(p.init_from, "pretrain.init_from")
+        common = ckpt.common_state(source)
+        if "model_section" in common:
+            ckpt.check_model_section(source, common["model_section"], section, free=ckpt.EVAL_FREE_KEYS)
+        ckpt.check_tokenizer(source, common, ctx.workdir)
+        ckpt.load_weights(source, model)
+        log(f"init_from {source}: the whole GPT twin")
     elif name == TWIN:
         # Equal decoders: the twin starts from the Retro model's initial decoder weights.
         retro, _, _ = build(r, "retro", overrides)
@@ -96,12 +105,12 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
         del retro
     elif p.init_from and arch == "retro":
         source = ckpt.resolve(p.init_from, "pretrain.init_from")
-        new, loaded = ckpt.init_from_gpt(source, model)
+        new, loaded = ckpt.init_from_gpt(source, model, section, ctx.workdir)
         log(f"init_from {source}: loaded {len(loaded)} decoder tensors; {len(new)} new parameters "
             f"(chunked cross-attention and encoder, initialised fresh):")
         for n in new:
             log(f"  new: {n}")
-    if p.freeze_decoder:
+    if p.freeze_decoder and arch == "retro":
         for n, param in model.named_parameters():
             param.requires_grad_(ckpt.is_retrieval_param(n))
         trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
@@ -113,7 +122,8 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     if found is not None:
         state = ckpt.load_resume(found, model, opt, sched)
         start = int(state["iteration"])
-        log(f"resuming from {found} (iteration {start})")
+        log(f"resuming from {found} (iteration {start}); LR schedule as saved: warmup {sched.lr_warmup_steps}, "
+            f"{sched.lr_decay_style} decay to {sched.min_lr:g} over {sched.lr_decay_steps} iterations")
 
     dp_rank, dp_size = training.data_parallel()
     training.grad_accumulation(p.global_batch_size, p.micro_batch_size, dp_size)
@@ -124,7 +134,8 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
         f"tokens, {p.train_iters} iterations x {p.global_batch_size} samples "
         f"(dp {dp_size}, tp {config.tensor_model_parallel_size}, micro {p.micro_batch_size}, "
         f"accumulation {batches.accumulation})")
-    common = {"model_section": section, "settings": settings, "consumed_samples": 0}
+    common = {"model_section": section, "settings": settings, "consumed_samples": 0,
+              "tokenizer_sha256": files.sha256_file(ctx.workdir / MODEL_FILE)}
 
     def save(iteration: int) -> None:
         common["consumed_samples"] = iteration * p.global_batch_size

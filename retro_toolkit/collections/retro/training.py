@@ -81,7 +81,8 @@ def wrap_and_optimizer(model, p, config) -> tuple[DistributedDataParallel, Any, 
         [ddp],
     )
     sched = OptimizerParamScheduler(
-        opt, init_lr=0.0 if p.lr_warmup_iters else p.lr, max_lr=p.lr, min_lr=p.min_lr,
+        # Warmup ramps lr/W, 2lr/W, ..., lr: the first iteration already learns.
+        opt, init_lr=p.lr / p.lr_warmup_iters if p.lr_warmup_iters else p.lr, max_lr=p.lr, min_lr=p.min_lr,
         lr_warmup_steps=p.lr_warmup_iters, lr_decay_steps=p.lr_decay_iters or p.train_iters,
         lr_decay_style=p.lr_decay_style, start_wd=p.weight_decay, end_wd=p.weight_decay,
         wd_incr_steps=p.train_iters, wd_incr_style="constant",
@@ -123,6 +124,14 @@ def _fmt_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _iteration(line: str) -> float:
+    """A metrics line's iteration; a line cut short by a kill counts as not written."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """Per-iteration scalars: <workdir>/metrics/<name>.jsonl (rank 0) and TensorBoard."""
 
@@ -136,7 +145,7 @@ class MetricsLog:
         # A resumed run drops the lines of iterations it recomputes.
         kept = []
         if self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["iteration"] <= start_iteration]
+            kept = [l for l in self.path.read_text().splitlines() if _iteration(l) <= start_iteration]
         self.path.write_text("".join(l + "\n" for l in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -150,7 +159,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
             for k, v in row.items():
-                if k != "iteration":
+                if k != "iteration" and v is not None:
                     self.writer.add_scalar(k, v, row["iteration"])
 
     def close(self) -> None:
@@ -200,7 +209,9 @@ def train(
         loss_value = float(loss_sum)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at iteration {iteration}: lower pretrain.lr.")
-        row = {"iteration": iteration, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm or 0.0)}
+        # grad_norm is None when clipping is off (megatron-core then skips computing it).
+        row = {"iteration": iteration, "loss": loss_value, "lr": lr,
+               "grad_norm": float(grad_norm) if grad_norm is not None else None}
         metrics.write(row)
         window_tokens += batches.global_batch * tokens_per_sample
         done += 1
@@ -208,7 +219,8 @@ def train(
             dt = time.perf_counter() - window_start
             tps = window_tokens / max(dt, 1e-9)
             per_it = (time.perf_counter() - run_start) / done
-            log(f"iter {iteration}/{train_iters} | loss {loss_value:.4f} | lr {lr:.3e} | grad {row['grad_norm']:.3f}"
+            grad = f" | grad {row['grad_norm']:.3f}" if row["grad_norm"] is not None else ""
+            log(f"iter {iteration}/{train_iters} | loss {loss_value:.4f} | lr {lr:.3e}{grad}"
                 f" | {tps:,.0f} tok/s | {per_it:.2f} s/it | ETA {_fmt_eta(per_it * (train_iters - iteration))}")
             if metrics.writer is not None:
                 metrics.writer.add_scalar("tokens_per_s", tps, iteration)
