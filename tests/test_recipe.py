@@ -85,6 +85,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["pretrain.min_lr=1.0"], "pretrain.min_lr (1.0) is above pretrain.lr"),
         (["pretrain.gpt_twin=true", "model.arch=gpt"], "pretrain.gpt_twin needs model.arch retro"),
         (["eval_ppl.splits=[vaild]"], "'eval_ppl.splits[0]' = 'vaild' is not one of train, valid, test. Did you mean 'valid'?"),
+        (["pretrain.source_weights=[1.0,2.0]"], "pretrain.source_weights = [1.0, 2.0] must give one non-negative weight per data.sources entry (1)"),
         (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
     ],
 )

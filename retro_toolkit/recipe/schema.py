@@ -39,7 +39,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    # Fractions of documents for train / valid / test, in document order.
+    # Fractions of each source's documents for train / valid / test, in document order.
     split: list[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
     # What to do with bytes that are not UTF-8: "error" (name file and line) or "replace".
     on_invalid_utf8: str = "error"
@@ -157,6 +157,9 @@ class RetrievalConfig:
 class PretrainConfig:
     # Optimizer steps (each over global_batch_size samples of model.seq_length tokens).
     train_iters: int = 100
+    # Sampling weight of each data.sources entry in training batches (same order, any
+    # positive scale); null = every window of the train stream equally (size-proportional).
+    source_weights: Optional[list[float]] = None
     # Samples per forward pass on one rank, and per optimizer step over all ranks: global =
     # micro * data-parallel ranks * gradient-accumulation steps.
     micro_batch_size: int = 4

@@ -272,6 +272,14 @@ def _check_training(r: dict[str, Any]) -> None:
                 f"recipe key 'pretrain.init_from' points to {p['init_from']}, which does not exist. Give a "
                 "checkpoints/<stage> folder (with its 'latest' file) or one iter_NNNNNNN folder."
             )
+    w = p["source_weights"]
+    if w is not None:
+        n = len(r["data"]["sources"])
+        if len(w) != n or any(x < 0 for x in w) or not sum(w) > 0:
+            raise UserError(
+                f"pretrain.source_weights = {w} must give one non-negative weight per data.sources entry "
+                f"({n}), not all zero; or null to sample the train stream uniformly."
+            )
     e = r["eval_ppl"]
     for i, split in enumerate(e["splits"]):
         _check_choice(split, ("train", "valid", "test"), f"eval_ppl.splits[{i}]")

@@ -36,6 +36,7 @@ STAGES: dict[str, StageSpec] = {
             ("data",),
             "retro_toolkit.collections.text.prepare_corpus:run",
             "tokenize the corpus into train/valid/test token streams",
+            version=2,  # 2: each source split on its own (every split holds every source)
         ),
         StageSpec(
             "build_db",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from retro_toolkit.collections.retrieval import chunk_db
+from retro_toolkit.collections.retro import blend
 from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens, load_neighbors
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.core import files
@@ -57,6 +58,7 @@ class RetroDataset:
         num_samples: int | None = None,
         with_neighbors: bool = True,
         shuffle: bool = True,
+        source_weights: list[float] | None = None,
     ) -> None:
         if seq_length % chunk_length:
             raise UserError(f"seq_length {seq_length} is not a multiple of the chunk length {chunk_length}.")
@@ -70,6 +72,17 @@ class RetroDataset:
         self.num_samples = num_samples or self.windows
         self.seed, self.shuffle = seed, shuffle
         self._perm: tuple[int, np.ndarray] | None = None
+        self.blend = None
+        if source_weights is not None:
+            docs = self.stream.meta["splits"][split].get("source_documents")
+            if docs is None:
+                raise UserError(f"{w / CORPUS_DIR / 'meta.json'} predates per-source splits, which "
+                                "pretrain.source_weights needs: rerun prepare_corpus (--force prepare_corpus).")
+            if len(docs) != len(source_weights):
+                raise UserError(f"pretrain.source_weights has {len(source_weights)} weights but the corpus was "
+                                f"built from {len(docs)} sources.")
+            per_source = blend.source_windows(self.stream.doc_offsets, docs, seq_length, self.windows)
+            self.blend = blend.Blend(per_source, list(source_weights), self.num_samples, seed)
         self.with_neighbors = with_neighbors
         if with_neighbors:
             meta_file = w / NEIGHBORS_META
@@ -86,6 +99,8 @@ class RetroDataset:
     def window(self, i: int) -> int:
         """Stream window of sample i: a fresh seeded permutation of all windows each epoch
         (stream order without shuffle)."""
+        if self.blend is not None:
+            return self.blend.window(i)
         epoch, j = divmod(i, self.windows)
         if not self.shuffle:
             return j

@@ -62,12 +62,16 @@ def build(recipe, arch: str, overrides: dict[str, Any] | None = None):
     return model.to(training.device()), config, section
 
 
-def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: bool = True) -> RetroDataset:
+def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: bool = True,
+            blend: bool = False) -> RetroDataset:
+    """A split's samples for `arch`; `blend` applies pretrain.source_weights (training only)."""
     m = recipe.model
+    weights = recipe.pretrain.source_weights if blend else None
     pad_id = Tokenizer(Path(recipe.workdir) / MODEL_FILE).pad_id
     return RetroDataset(recipe.workdir, split, m.seq_length, m.chunk_length, m.num_neighbors,
                         m.num_retrieved_chunks * m.chunk_length, pad_id, seed=recipe.seed,
-                        num_samples=num_samples, with_neighbors=arch == "retro", shuffle=shuffle)
+                        num_samples=num_samples, with_neighbors=arch == "retro", shuffle=shuffle,
+                        source_weights=list(weights) if weights is not None else None)
 
 
 def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
@@ -127,7 +131,7 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
 
     dp_rank, dp_size = training.data_parallel()
     training.grad_accumulation(p.global_batch_size, p.micro_batch_size, dp_size)
-    data = dataset(r, "train", arch, p.train_iters * p.global_batch_size)
+    data = dataset(r, "train", arch, p.train_iters * p.global_batch_size, blend=True)
     batches = training.Batches(data, p.global_batch_size, p.micro_batch_size, dp_rank, dp_size)
     total = sum(x.numel() for x in model.parameters()) * config.tensor_model_parallel_size
     log(f"{arch}: ~{total / 1e6:.2f}M parameters, {data.windows} training windows of {r.model.seq_length} "

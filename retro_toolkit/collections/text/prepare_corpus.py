@@ -1,7 +1,8 @@
 """Stage `prepare_corpus`: tokenize the sources into train/valid/test token streams.
 
-Documents are numbered in source order (empty ones skipped) and split by
-`data.split` fractions into contiguous ranges. Under torchrun each rank tokenizes one
+Documents are numbered in source order (empty ones skipped); each source is split by
+`data.split` fractions into contiguous ranges, so every split holds every source (in
+source order; meta.json counts each source's documents per split, for blends). Under torchrun each rank tokenizes one
 contiguous range of documents into part files and rank 0 concatenates the parts in rank
 order, so the output is byte-identical for any number of processes.
 """
@@ -33,6 +34,31 @@ def split_bounds(num_docs: int, fractions: list[float]) -> list[int]:
     return bounds
 
 
+def split_edges(per_source: list[int], fractions: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Document index where each (source, split) range starts, and that range's split number.
+
+    Document i belongs to split labels[searchsorted(edges, i, "right") - 1].
+    """
+    edges, labels, start = [], [], 0
+    for n in per_source:
+        b = split_bounds(n, fractions)
+        for s in range(3):
+            edges.append(start + b[s])
+            labels.append(s)
+        start += n
+    return np.asarray(edges + [start], dtype=np.int64), np.asarray(labels + [0], dtype=np.int64)
+
+
+def source_counts(per_source: list[int], fractions: list[float]) -> dict[str, list[int]]:
+    """Documents of each source in each split."""
+    out: dict[str, list[int]] = {s: [] for s in ts.SPLITS}
+    for n in per_source:
+        b = split_bounds(n, fractions)
+        for s, split in enumerate(ts.SPLITS):
+            out[split].append(b[s + 1] - b[s])
+    return out
+
+
 def _part(corpus: Path, split: str, rank: int) -> tuple[Path, Path]:
     parts = corpus / ".parts"
     return parts / f"{split}-rank{rank:05d}.bin", parts / f"{split}-rank{rank:05d}.len.npy"
@@ -46,16 +72,18 @@ def run(ctx: StageContext) -> StageResult:
 
     stats = ReadStats()
     num_docs = sum(1 for _ in iter_documents(data.sources, data.on_invalid_utf8, stats))
-    bounds = split_bounds(num_docs, list(data.split))
-    for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        if data.split[s] > 0 and hi == lo:
+    per_source = list(stats.per_source)
+    edges, labels = split_edges(per_source, list(data.split))
+    counts = source_counts(per_source, list(data.split))
+    for s, split in enumerate(ts.SPLITS):
+        if data.split[s] > 0 and sum(counts[split]) == 0:
             raise UserError(
                 f"the corpus has {num_docs} documents, too few for data.split = {list(data.split)}: "
-                f"split '{ts.SPLITS[s]}' would be empty. Add documents or change data.split."
+                f"split '{split}' would be empty. Add documents or change data.split."
             )
     ctx.log(
         f"{num_docs} documents ({stats.empty_skipped} empty skipped); "
-        + ", ".join(f"{ts.SPLITS[s]} {bounds[s + 1] - bounds[s]}" for s in range(3))
+        + ", ".join(f"{split} {sum(counts[split])}" for split in ts.SPLITS)
     )
 
     first, last = dist.shard_range(num_docs, ctx.env.rank, ctx.env.world_size)
@@ -67,7 +95,7 @@ def run(ctx: StageContext) -> StageResult:
     def flush() -> None:
         ids = tok.encode([t for _, t in batch])
         for (i, _), doc in zip(batch, ids):
-            split = ts.SPLITS[int(np.searchsorted(bounds, i, side="right")) - 1]
+            split = ts.SPLITS[int(labels[int(np.searchsorted(edges, i, side="right")) - 1])]
             arr = np.asarray(doc + [tok.eod_id], dtype=dtype)
             f, lengths = outs[split]
             f.write(arr.tobytes())
@@ -111,7 +139,8 @@ def run(ctx: StageContext) -> StageResult:
             with files.atomic_path(ts.idx_path(corpus, split)) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, offsets)
-            meta["splits"][split] = {"documents": len(offsets) - 1, "tokens": int(offsets[-1])}
+            meta["splits"][split] = {"documents": len(offsets) - 1, "tokens": int(offsets[-1]),
+                                     "source_documents": counts[split]}
             summary[f"{split}_tokens"] = int(offsets[-1])
         files.write_json(corpus / "meta.json", meta)
         shutil.rmtree(corpus / ".parts")
