@@ -54,8 +54,9 @@ def inputs(b=2, n=32, seed=1):
 
 
 @torch.no_grad()
-def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_1():
-    model = make()
+@pytest.mark.parametrize("cca_rotary", [False, True])
+def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_1(cca_rotary):
+    model = make(cca_rotary=cca_rotary)
     tokens, nb = inputs()
     base = model(tokens, nb)
     assert torch.isfinite(base).all()
@@ -234,3 +235,43 @@ def test_sdpa_matches_megatron_unfused_attention_within_rounding():
 def test_unknown_core_attention_is_a_user_error():
     with pytest.raises(UserError, match="core_attention"):
         config_from_model_section(SMALL, vocab_size=VOCAB, core_attention="flash")
+
+
+@pytest.mark.parametrize("cca_rotary", [False, True])
+def test_all_missing_neighbours_equal_gate_zero_with_and_without_cca_rotary(cca_rotary):
+    model = make(cca_rotary=cca_rotary)
+    tokens, nb = inputs()
+    with torch.no_grad():
+        off = model(tokens, torch.full_like(nb, -1))
+        model.config.retrieval_gate = 0.0
+        try:
+            gate0 = model(tokens, nb)
+        finally:
+            model.config.retrieval_gate = 1.0
+    assert torch.equal(off, gate0)
+
+
+@pytest.mark.slow
+def test_retro_learns_to_copy_its_neighbours_with_cca_rotary():
+    """Random tokens, each chunk's neighbour is that chunk plus the next: only retrieval can
+    predict them. Misaligned neighbours (off by a chunk or a token) would leave the loss at
+    log V; aligned ones are learned within a few hundred steps."""
+    import math
+
+    V, m, n = 64, 16, 64
+    section = dict(SMALL_SECTION, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                   seq_length=n, chunk_length=m, num_neighbors=1, cca_layers=[1, 2], cca_rotary=True,
+                   swiglu=False, apply_layernorm_1p=False, rotary_percent=1.0)
+    torch.manual_seed(0)
+    cfg, args = config_from_model_section(section, vocab_size=V)
+    model = build_model(cfg, args).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        seq = torch.randint(0, V, (32, n + m + 1), generator=g)
+        nb = torch.stack([seq[:, i * m:(i + 2) * m] for i in range(n // m)], 1)[:, :, None, :]
+        loss = model(seq[:, :n], nb, labels=seq[:, 1:n + 1])[:, m - 1:].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * math.log(V), loss.item()

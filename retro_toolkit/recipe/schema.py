@@ -88,6 +88,9 @@ class ModelConfig:
     encoder_attention_dropout: float = 0.1
     # Scales the chunked cross-attention output; 0 turns retrieval off (decoder only).
     retrieval_gate: float = 1.0
+    # Rotary positions inside chunked cross-attention (RETRO's relative positions; makes
+    # copying from a neighbour easy to learn). Off = Megatron-LM/InstructRetro's CCA.
+    cca_rotary: bool = False
     # "LayerNorm" or "RMSNorm"; apply_layernorm_1p stores gamma - 1 (zero-centred gamma).
     normalization: str = "LayerNorm"
     apply_layernorm_1p: bool = False

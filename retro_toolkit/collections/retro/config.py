@@ -40,6 +40,11 @@ class RetroConfig(TransformerConfig):
     cca_layers: Optional[list[int]] = None
     # Scales the CCA output; 0 skips the encoder and CCA entirely (decoder only).
     retrieval_gate: float = 1.0
+    # Rotary positions inside chunked cross-attention: query row j of a chunk sits at m-1+j,
+    # neighbour token t at t, so "copy the neighbour token one step ahead" is a fixed
+    # relative offset (RETRO's relative positions in CCA). Off = position-free CCA, as in
+    # Megatron-LM's Retro and InstructRetro's released checkpoints.
+    cca_rotary: bool = False
     # Neighbour token id masked like -1 (document-end padding), if the data uses one.
     neighbor_pad_id: Optional[int] = None
     # Attention of the local specs: "sdpa" (torch scaled_dot_product_attention, our rotary
@@ -166,6 +171,7 @@ def config_from_model_section(
         encoder_attention_dropout=float(get("encoder_attention_dropout", 0.1)),
         cca_layers=cca,
         retrieval_gate=float(get("retrieval_gate", 1.0)),
+        cca_rotary=bool(get("cca_rotary", False)),
         position_embedding_type=str(get("position_embedding_type", "rope")),
         rotary_percent=float(get("rotary_percent", 1.0)),
         rotary_base=int(get("rotary_base", 10000)),

@@ -282,6 +282,15 @@ class ChunkedCrossAttention(MegatronModule):
         )
         self.encoder = None
         self.encoder_rotary = None
+        self.cca_rotary = None
+        if config.cca_rotary:
+            self.cca_rotary = RotaryEmbedding(
+                kv_channels=config.kv_channels,
+                rotary_percent=config.rotary_percent,
+                rotary_interleaved=config.rotary_interleaved,
+                rotary_base=config.rotary_base,
+                use_cpu_initialization=config.use_cpu_initialization,
+            )
         if submodules.encoder is not None:
             enc_config = config.encoder_config()
             self.encoder = TransformerBlock(
@@ -342,7 +351,14 @@ class ChunkedCrossAttention(MegatronModule):
         # Shift by m - 1 so that row j of chunk i is position (i+1)m - 1 + j.
         shifted = F.pad(hidden_states[m - 1 :], (0, 0, 0, 0, 0, m - 1))
         queries = shifted.reshape(l, m, b, h).permute(1, 2, 0, 3).reshape(m, b * l, h)
-        out, bias = self.attention(queries, attention_mask=mask.reshape(b * l, 1, 1, kr), key_value_states=key_value_states)
+        rope = None
+        if self.cca_rotary is not None:
+            r = mask.shape[3]
+            q_pos = self.cca_rotary(max(2 * m - 1, r))
+            rope = (q_pos[m - 1 : 2 * m - 1], q_pos[:r].repeat(kr // r, 1, 1, 1))
+        out, bias = self.attention(
+            queries, attention_mask=mask.reshape(b * l, 1, 1, kr), key_value_states=key_value_states, rotary_pos_emb=rope
+        )
         if bias is not None:
             out = out + bias
         has_any = ~mask.reshape(b * l, kr).all(dim=-1)
