@@ -86,6 +86,16 @@ def forward_flops(s: dict, retro: bool, batch: int) -> float:
     return batch * total
 
 
+def write_result(result: dict, out: Path | None) -> None:
+    """The benchmark's JSON: to `out` when given, else to stdout."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    else:
+        print(text)
+
+
 class Stepper:
     """One model, its optimizer and fixed inputs; step() returns one training step's seconds."""
 
@@ -214,12 +224,7 @@ def main() -> None:
     result["matmul_2048_flops_per_s"] = max(limits)
     if a.threads == 1:
         result["note"] = "one thread: CPU-time fractions are exact and insensitive to other load"
-    text = json.dumps(result, indent=2)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    else:
-        print(text)
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ FLOP/s as a fraction of the matmul, and full/bare step-time ratio (goal: within 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -110,12 +109,7 @@ def main() -> None:
               f"({row['bare']['fraction_of_matmul_limit']:.0%}): full/bare {row['full_over_bare']:.3f}", flush=True)
     result["retro_gpt_full_step_ratio"] = (result["models"]["retro"]["full"]["step_s"]
                                            / result["models"]["gpt"]["full"]["step_s"])
-    text = json.dumps(result, indent=2)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    else:
-        print(text)
+    model_step.write_result(result, a.out)
 
 
 if __name__ == "__main__":

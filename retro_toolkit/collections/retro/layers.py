@@ -258,6 +258,17 @@ class ChunkedCrossAttentionSubmodules:
     encoder: Optional[TransformerBlockSubmodules] = None
 
 
+def _rotary(config: RetroConfig) -> RotaryEmbedding:
+    """The decoder's rotary embedding settings, for positions inside a neighbour or a chunk."""
+    return RotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=config.rotary_percent,
+        rotary_interleaved=config.rotary_interleaved,
+        rotary_base=config.rotary_base,
+        use_cpu_initialization=config.use_cpu_initialization,
+    )
+
+
 class ChunkedCrossAttention(MegatronModule):
     """Retro's chunked cross-attention (CCA), in a TransformerLayer's cross_attention slot.
 
@@ -282,28 +293,14 @@ class ChunkedCrossAttention(MegatronModule):
         )
         self.encoder = None
         self.encoder_rotary = None
-        self.cca_rotary = None
-        if config.cca_rotary:
-            self.cca_rotary = RotaryEmbedding(
-                kv_channels=config.kv_channels,
-                rotary_percent=config.rotary_percent,
-                rotary_interleaved=config.rotary_interleaved,
-                rotary_base=config.rotary_base,
-                use_cpu_initialization=config.use_cpu_initialization,
-            )
+        self.cca_rotary = _rotary(config) if config.cca_rotary else None
         if submodules.encoder is not None:
             enc_config = config.encoder_config()
             self.encoder = TransformerBlock(
                 config=enc_config, spec=submodules.encoder, pre_process=True, post_process=True, pg_collection=pg_collection
             )
             if config.position_embedding_type == "rope":
-                self.encoder_rotary = RotaryEmbedding(
-                    kv_channels=config.kv_channels,
-                    rotary_percent=config.rotary_percent,
-                    rotary_interleaved=config.rotary_interleaved,
-                    rotary_base=config.rotary_base,
-                    use_cpu_initialization=config.use_cpu_initialization,
-                )
+                self.encoder_rotary = _rotary(config)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The attention's state under `prefix`; the encoder is a block of its own (no layer offsets)."""
