@@ -186,6 +186,15 @@ def load_weights(ckpt: Path, model) -> None:
     model.load_state_dict({k: loaded[k] for k in sd})
 
 
+def load_model(ckpt: Path, model, section: dict[str, Any], workdir: Path) -> None:
+    """Weights from a checkpoint of this same model and tokenizer (evaluation, the twin's init_from)."""
+    common = common_state(ckpt)
+    if "model_section" in common:
+        check_model_section(ckpt, common["model_section"], section, free=EVAL_FREE_KEYS)
+    check_tokenizer(ckpt, common, workdir)
+    load_weights(ckpt, model)
+
+
 def _sharded_tensors(sd: dict[str, Any]) -> list[ShardedTensor]:
     return [v for v in sd.values() if isinstance(v, ShardedTensor)]
 

@@ -57,10 +57,7 @@ def run(ctx: StageContext) -> StageResult:
     for arch_, name in models:
         source = ckpt.resolve(ctx.workdir / "checkpoints" / name, f"checkpoints/{name}")
         model, config, section = build(r, arch_)
-        common = ckpt.common_state(source)
-        ckpt.check_model_section(source, common["model_section"], section, free=ckpt.EVAL_FREE_KEYS)
-        ckpt.check_tokenizer(source, common, ctx.workdir)
-        ckpt.load_weights(source, model)
+        ckpt.load_model(source, model, section, ctx.workdir)
         ctx.log(f"{name}: weights from {source.relative_to(ctx.workdir)}")
         for split in e.splits:
             data = dataset(r, split, arch_, None, shuffle=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 
@@ -74,6 +74,28 @@ def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: boo
                         source_weights=list(weights) if weights is not None else None)
 
 
+def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any], overrides: dict[str, Any],
+                    log: Callable[[str], None]) -> None:
+    """Weights a fresh run starts from: random, the GPT checkpoint of pretrain.init_from, and for
+    the GPT twin the same decoder as the Retro model (both random-initialised alike, or both
+    from init_from)."""
+    r, p = ctx.recipe, ctx.recipe.pretrain
+    if name == TWIN and p.init_from:
+        source = ckpt.resolve(p.init_from, "pretrain.init_from")
+        ckpt.load_model(source, model, section, ctx.workdir)
+        log(f"init_from {source}: the whole GPT twin")
+    elif name == TWIN:
+        retro, _, _ = build(r, "retro", overrides)
+        model.load_state_dict(retro.state_dict(), strict=False)
+    elif p.init_from and section["arch"] == "retro":
+        source = ckpt.resolve(p.init_from, "pretrain.init_from")
+        new, loaded = ckpt.init_from_gpt(source, model, section, ctx.workdir)
+        log(f"init_from {source}: loaded {len(loaded)} decoder tensors; {len(new)} new parameters "
+            f"(chunked cross-attention and encoder, initialised fresh):")
+        for n in new:
+            log(f"  new: {n}")
+
+
 def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     """Train one model into checkpoints/<name>/; returns its summary facts."""
     r, p = ctx.recipe, ctx.recipe.pretrain
@@ -93,27 +115,8 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     settings = resume_settings(r, section)
     if found is not None:
         ckpt.check_resume(found, ckpt.common_state(found).get("settings", {}), settings)
-    elif name == TWIN and p.init_from:
-        # Equal decoders: both continue from the same GPT checkpoint.
-        source = ckpt.resolve(p.init_from, "pretrain.init_from")
-        common = ckpt.common_state(source)
-        if "model_section" in common:
-            ckpt.check_model_section(source, common["model_section"], section, free=ckpt.EVAL_FREE_KEYS)
-        ckpt.check_tokenizer(source, common, ctx.workdir)
-        ckpt.load_weights(source, model)
-        log(f"init_from {source}: the whole GPT twin")
-    elif name == TWIN:
-        # Equal decoders: the twin starts from the Retro model's initial decoder weights.
-        retro, _, _ = build(r, "retro", overrides)
-        model.load_state_dict(retro.state_dict(), strict=False)
-        del retro
-    elif p.init_from and arch == "retro":
-        source = ckpt.resolve(p.init_from, "pretrain.init_from")
-        new, loaded = ckpt.init_from_gpt(source, model, section, ctx.workdir)
-        log(f"init_from {source}: loaded {len(loaded)} decoder tensors; {len(new)} new parameters "
-            f"(chunked cross-attention and encoder, initialised fresh):")
-        for n in new:
-            log(f"  new: {n}")
+    else:
+        initial_weights(ctx, name, model, section, overrides, log)
     if p.freeze_decoder and arch == "retro":
         for n, param in model.named_parameters():
             param.requires_grad_(ckpt.is_retrieval_param(n))
