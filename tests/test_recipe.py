@@ -86,6 +86,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["pretrain.gpt_twin=true", "model.arch=gpt"], "pretrain.gpt_twin needs model.arch retro"),
         (["eval_ppl.splits=[vaild]"], "'eval_ppl.splits[0]' = 'vaild' is not one of train, valid, test. Did you mean 'valid'?"),
         (["pretrain.source_weights=[1.0,2.0]"], "pretrain.source_weights = [1.0, 2.0] must give one non-negative weight per data.sources entry (1)"),
+        (["eval_ppl.splits=[]"], "recipe key 'eval_ppl.splits' is empty"),
         (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
     ],
 )

@@ -281,6 +281,8 @@ def _check_training(r: dict[str, Any]) -> None:
                 f"({n}), not all zero; or null to sample the train stream uniformly."
             )
     e = r["eval_ppl"]
+    if not e["splits"]:
+        raise UserError("recipe key 'eval_ppl.splits' is empty: list at least one split, e.g. [valid].")
     for i, split in enumerate(e["splits"]):
         _check_choice(split, ("train", "valid", "test"), f"eval_ppl.splits[{i}]")
     if e["micro_batch_size"] < 1 or (e["max_samples"] is not None and e["max_samples"] < 1):

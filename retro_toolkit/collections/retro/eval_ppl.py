@@ -21,7 +21,6 @@ from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro.pretrain import TWIN, build, dataset
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
-from retro_toolkit.errors import UserError
 
 OUTPUT = "eval/ppl.json"
 
@@ -82,8 +81,6 @@ def run(ctx: StageContext) -> StageResult:
                 row["ppl_no_retrieval"] = row["ppl"]
             ctx.log(f"{split}: ppl {row['ppl']:.3f} (no retrieval {row['ppl_no_retrieval']:.3f}) "
                     f"over {row['tokens']:,} tokens")
-        if not results:
-            raise UserError("eval_ppl.splits is empty: list at least one split, e.g. [valid].")
     for split, row in results.items():
         if "ppl_gpt_twin" in row:
             ctx.log(f"{split}: GPT twin ppl {row['ppl_gpt_twin']:.3f} vs Retro {row['ppl']:.3f}")
