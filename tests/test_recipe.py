@@ -140,3 +140,10 @@ def test_recipe_next_to_its_own_yaml_tree(tmp_path):
     )
     r = load_recipe(str(tmp_path / "recipes" / "r.yaml"))
     assert r.model.num_layers == 7 and r.executor.type == "local"
+
+
+def test_every_unset_key_is_named_at_once():
+    with pytest.raises(UserError) as e:
+        load_recipe("retro_843m")
+    assert ("recipe keys required but not set: tokenizer.model, data.sources[0].path, retrieval.embedder.path."
+            in str(e.value))

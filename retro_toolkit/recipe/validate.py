@@ -159,6 +159,15 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"cannot resolve recipe key '{key}': {msg}.") from None
 
 
+def _unset_keys(value: Any, key: str = "") -> list[str]:
+    """Every key still holding OmegaConf's '???' (required, not set), in document order."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _unset_keys(v, f"{key}.{name}" if key else str(name))]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _unset_keys(v, f"{key}[{i}]")]
+    return [key] if value == "???" else []
+
+
 def _check_choice(value: str, choices: tuple[str, ...] | list[str], key: str) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(value, list(choices), n=1)
@@ -312,6 +321,13 @@ def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:
 
 def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
     """Return the checked, resolved recipe (read-only); raise UserError on the first problem."""
+    # Before merging onto the schema's defaults: OmegaConf keeps a default over a merged '???'.
+    unset = _unset_keys(OmegaConf.to_container(cfg, resolve=False))
+    if len(unset) == 1:
+        raise UserError(f"recipe key '{unset[0]}' is required but not set. Set it in the recipe or as {unset[0]}=...")
+    if unset:
+        raise UserError(f"recipe keys required but not set: {', '.join(unset)}. Set them in the recipe "
+                        "or as key=value overrides.")
     resolved = _resolve(cfg)
     executor = resolved.pop("executor", {"type": "local"})
     checker = _Checker(Recipe)
