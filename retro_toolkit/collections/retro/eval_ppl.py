@@ -59,11 +59,8 @@ def run(ctx: StageContext) -> StageResult:
         ckpt.load_model(source, model, section, ctx.workdir)
         ctx.log(f"{name}: weights from {source.relative_to(ctx.workdir)}")
         for split in e.splits:
-            data = dataset(r, split, arch_, None, shuffle=False)
-            if e.max_samples:
-                data.num_samples = min(data.windows, e.max_samples)
-            else:
-                data.num_samples = data.windows
+            data = dataset(r, split, arch_, None, shuffle=False)  # every window, in stream order
+            data.num_samples = min(data.windows, e.max_samples or data.windows)
             row = results.setdefault(split, {})
             if name == TWIN:
                 row["ppl_gpt_twin"], _ = perplexity(model, data, e.micro_batch_size)
