@@ -31,6 +31,7 @@ def apply() -> bool:
     _patch_tensor_parallel_buffers()
     _patch_dist_checkpointing_devices()
     _patch_ddp_and_optimizer()
+    _patch_kv_cache()
     _applied = True
     return True
 
@@ -283,3 +284,11 @@ def quiet_warnings() -> None:
         r"`load_state_dict` is deprecated",  # dist_checkpointing calls torch.distributed.checkpoint's old name
     ):
         warnings.filterwarnings("ignore", message=message)
+
+
+def _patch_kv_cache() -> None:
+    # megatron/core/transformer/attention.py Attention._allocate_memory puts the static
+    # inference KV cache on torch.cuda.current_device() (generation with a KV cache).
+    from megatron.core.transformer import attention
+
+    attention.torch = _cpu_torch_view()

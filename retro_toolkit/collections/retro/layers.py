@@ -333,6 +333,8 @@ class ChunkedCrossAttention(MegatronModule):
         **_: Any,
     ) -> dict:
         gate = self.config.retrieval_gate
+        if gate != 0 and hasattr(inference_context, "new_neighbors"):
+            return {"context": None, "output": self._forward_cached(hidden_states, inference_context)}
         if key_value_states is None or attention_mask is None or gate == 0:
             return {"context": key_value_states, "output": None}
         n, b, h = hidden_states.shape
@@ -365,6 +367,41 @@ class ChunkedCrossAttention(MegatronModule):
         out = out.reshape(m, b, l, h).permute(2, 0, 1, 3).reshape(l * m, b, h)[: n - m + 1]
         out = F.pad(out, (0, 0, 0, 0, m - 1, 0))
         return {"context": key_value_states, "output": out}
+
+
+    def _forward_cached(self, hidden_states: Tensor, ctx: Any) -> Optional[Tensor]:
+        """The CCA output for positions [offset, offset + s) of a RetroInferenceContext."""
+        s, b, h = hidden_states.shape
+        m = self.config.chunk_length
+        start = ctx.sequence_len_offset
+        if self.encoder is not None:
+            if ctx.cca_inputs is None:
+                ctx.cca_inputs = hidden_states.new_zeros(ctx.max_sequence_length, b, h)
+            ctx.cca_inputs[start : start + s] = hidden_states
+            for i, (neighbors, mask) in ctx.new_neighbors.items():
+                ctx.encoded[i] = self.encode(ctx.cca_inputs[i * m : (i + 1) * m], neighbors, mask)
+        first = (start + 1) // m - 1  # the chunk read by position `start`
+        last = (start + s) // m - 1  # ... and by position start + s - 1
+        if last < 0:
+            return None
+        out = hidden_states.new_zeros(s, b, h)
+        for i in range(max(first, 0), last + 1):
+            lo, hi = max(start, (i + 1) * m - 1), min(start + s, (i + 2) * m - 1)
+            mask = ctx.neighbor_tokens[:b, i]  # [b, k, r]
+            mask = mask < 0 if self.config.neighbor_pad_id is None else (mask < 0) | (mask == self.config.neighbor_pad_id)
+            k, r = mask.shape[1:]
+            rope = None
+            if self.cca_rotary is not None:
+                pos = self.cca_rotary(max(2 * m - 1, r))
+                rope = (pos[lo - i * m : hi - i * m], pos[:r].repeat(k, 1, 1, 1))
+            o, bias = self.attention(hidden_states[lo - start : hi - start], attention_mask=mask.reshape(b, 1, 1, k * r),
+                                     key_value_states=ctx.encoded[i], rotary_pos_emb=rope)
+            if bias is not None:
+                o = o + bias
+            has_any = ~mask.reshape(b, k * r).all(dim=-1)
+            o = torch.where(has_any[None, :, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+            out[lo - start : hi - start] = o if self.config.retrieval_gate == 1 else o * self.config.retrieval_gate
+        return out
 
 
 class ChunkedCrossAttentionBDA(MegatronModule):

@@ -22,6 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from retro_toolkit.collections.retro.config import ModelArgs, RetroConfig
+from retro_toolkit.collections.retro.inference import RetroInferenceContext
 from retro_toolkit.collections.retro.specs import decoder_block_spec
 from retro_toolkit.core import cpu
 from retro_toolkit.errors import UserError
@@ -120,11 +121,17 @@ class RetroModel(GPTModel):
         neighbor_tokens: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         runtime_gather_output: Optional[bool] = None,
+        inference_context: Optional[RetroInferenceContext] = None,
     ) -> Tensor:
         """Logits [b, n, vocab (/tp unless gathered)], or per-token loss [b, n] with labels.
 
-        neighbor_tokens None (or retrieval_gate 0) runs the decoder alone.
+        neighbor_tokens None (or retrieval_gate 0) runs the decoder alone. With an
+        inference_context (eval mode), `tokens` continue the cached sequence at
+        inference_context.sequence_len_offset, neighbours come from the context, and the
+        logits are the last position's, [b, 1, vocab]; call inference_context.advance(n) after.
         """
+        if inference_context is not None:
+            return self._forward_cached(tokens, inference_context, runtime_gather_output)
         self._check(tokens, neighbor_tokens)
         extra = None
         if neighbor_tokens is not None and self.has_retrieval and self.config.retrieval_gate != 0:
@@ -142,6 +149,36 @@ class RetroModel(GPTModel):
             labels=labels,
             extra_block_kwargs=extra,
             runtime_gather_output=runtime_gather_output,
+        )
+
+    def _forward_cached(self, tokens: Tensor, ctx: RetroInferenceContext, gather: Optional[bool]) -> Tensor:
+        if self.training:
+            raise UserError("generation with a KV cache needs model.eval() (dropout off).")
+        b, n = tokens.shape
+        start = ctx.sequence_len_offset
+        if start + n > ctx.max_sequence_length:
+            raise UserError(f"the sequence grows to {start + n} tokens but the inference context holds "
+                            f"{ctx.max_sequence_length}; make it larger.")
+        if start > 0 and n > 1:
+            # megatron-core's static cache drops the causal mask once the offset is past 0.
+            raise UserError(f"after the first piece, feed one token at a time (got {n} tokens at offset {start}).")
+        ctx.new_neighbors = {}
+        if self.has_retrieval and self.config.retrieval_gate != 0:
+            for i in ctx.completed_chunks(start, n):
+                nb = ctx.neighbor_tokens[:b, i]  # [b, k, r]
+                mask = nb < 0
+                if self.config.neighbor_pad_id is not None:
+                    mask |= nb == self.config.neighbor_pad_id
+                k, r = nb.shape[1:]
+                emb = self.embedding(input_ids=nb.clamp(min=0).reshape(b * k, r), position_ids=None)
+                ctx.new_neighbors[i] = (emb, mask[:, None])
+        positions = torch.arange(start, start + n, device=tokens.device).expand(b, n)
+        return super().forward(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=None,
+            inference_context=ctx,
+            runtime_gather_output=True if gather is None else gather,
         )
 
 

@@ -1,0 +1,129 @@
+"""The generation loop: batched, KV-cached, with retrieval at chunk boundaries.
+
+Rows keep their own positions (no padding in front), so chunk i of every row ends at
+position (i+1)m - 1 and Retro's chunk alignment holds for the whole batch. The prompts'
+common prefix is fed in one piece; after that one token per step, where a row still
+inside its prompt takes its prompt token instead of the sampled one. Before the piece
+that completes chunk i the neighbour source is asked for chunk i's neighbours.
+
+`use_cache=False` recomputes the whole prefix for every token (what upstream did); it is
+the reference the cached path must match and the baseline of benchmarks/generate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from retro_toolkit.collections.generate.neighbors import NeighborSource
+from retro_toolkit.collections.generate.sampling import SamplingParams, sample
+from retro_toolkit.collections.retro.inference import RetroInferenceContext
+from retro_toolkit.errors import UserError
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens, without the end-of-document token
+    finish_reason: str  # "eos", "stop" or "length"
+    text: str = ""
+
+
+def _model_dims(model) -> tuple[int, int, int]:
+    c = model.config
+    return c.chunk_length, c.num_neighbors, c.retrieved_length
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    neighbors: Optional[NeighborSource] = None,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    stop_check: Optional[Callable[[list[int]], bool]] = None,
+    use_cache: bool = True,
+) -> list[Generation]:
+    """New tokens for each prompt (token ids). stop_check(new_tokens) True ends a row ("stop")."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token.")
+    if model.training:
+        raise UserError("call model.eval() before generating (dropout must be off).")
+    device = next(model.parameters()).device
+    m, k, r = _model_dims(model)
+    b = len(prompts)
+    lengths = [len(p) for p in prompts]
+    total = max(lengths) + params.max_new_tokens
+    capacity = -(-total // m) * m
+    limit = getattr(model, "max_sequence_length", capacity)
+    if model.position_embedding_type == "learned_absolute" and capacity > limit:
+        raise UserError(f"prompt + max_new_tokens needs {capacity} positions; the model has {limit}.")
+    tokens = torch.full((b, capacity), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        tokens[row, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    retrieval = neighbors is not None and model.has_retrieval
+    neighbor_tokens = torch.full((b, capacity // m, k, r), -1, dtype=torch.long, device=device)
+    ctx = RetroInferenceContext(b, capacity, m, k, r, device=device) if use_cache else None
+    generator = torch.Generator(device="cpu").manual_seed(params.seed)
+
+    new: list[list[int]] = [[] for _ in range(b)]
+    finish: list[Optional[str]] = [None] * b
+    start, end = 0, min(lengths)  # the piece [start, end) goes in next; it predicts position `end`
+    while True:
+        if retrieval:
+            first = -(-(start + 1) // m) - 1
+            for i in range(first, end // m):
+                chunk = tokens[:, i * m : (i + 1) * m].cpu().numpy()
+                neighbor_tokens[:, i] = neighbors.chunk_neighbors(i, chunk).to(device)
+        if ctx is not None:
+            if retrieval:
+                ctx.neighbor_tokens.copy_(neighbor_tokens)
+            logits = model(tokens[:, start:end], inference_context=ctx)[:, -1]
+            ctx.advance(end - start)
+        else:
+            padded = -(-end // m) * m
+            nb = neighbor_tokens[:, : padded // m] if retrieval else None
+            logits = model(tokens[:, :padded], nb, runtime_gather_output=True)[:, end - 1]
+        chosen = sample(logits, params, generator).tolist()
+        for row in range(b):
+            if end < lengths[row] or finish[row] is not None:
+                continue
+            tok = chosen[row]
+            tokens[row, end] = tok
+            if eos_id is not None and tok == eos_id:
+                finish[row] = "eos"
+                continue
+            new[row].append(tok)
+            if stop_check is not None and stop_check(new[row]):
+                finish[row] = "stop"
+            elif len(new[row]) >= params.max_new_tokens:
+                finish[row] = "length"
+        if all(f is not None for f in finish) or end + 1 >= capacity:
+            break
+        start, end = end, end + 1
+    return [Generation(t, f or "length") for t, f in zip(new, finish)]
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    neighbors: Optional[NeighborSource] = None,
+    use_cache: bool = True,
+) -> list[Generation]:
+    """generate_ids on text; the text stops before the first stop string."""
+    ids = tokenizer.encode(list(prompts))
+
+    def stop_check(new: list[int]) -> bool:
+        return bool(params.stop) and any(s in tokenizer.decode(new) for s in params.stop)
+
+    outs = generate_ids(model, ids, params, neighbors, eos_id=tokenizer.eod_id, pad_id=tokenizer.pad_id,
+                        stop_check=stop_check if params.stop else None, use_cache=use_cache)
+    for out in outs:
+        text = tokenizer.decode(out.tokens)
+        cut = [text.index(s) for s in params.stop if s in text]
+        out.text = text[: min(cut)] if cut else text
+    return outs
