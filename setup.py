@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 here = Path(__file__).parent
 packages = find_packages(include=["retro_toolkit", "retro_toolkit.*"])
 package_dir = {"retro_toolkit": "retro_toolkit"}
-package_data = {}
+package_data = {"retro_toolkit.data": ["*.json", "*.jsonl"]}
 for top, name in (("recipes", "retro_toolkit._recipes"), ("yaml", "retro_toolkit._yaml")):
     for folder in [here / top, *sorted(p for p in (here / top).rglob("*") if p.is_dir())]:
         rel = folder.relative_to(here)

@@ -11,6 +11,7 @@ Measured in one run:
   full recompute, batch 1, 128 new tokens (what upstream's generation did per token)
   KV cache, batch 1 and batch 8, 128 new tokens
   KV cache vs full recompute at 256 new tokens, batch 1, and whether the tokens agree
+  one decode matmul with 8 rows against 1 row, per weight shape (what bounds batching)
 """
 
 from __future__ import annotations
@@ -51,6 +52,28 @@ def run(model, batch: int, new_tokens: int, use_cache: bool, prompt_len: int, vo
             "tokens_per_s": generated / dt, "tokens": [o.tokens for o in outs]}
 
 
+def linear_batch_cost(section: dict, reps: int = 30) -> dict:
+    """Time of one decode-step matmul at 8 rows over 1 row, for the model's weight shapes.
+
+    Decoding multiplies 1 (or 8) rows by every weight matrix; this ratio bounds how much
+    more tokens/s batch 8 can give: at 3x the time for 8x the tokens, 8/3 = 2.7x.
+    """
+    h, f, v = section["hidden_size"], section["ffn_hidden_size"], section["vocab_size"]
+    out = {}
+    for name, (n, k) in {"qkv": (3 * h, h), "fc1": (f, h), "fc2": (h, f), "output": (v, h)}.items():
+        w = torch.randn(n, k)
+        times = {}
+        for rows in (1, 8):
+            x = torch.randn(rows, k)
+            torch.nn.functional.linear(x, w)
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.nn.functional.linear(x, w)
+            times[rows] = (time.perf_counter() - t) / reps
+        out[name] = {"shape": [n, k], "rows1_s": times[1], "rows8_s": times[8], "rows8_over_rows1": times[8] / times[1]}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="reference", choices=["tiny", "reference"])
@@ -82,12 +105,15 @@ def main() -> None:
         "batch8_over_batch1_tokens_per_s": rows["cache_b8_128"]["tokens_per_s"] / rows["cache_b1_128"]["tokens_per_s"],
         "cache_tokens_equal_full": rows["cache_b1_256"]["tokens"] == rows["full_b1_256"]["tokens"]
         and rows["cache_b1_128"]["tokens"] == rows["full_b1_128"]["tokens"],
+        "linear_8_rows_over_1_row": linear_batch_cost(section),
     }
     for name, row in result["runs"].items():
         print(f"{name}: {row['tokens_per_s']:.1f} tokens/s ({row['seconds']:.1f} s)", flush=True)
     print(f"KV cache / full recompute at 256 new tokens: {result['cache_over_full_256']:.1f}x; "
           f"batch 8 / batch 1 tokens/s: {result['batch8_over_batch1_tokens_per_s']:.1f}x; "
           f"tokens equal: {result['cache_tokens_equal_full']}")
+    costs = {k: round(v["rows8_over_rows1"], 2) for k, v in result["linear_8_rows_over_1_row"].items()}
+    print(f"one matmul, 8 rows over 1 row: {costs}")
     model_step.write_result(result, a.out)
 
 

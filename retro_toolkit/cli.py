@@ -6,6 +6,7 @@
     retro-run ls
     retro-run inspect WORKDIR {stats | chunk N | neighbours SPLIT N}
     retro-run show-model yaml/model/retro_48b.yaml
+    retro-run generate --workdir runs/smoke --chat --prompt "What does pass do?"
 """
 
 from __future__ import annotations
@@ -41,7 +42,20 @@ A finished stage is skipped on the next run unless its settings (or an upstream
 stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 """
 
-COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model")
+COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model", "generate")
+
+GENERATE_EPILOG = """\
+The model comes from --checkpoint (a <workdir>/checkpoints/<stage> folder or one of its
+iter_NNNNNNN folders) or from --workdir (its sft checkpoint, else pretrain). Decoding uses
+a KV cache; Retro's chunks get neighbours from --context (top-1 goes in the prompt with
+--chat, the rest to the encoder) or, with --live-retrieval, from the work directory's
+index, queried with every completed 64-token chunk of prompt and answer.
+
+examples:
+  retro-run generate --workdir runs/smoke --chat --prompt "Which keyword defines a function?"
+  retro-run generate --checkpoint runs/smoke/checkpoints/pretrain --prompt "The with statement" \\
+      --live-retrieval --max-new-tokens 128 --temperature 0.8 --top-p 0.9
+"""
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -51,7 +65,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect,show-model}")
+    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect,show-model,generate}")
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe file (recipes/smoke.yaml) or bundled recipe name (smoke)")
@@ -80,7 +94,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     sm.add_argument("model", help="a yaml/model/*.yaml file or piece name (retro_843m)")
     sm.add_argument("--vocab-size", type=int, default=None,
                     help="vocabulary for pieces that take it from the tokenizer (retro_tiny)")
-    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm}
+    g = sub.add_parser("generate", help="generate text from a trained checkpoint (KV cache, retrieval)",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--checkpoint", help="checkpoints/<stage> or iter_NNNNNNN folder")
+    g.add_argument("--workdir", help="work directory (tokenizer, recipe, database)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as an InstructRetro user turn")
+    g.add_argument("--context", action="append", default=[], help="a retrieved passage (repeatable)")
+    g.add_argument("--live-retrieval", action="store_true", help="query the work directory's index per chunk")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g}
 
 
 def _split_stages(text: str | None) -> list[str] | None:
@@ -144,6 +172,24 @@ def _show_model(model: str, vocab_size: int | None) -> int:
     return 0
 
 
+def _generate(a: argparse.Namespace) -> int:
+    from retro_toolkit.core.cpu import quiet_warnings
+
+    quiet_warnings()
+    from retro_toolkit.collections.generate import SamplingParams
+    from retro_toolkit.collections.generate.session import load_session
+
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, stop=a.stop, seed=a.seed)
+    session = load_session(a.checkpoint, a.workdir)
+    outs = session.generate(a.prompt, params, chat=a.chat, contexts=a.context, live_retrieval=a.live_retrieval)
+    for prompt, out in zip(a.prompt, outs):
+        if len(a.prompt) > 1:
+            print(f"### {prompt}")
+        print(out.text)
+    return 0
+
+
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run", *argv]
@@ -161,6 +207,8 @@ def dispatch(argv: list[str]) -> int:
         return _inspect(args.workdir, args.what)
     if args.command == "show-model":
         return _show_model(args.model, args.vocab_size)
+    if args.command == "generate":
+        return _generate(args)
 
     from retro_toolkit.recipe import load_recipe, to_yaml
 

@@ -216,6 +216,89 @@ class EvalPplConfig:
 
 
 @dataclass
+class InstructDatasetConfig:
+    # Name in logs (e.g. dolly, oasst).
+    name: str = MISSING
+    # The data file, or builtin:smoke-instruct / builtin:smoke-qa (this project's small sets
+    # about the smoke corpus).
+    path: str = MISSING
+    # conversation ({"messages": [{"role", "content"}...]} per line), qa (InstructRetro's
+    # {"question", "answers", "ctxs"}) or prompt_response ({"prompt", "response"} per line).
+    format: str = "conversation"
+    # Share of the training samples (any positive scale; 0 = left out).
+    weight: float = 1.0
+
+
+@dataclass
+class SftConfig:
+    # The instruction blend (yaml/sft/open_inst.yaml lists InstructRetro's open blend).
+    datasets: list[InstructDatasetConfig] = field(default_factory=list)
+    # Weights to start from: a checkpoints/<stage> or iter_NNNNNNN folder; null = this work
+    # directory's checkpoints/pretrain.
+    init_from: Optional[str] = None
+    # Tokens per sample (a multiple of model.chunk_length); null = model.seq_length. Longer
+    # conversations are cut at the end.
+    seq_length: Optional[int] = None
+    # Keep retrieval on while tuning: neighbours are each QA record's contexts after the
+    # first (top-1 goes in the prompt). false = retrieval gate 0 with chunked cross-attention
+    # and the encoder frozen, as InstructRetro tunes.
+    retrieval: bool = False
+    # The System line of every prompt; null = the toolkit's default.
+    system_prompt: Optional[str] = None
+    # InstructRetro's settings: lr 5e-6 constant, batch 128, 1000 iterations, wd 0.01, Adam 0.9/0.98.
+    train_iters: int = 1000
+    micro_batch_size: int = 4
+    global_batch_size: int = 128
+    lr: float = 5.0e-6
+    min_lr: float = 5.0e-6
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "constant"
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    bf16: bool = False
+    recompute_activations: bool = False
+    use_distributed_optimizer: Optional[bool] = None
+    save_interval: int = 0
+    log_interval: int = 10
+    resume: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class QaTaskConfig:
+    # nq, tqa, squad1.1, squad2.0, newsqa, quoref, narrativeqa, drop (short answers),
+    # boolq (yes/no), or smoke (this project's questions about the smoke corpus).
+    name: str = MISSING
+    # The task's QA file (JSON list or JSONL of {"question", "answers", "ctxs"}), or builtin:smoke-qa.
+    path: str = MISSING
+    # Evaluate only the first N questions (null = all).
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class EvalQaConfig:
+    tasks: list[QaTaskConfig] = field(default_factory=list)
+    # Which weights answer: "sft", "pretrain", or a checkpoint folder.
+    checkpoint: str = "sft"
+    # Where a question's contexts come from: "ctxs" (the task file's), "retrieve" (this work
+    # directory's index, queried with the question) or "none". The top-1 context goes in the
+    # prompt, the next model.num_neighbors to the encoder for every chunk.
+    contexts: str = "ctxs"
+    # Re-query the index with each completed chunk while generating (Retro's own retrieval)
+    # instead of giving every chunk the question's contexts.
+    live_retrieval: bool = False
+    max_new_tokens: int = 32
+    # Generation stops at the end-of-document token or at any of these strings.
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    # Questions generated together.
+    batch_size: int = 8
+
+
+@dataclass
 class Recipe:
     name: str = MISSING
     description: str = ""
@@ -230,5 +313,7 @@ class Recipe:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval_ppl: EvalPplConfig = field(default_factory=EvalPplConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    eval_qa: EvalQaConfig = field(default_factory=EvalQaConfig)
     # Checked against the executor schema chosen by executor.type (see executors.py).
     executor: Any = field(default_factory=lambda: {"type": "local"})

@@ -241,31 +241,94 @@ def _semantic(r: dict[str, Any]) -> None:
         )
 
     _check_training(r)
+    _check_instruct(r)
     r["workdir"] = _abspath(r["workdir"])
+
+
+def _check_optimizer(p: dict[str, Any], sec: str) -> None:
+    """The optimizer, schedule and batch keys pretrain and sft share."""
+    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+        if p[key] < 1:
+            raise UserError(f"recipe key '{sec}.{key}' must be at least 1 (got {p[key]}).")
+    for key in ("lr_warmup_iters", "save_interval", "weight_decay", "clip_grad", "min_lr"):
+        if p[key] < 0:
+            raise UserError(f"recipe key '{sec}.{key}' must not be negative (got {p[key]}).")
+    if p["global_batch_size"] % p["micro_batch_size"]:
+        raise UserError(
+            f"{sec}.global_batch_size ({p['global_batch_size']}) must be a multiple of "
+            f"{sec}.micro_batch_size ({p['micro_batch_size']}) times the data-parallel ranks."
+        )
+    if p["min_lr"] > p["lr"]:
+        raise UserError(f"{sec}.min_lr ({p['min_lr']}) is above {sec}.lr ({p['lr']}).")
+    _check_choice(p["lr_decay_style"], ("cosine", "linear", "constant"), f"{sec}.lr_decay_style")
+    decay = p["lr_decay_iters"] or p["train_iters"]
+    if p["lr_warmup_iters"] >= decay:
+        raise UserError(
+            f"{sec}.lr_warmup_iters ({p['lr_warmup_iters']}) must be below the decay length "
+            f"({decay}: {sec}.lr_decay_iters, or {sec}.train_iters when that is null)."
+        )
+
+
+def _check_data_file(path: str, key: str) -> str:
+    if path.startswith("builtin:"):
+        from retro_toolkit.data import BUILTIN_FILES
+
+        if path not in BUILTIN_FILES:
+            raise UserError(f"recipe key '{key}' = {path!r} is not a bundled file; bundled: {', '.join(BUILTIN_FILES)}.")
+        return path
+    path = _abspath(path)
+    if not Path(path).is_file():
+        raise UserError(f"recipe key '{key}' points to {path}, which does not exist or is not a file.")
+    return path
+
+
+def _check_instruct(r: dict[str, Any]) -> None:
+    from retro_toolkit.collections.instruct.readers import FORMATS
+    from retro_toolkit.collections.qa.tasks import TASKS
+
+    s, m = r["sft"], r["model"]
+    stages = r["stages"]
+    if "sft" in stages:
+        _check_optimizer(s, "sft")
+        if not s["datasets"]:
+            raise UserError("recipe key 'sft.datasets' is empty: list at least one {name, path, format, weight}.")
+        for i, d in enumerate(s["datasets"]):
+            _check_choice(d["format"], FORMATS, f"sft.datasets[{i}].format")
+            if d["weight"] < 0:
+                raise UserError(f"recipe key 'sft.datasets[{i}].weight' must not be negative (got {d['weight']}).")
+            d["path"] = _check_data_file(d["path"], f"sft.datasets[{i}].path")
+        if not sum(d["weight"] for d in s["datasets"]) > 0:
+            raise UserError("the weights of sft.datasets sum to 0: give at least one dataset a positive weight.")
+        if s["seq_length"] is not None and (s["seq_length"] < 1 or s["seq_length"] % m["chunk_length"]):
+            raise UserError(f"recipe key 'sft.seq_length' ({s['seq_length']}) must be a positive multiple of "
+                            f"model.chunk_length ({m['chunk_length']}).")
+        if s["init_from"]:
+            s["init_from"] = _abspath(s["init_from"])
+            if not Path(s["init_from"]).exists():
+                raise UserError(f"recipe key 'sft.init_from' points to {s['init_from']}, which does not exist.")
+    q = r["eval_qa"]
+    if "eval_qa" in stages:
+        if not q["tasks"]:
+            raise UserError("recipe key 'eval_qa.tasks' is empty: list at least one {name, path}.")
+        for i, t in enumerate(q["tasks"]):
+            _check_choice(t["name"], tuple(TASKS), f"eval_qa.tasks[{i}].name")
+            t["path"] = _check_data_file(t["path"], f"eval_qa.tasks[{i}].path")
+            if t["max_samples"] is not None and t["max_samples"] < 1:
+                raise UserError(f"recipe key 'eval_qa.tasks[{i}].max_samples' must be at least 1.")
+        _check_choice(q["contexts"], ("ctxs", "retrieve", "none"), "eval_qa.contexts")
+        for key in ("max_new_tokens", "batch_size"):
+            if q[key] < 1:
+                raise UserError(f"recipe key 'eval_qa.{key}' must be at least 1 (got {q[key]}).")
+        if q["checkpoint"] not in ("sft", "pretrain"):
+            q["checkpoint"] = _abspath(q["checkpoint"])
+            if not Path(q["checkpoint"]).exists():
+                raise UserError(f"recipe key 'eval_qa.checkpoint' points to {q['checkpoint']}, which does not "
+                                "exist; use sft, pretrain or a checkpoint folder.")
 
 
 def _check_training(r: dict[str, Any]) -> None:
     p, m = r["pretrain"], r["model"]
-    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
-        if p[key] < 1:
-            raise UserError(f"recipe key 'pretrain.{key}' must be at least 1 (got {p[key]}).")
-    for key in ("lr_warmup_iters", "save_interval", "weight_decay", "clip_grad", "min_lr"):
-        if p[key] < 0:
-            raise UserError(f"recipe key 'pretrain.{key}' must not be negative (got {p[key]}).")
-    if p["global_batch_size"] % p["micro_batch_size"]:
-        raise UserError(
-            f"pretrain.global_batch_size ({p['global_batch_size']}) must be a multiple of "
-            f"pretrain.micro_batch_size ({p['micro_batch_size']}) times the data-parallel ranks."
-        )
-    if p["min_lr"] > p["lr"]:
-        raise UserError(f"pretrain.min_lr ({p['min_lr']}) is above pretrain.lr ({p['lr']}).")
-    _check_choice(p["lr_decay_style"], ("cosine", "linear", "constant"), "pretrain.lr_decay_style")
-    decay = p["lr_decay_iters"] or p["train_iters"]
-    if p["lr_warmup_iters"] >= decay:
-        raise UserError(
-            f"pretrain.lr_warmup_iters ({p['lr_warmup_iters']}) must be below the decay length "
-            f"({decay}: pretrain.lr_decay_iters, or pretrain.train_iters when that is null)."
-        )
+    _check_optimizer(p, "pretrain")
     for key in ("freeze_decoder", "gpt_twin"):
         if p[key] and m["arch"] != "retro":
             raise UserError(f"pretrain.{key} needs model.arch retro (it is '{m['arch']}').")

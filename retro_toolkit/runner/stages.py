@@ -59,8 +59,20 @@ STAGES: dict[str, StageSpec] = {
             "retro_toolkit.collections.retro.eval_ppl:run",
             "validation/test perplexity, with and without retrieval",
         ),
-        StageSpec("sft", ("pretrain",), ("model",), None, "instruction tuning (InstructRetro)"),
-        StageSpec("eval_qa", ("sft",), ("model",), None, "zero-shot QA: EM/F1"),
+        StageSpec(
+            "sft",
+            ("pretrain",),
+            ("model", "sft", "seed"),
+            "retro_toolkit.collections.instruct.sft:run",
+            "instruction tuning (InstructRetro): answer-only loss, checkpoints, exact resume",
+        ),
+        StageSpec(
+            "eval_qa",
+            ("sft",),
+            ("eval_qa", "sft.system_prompt"),
+            "retro_toolkit.collections.qa.eval_qa:run",
+            "zero-shot QA: generate answers, EM/F1 per task",
+        ),
         StageSpec("export", ("pretrain",), ("model",), None, "write the .nemo package"),
     )
 }

@@ -109,13 +109,13 @@ def generate_ids(
 def generate_text(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[Sequence[int]],
     params: SamplingParams,
     neighbors: Optional[NeighborSource] = None,
     use_cache: bool = True,
 ) -> list[Generation]:
-    """generate_ids on text; the text stops before the first stop string."""
-    ids = tokenizer.encode(list(prompts))
+    """generate_ids from texts (or token ids); each text ends before the first stop string."""
+    ids = [tokenizer.encode([p])[0] if isinstance(p, str) else list(p) for p in prompts]
 
     def stop_check(new: list[int]) -> bool:
         return bool(params.stop) and any(s in tokenizer.decode(new) for s in params.stop)

@@ -41,6 +41,14 @@ class FixedNeighbors:
         self.tokens = out
         self.calls = 0
 
+    @classmethod
+    def from_tensor(cls, tokens: Tensor | np.ndarray) -> "FixedNeighbors":
+        """From neighbour tokens [b, k, r] as they are (-1 = masked)."""
+        self = cls.__new__(cls)
+        self.tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        self.calls = 0
+        return self
+
     def chunk_neighbors(self, chunk_index: int, chunk_tokens: np.ndarray) -> Tensor:
         self.calls += 1
         if chunk_tokens.shape[0] != self.tokens.shape[0]:

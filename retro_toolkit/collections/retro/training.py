@@ -108,8 +108,9 @@ def _use_fused_adam(opt) -> None:
 
 def collate(samples: list[dict[str, np.ndarray]], dev: torch.device) -> dict[str, torch.Tensor]:
     out = {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(dev) for k in ("tokens", "labels")}
-    if "neighbor_tokens" in samples[0]:
-        out["neighbor_tokens"] = torch.from_numpy(np.stack([s["neighbor_tokens"] for s in samples])).to(dev)
+    for key in ("neighbor_tokens", "loss_mask"):
+        if key in samples[0]:
+            out[key] = torch.from_numpy(np.stack([s[key] for s in samples])).to(dev)
     return out
 
 
@@ -211,7 +212,10 @@ def train(
         opt.zero_grad()
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         for mb in batches.at(it, dev):
-            loss = ddp(mb["tokens"], mb.get("neighbor_tokens"), labels=mb["labels"]).float().mean() / accum
+            loss = ddp(mb["tokens"], mb.get("neighbor_tokens"), labels=mb["labels"]).float()
+            if "loss_mask" in mb:  # instruction tuning: the mean over the answer tokens only
+                loss = (loss * mb["loss_mask"]).sum() / mb["loss_mask"].sum().clamp(min=1)
+            loss = loss.mean() / accum
             loss.backward()
             loss_sum += loss.detach()
         ddp.finish_grad_sync()

@@ -1,0 +1,30 @@
+"""QA tasks: which file format each reads and how its question is put to the model.
+
+Every task reads InstructRetro's QA format ({"question", "answers", "ctxs"}); they differ
+in the instruction in front of the question: a short span (nq, tqa, squad, newsqa,
+quoref, narrativeqa, drop, and the smoke set) or yes/no (boolq).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from retro_toolkit.collections.instruct.format import Conversation
+from retro_toolkit.collections.instruct.readers import read_dataset
+from retro_toolkit.data import data_file
+
+SHORT = "Answer the question with a short phrase only."
+YES_NO = "Answer the question with yes or no only."
+TASKS = {name: SHORT for name in ("nq", "tqa", "squad1.1", "squad2.0", "newsqa", "quoref", "narrativeqa", "drop",
+                                  "smoke")}
+TASKS["boolq"] = YES_NO
+
+
+def load_task(name: str, path: str, max_samples: Optional[int] = None) -> list[Conversation]:
+    """The task's questions as one-turn conversations (the user turn carries the instruction)."""
+    records = read_dataset(data_file(path), "qa")[:max_samples]
+    out = []
+    for rec in records:
+        out.append(Conversation([("user", f"{TASKS[name]} {rec.question}")], contexts=rec.contexts,
+                                answers=rec.answers, question=rec.question, where=rec.where))
+    return out
