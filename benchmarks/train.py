@@ -1,6 +1,6 @@
 """Full training step (pretrain's loop) against the bare model step, Retro vs its GPT twin, on CPU.
 
-    python benchmarks/train.py --workdir runs/smoke [--config reference] [--steps 3] [--out FILE.json]
+    python benchmarks/train.py --workdir runs/smoke [--config reference] [--steps 6] [--out FILE.json]
 
 The work directory must have finished build_db (its corpus and neighbours feed the
 batches; `retro-run recipes/smoke.yaml` makes one). One full step is what the pretrain
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=REPO / "runs" / "smoke")
     ap.add_argument("--config", default="reference", choices=["tiny", "reference"])
-    ap.add_argument("--steps", type=int, default=3, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--steps", type=int, default=6, help="timed rounds (after one warm-up round)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)

@@ -116,14 +116,19 @@ class RetroSelfAttention(SelfAttention):
     """
 
     _rope: Optional[Tensor] = None
+    _rope_offset: int = 0
 
     def forward(self, *args: Any, **kwargs: Any):
         rope = kwargs.get("rotary_pos_emb")
         c = self.config
+        inference = kwargs.get("inference_context")
+        # With megatron-core's static KV cache, rotating here stores rotated keys, so each
+        # step rotates its own query and key once instead of the whole cache again.
+        cached = inference is not None and getattr(inference, "is_static_batching", lambda: False)()
         if (
             len(args) > 4
             or not isinstance(rope, Tensor)
-            or kwargs.get("inference_context") is not None
+            or (inference is not None and not cached)
             or kwargs.get("inference_params") is not None
             or kwargs.get("packed_seq_params") is not None
             or c.rotary_interleaved
@@ -136,6 +141,7 @@ class RetroSelfAttention(SelfAttention):
             return super().forward(*args, **kwargs)
         kwargs["rotary_pos_emb"] = None
         self._rope = rope
+        self._rope_offset = inference.sequence_len_offset if cached else 0
         try:
             return super().forward(*args, **kwargs)
         finally:
@@ -147,6 +153,9 @@ class RetroSelfAttention(SelfAttention):
             return out
         query, key, value = out
         cos, sin = _cos_sin(self._rope, query.dtype)
+        if self._rope_offset or cos.shape[0] != query.shape[0]:
+            span = slice(self._rope_offset, self._rope_offset + query.shape[0])
+            cos, sin = cos[span], sin[span]
         return _Rope.apply(query, cos, sin), _Rope.apply(key, cos, sin), value
 
 

@@ -1,0 +1,132 @@
+"""sft + eval_qa + generation through the real runner on the small database."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SMALL, SMOKE, retro_run
+from tests.test_pretrain import TRAIN, copy_db
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
+
+STAGES = "stages=[tokenizer,prepare_corpus,build_db,pretrain,sft,eval_qa]"
+SFT = [
+    STAGES,
+    "sft.train_iters=4",
+    "sft.micro_batch_size=2",
+    "sft.global_batch_size=4",
+    "sft.lr=1e-3",
+    "sft.min_lr=1e-3",
+    "sft.log_interval=2",
+    "eval_qa.tasks=[{name: smoke, path: 'builtin:smoke-qa', max_samples: 5}]",
+    "eval_qa.max_new_tokens=8",
+    "eval_qa.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def tuned(small_db, tmp_path_factory) -> Path:
+    w = copy_db(small_db, tmp_path_factory.mktemp("tuned") / "w")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return w
+
+
+def test_sft_and_eval_qa_write_checkpoints_predictions_and_scores(tuned):
+    assert (tuned / "checkpoints" / "sft" / "iter_0000004").is_dir()
+    assert (tuned / "checkpoints" / "sft" / "latest").read_text().strip() == "iter_0000004"
+    rows = [json.loads(x) for x in (tuned / "metrics" / "sft.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    preds = [json.loads(x) for x in (tuned / "eval" / "qa" / "smoke.jsonl").read_text().splitlines()]
+    assert len(preds) == 5
+    for p in preds:
+        assert p["answers"] and isinstance(p["prediction"], str) and p["em"] in (0.0, 1.0) and 0 <= p["f1"] <= 1
+        assert p["context"].startswith("source: ")  # eval_qa.contexts=retrieve (the smoke recipe's setting)
+        assert p["finish_reason"] in ("eos", "stop", "length")
+    scores = json.loads((tuned / "eval" / "qa" / "scores.json").read_text())
+    assert scores["smoke"]["n"] == 5
+    assert scores["smoke"]["f1"] == pytest.approx(100 * np.mean([p["f1"] for p in preds]), abs=0.01)
+    assert scores["smoke"]["em"] == pytest.approx(100 * np.mean([p["em"] for p in preds]), abs=0.01)
+
+
+def _state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from retro_toolkit.collections.generate.session import load_session
+
+    return {k: v.clone() for k, v in load_session(checkpoint).model.state_dict().items() if "_extra_state" not in k}
+
+
+def test_sft_with_gate_0_leaves_cross_attention_and_encoder_untouched(tuned):
+    from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
+
+    before, after = _state(tuned / "checkpoints" / "pretrain"), _state(tuned / "checkpoints" / "sft")
+    retrieval = [k for k in before if is_retrieval_param(k)]
+    decoder = [k for k in before if not is_retrieval_param(k)]
+    assert retrieval and decoder
+    assert all(torch.equal(before[k], after[k]) for k in retrieval)
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
+
+
+def test_a_longer_sft_resumes_from_the_last_checkpoint(tuned, tmp_path):
+    w = copy_db(tuned, tmp_path / "w")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT, "sft.train_iters=6", "--stages", "sft")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resuming from" in p.stdout and "iteration 4" in p.stdout
+    rows = [json.loads(x) for x in (w / "metrics" / "sft.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    old = [json.loads(x) for x in (tuned / "metrics" / "sft.jsonl").read_text().splitlines()]
+    assert rows[:4] == old
+
+
+def test_live_retrieval_queries_every_completed_chunk_with_the_generated_text(tuned):
+    from retro_toolkit.collections.generate import LiveRetrieval, SamplingParams, generate_ids
+    from retro_toolkit.collections.generate.session import load_session
+
+    s = load_session(workdir=tuned)
+    m = s.model.config.chunk_length
+    prompts = s.tokenizer.encode(["The with statement is used to", "A class definition"])
+    source = LiveRetrieval(s.retriever(), s.model.config.num_neighbors)
+    new = 3 * m
+    outs = generate_ids(s.model, prompts, SamplingParams(max_new_tokens=new, temperature=1.0, seed=1), source)
+    longest = max(len(p) for p in prompts) + new
+    # Chunk i is looked up once its last position (i+1)m - 1 has been fed in, for the whole batch.
+    fed = longest - 1
+    chunks = [i for i, _ in source.log]
+    assert chunks == list(range(fed // m))
+    assert source.queries == len(prompts) * len(chunks)
+    # The lookups used the generated text: redoing one from the final tokens gives the same hits.
+    full = [p + o.tokens for p, o in zip(prompts, outs)]
+    for i, ids in source.log:
+        chunk_tokens = [f[i * m : (i + 1) * m] for f in full]
+        if all(len(c) == m for c in chunk_tokens):
+            assert np.array_equal(s.retriever().search(chunk_tokens, k=ids.shape[1]).ids, ids)
+    assert len({tuple(ids[0]) for _, ids in source.log}) > 1  # the neighbours change with the text
+
+
+def test_generate_cli_answers_from_a_work_directory(tuned):
+    p = retro_run("generate", "--workdir", str(tuned), "--chat", "--prompt", "What does pass do?",
+                  "--max-new-tokens", "8")
+    assert p.returncode == 0, p.stderr
+    p = retro_run("generate", "--checkpoint", str(tuned / "nope"), "--prompt", "x")
+    assert p.returncode == 2 and "nope" in p.stderr
+
+
+@pytest.mark.parametrize("override,match", [
+    ("eval_qa.tasks=[{name: triviaqa, path: 'builtin:smoke-qa'}]", "eval_qa.tasks\\[0\\].name' = 'triviaqa' is not one"),
+    ("eval_qa.tasks=[{name: nq, path: /no/such/nq.json}]", "/no/such/nq.json, which does not exist"),
+    ("sft.datasets=[]", "'sft.datasets' is empty"),
+    ("sft.datasets=[{name: a, path: 'builtin:smoke-instruct', weight: 0}]", "sum to 0"),
+    ("sft.datasets=[{name: a, path: 'builtin:smoke-instruct', format: chat}]", "format' = 'chat' is not one of"),
+    ("sft.seq_length=100", "multiple of model.chunk_length"),
+])
+def test_bad_sft_and_qa_settings_exit_2_naming_the_key(override, match):
+    p = retro_run("validate", SMOKE, override)
+    assert p.returncode == 2
+    assert re.search(match, p.stderr), p.stderr
