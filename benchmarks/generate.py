@@ -99,6 +99,8 @@ def main() -> None:
     }
     result = {
         "config": a.config, "threads": a.threads, "prompt_tokens": a.prompt,
+        # The machine's speed during this run (its VM varies by tens of percent between runs).
+        "matmul_2048_flops_per_s": model_step.matmul_limit(reps=3)[0],
         "runs": {name: {k: v for k, v in row.items() if k != "tokens"} for name, row in rows.items()},
         "cache_over_full_256": rows["full_b1_256"]["seconds"] / rows["cache_b1_256"]["seconds"],
         "cache_over_full_128": rows["full_b1_128"]["seconds"] / rows["cache_b1_128"]["seconds"],

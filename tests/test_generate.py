@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
-from retro_toolkit.collections.generate import FixedNeighbors, SamplingParams, generate_ids, sample  # noqa: E402
+from retro_toolkit.collections.generate import FixedNeighbors, SamplingParams, generate_ids, packed, sample  # noqa: E402
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize  # noqa: E402
 from retro_toolkit.collections.retro.inference import RetroInferenceContext  # noqa: E402
 from retro_toolkit.errors import UserError  # noqa: E402
@@ -163,3 +163,18 @@ def test_training_mode_and_empty_prompts_are_refused():
     model.train()
     with pytest.raises(UserError, match="eval"):
         generate_ids(model, [[5, 6]], SamplingParams())
+
+
+@pytest.mark.skipif(not packed.available(), reason="MKL packed GEMM needs a CPU torch with MKL")
+def test_packed_decode_matmuls_match_megatron_cores_and_are_undone_after():
+    model = make()
+    one_row_each = rand((3, 1), 1)
+    ctx = RetroInferenceContext(3, 8, M, K, R)
+    with torch.no_grad():
+        plain = model(one_row_each, inference_context=ctx)
+        ctx.reset()
+        with packed.packed_linears(model, 3):
+            fast = model(one_row_each, inference_context=ctx)
+            assert len(model._packed_weights) > 0  # the decode step took the packed path
+        assert "_forward_impl" not in vars(model.output_layer)  # megatron-core's method is back
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()

@@ -7,6 +7,7 @@
 
 from retro_toolkit.collections.generate.generator import Generation, generate_ids, generate_text
 from retro_toolkit.collections.generate.neighbors import FixedNeighbors, LiveRetrieval, NeighborSource
+from retro_toolkit.collections.generate import packed
 from retro_toolkit.collections.generate.sampling import SamplingParams, sample
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "SamplingParams",
     "generate_ids",
     "generate_text",
+    "packed",
     "sample",
 ]

@@ -12,12 +12,14 @@ the reference the cached path must match and the baseline of benchmarks/generate
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from retro_toolkit.collections.generate.neighbors import NeighborSource
+from retro_toolkit.collections.generate.packed import packed_linears
 from retro_toolkit.collections.generate.sampling import SamplingParams, sample
 from retro_toolkit.collections.retro.inference import RetroInferenceContext
 from retro_toolkit.errors import UserError
@@ -64,45 +66,46 @@ def generate_ids(
     for row, p in enumerate(prompts):
         tokens[row, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
     retrieval = neighbors is not None and model.has_retrieval
-    neighbor_tokens = torch.full((b, capacity // m, k, r), -1, dtype=torch.long, device=device)
     ctx = RetroInferenceContext(b, capacity, m, k, r, device=device) if use_cache else None
+    neighbor_tokens = (ctx.neighbor_tokens if ctx is not None
+                       else torch.full((b, capacity // m, k, r), -1, dtype=torch.long, device=device))
     generator = torch.Generator(device="cpu").manual_seed(params.seed)
 
     new: list[list[int]] = [[] for _ in range(b)]
     finish: list[Optional[str]] = [None] * b
     start, end = 0, min(lengths)  # the piece [start, end) goes in next; it predicts position `end`
-    while True:
-        if retrieval:
-            first = -(-(start + 1) // m) - 1
-            for i in range(first, end // m):
-                chunk = tokens[:, i * m : (i + 1) * m].cpu().numpy()
-                neighbor_tokens[:, i] = neighbors.chunk_neighbors(i, chunk).to(device)
-        if ctx is not None:
+    # Decode steps (b rows each) use MKL's packed GEMM on CPU; see packed.py.
+    with packed_linears(model, b) if use_cache else contextlib.nullcontext():
+        while True:
             if retrieval:
-                ctx.neighbor_tokens.copy_(neighbor_tokens)
-            logits = model(tokens[:, start:end], inference_context=ctx)[:, -1]
-            ctx.advance(end - start)
-        else:
-            padded = -(-end // m) * m
-            nb = neighbor_tokens[:, : padded // m] if retrieval else None
-            logits = model(tokens[:, :padded], nb, runtime_gather_output=True)[:, end - 1]
-        chosen = sample(logits, params, generator).tolist()
-        for row in range(b):
-            if end < lengths[row] or finish[row] is not None:
-                continue
-            tok = chosen[row]
-            tokens[row, end] = tok
-            if eos_id is not None and tok == eos_id:
-                finish[row] = "eos"
-                continue
-            new[row].append(tok)
-            if stop_check is not None and stop_check(new[row]):
-                finish[row] = "stop"
-            elif len(new[row]) >= params.max_new_tokens:
-                finish[row] = "length"
-        if all(f is not None for f in finish) or end + 1 >= capacity:
-            break
-        start, end = end, end + 1
+                first = -(-(start + 1) // m) - 1
+                for i in range(first, end // m):
+                    chunk = tokens[:, i * m : (i + 1) * m].cpu().numpy()
+                    neighbor_tokens[:, i] = neighbors.chunk_neighbors(i, chunk).to(device)
+            if ctx is not None:
+                logits = model(tokens[:, start:end], inference_context=ctx)[:, -1]
+                ctx.advance(end - start)
+            else:
+                padded = -(-end // m) * m
+                nb = neighbor_tokens[:, : padded // m] if retrieval else None
+                logits = model(tokens[:, :padded], nb, runtime_gather_output=True)[:, end - 1]
+            chosen = sample(logits, params, generator).tolist()
+            for row in range(b):
+                if end < lengths[row] or finish[row] is not None:
+                    continue
+                tok = chosen[row]
+                tokens[row, end] = tok
+                if eos_id is not None and tok == eos_id:
+                    finish[row] = "eos"
+                    continue
+                new[row].append(tok)
+                if stop_check is not None and stop_check(new[row]):
+                    finish[row] = "stop"
+                elif len(new[row]) >= params.max_new_tokens:
+                    finish[row] = "length"
+            if all(f is not None for f in finish) or end + 1 >= capacity:
+                break
+            start, end = end, end + 1
     return [Generation(t, f or "length") for t, f in zip(new, finish)]
 
 

@@ -23,11 +23,10 @@ def normalize(text: str) -> str:
 
 
 def _golds(golds: str | Sequence[str]) -> list[str]:
-    if isinstance(golds, str):
-        return [golds]
-    if not golds:
+    out = [golds] if isinstance(golds, str) else list(golds)
+    if not out:
         raise ValueError("at least one gold answer is needed")
-    return list(golds)
+    return out
 
 
 def exact_match(prediction: str, golds: str | Sequence[str]) -> float:
