@@ -47,9 +47,9 @@ COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model", "generate"
 GENERATE_EPILOG = """\
 The model comes from --checkpoint (a <workdir>/checkpoints/<stage> folder or one of its
 iter_NNNNNNN folders) or from --workdir (its sft checkpoint, else pretrain). Decoding uses
-a KV cache; Retro's chunks get neighbours from --context (top-1 goes in the prompt with
---chat, the rest to the encoder) or, with --live-retrieval, from the work directory's
-index, queried with every completed 64-token chunk of prompt and answer.
+a KV cache; Retro's chunks get neighbours from --context (all of them; with --chat the
+top-1 goes in the prompt instead) or, with --live-retrieval, from the work directory's
+index, queried with every completed chunk of prompt and answer.
 
 examples:
   retro-run generate --workdir runs/smoke --chat --prompt "Which keyword defines a function?"

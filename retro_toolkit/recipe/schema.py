@@ -157,12 +157,11 @@ class RetrievalConfig:
 
 
 @dataclass
-class PretrainConfig:
-    # Optimizer steps (each over global_batch_size samples of model.seq_length tokens).
+class TrainingConfig:
+    """The batch, optimizer, schedule and checkpoint keys pretrain and sft share."""
+
+    # Optimizer steps (each over global_batch_size samples).
     train_iters: int = 100
-    # Sampling weight of each data.sources entry in training batches (same order, any
-    # positive scale); null = every window of the train stream equally (size-proportional).
-    source_weights: Optional[list[float]] = None
     # Samples per forward pass on one rank, and per optimizer step over all ranks: global =
     # micro * data-parallel ranks * gradient-accumulation steps.
     micro_batch_size: int = 4
@@ -194,6 +193,15 @@ class PretrainConfig:
     log_interval: int = 10
     # Continue from the latest checkpoint of an interrupted run of this stage (same model).
     resume: bool = True
+    # TensorBoard event files under <workdir>/tensorboard/.
+    tensorboard: bool = True
+
+
+@dataclass
+class PretrainConfig(TrainingConfig):
+    # Sampling weight of each data.sources entry in training batches (same order, any
+    # positive scale); null = every window of the train stream equally (size-proportional).
+    source_weights: Optional[list[float]] = None
     # Start from a GPT checkpoint (a checkpoints/<stage> folder or one iter_NNNNNNN folder):
     # loads the decoder, initialises chunked cross-attention and the encoder fresh.
     init_from: Optional[str] = None
@@ -202,8 +210,6 @@ class PretrainConfig:
     # Also train the GPT twin (same decoder without retrieval, same data and steps) into
     # checkpoints/pretrain_gpt_twin/, so eval_ppl compares the two.
     gpt_twin: bool = False
-    # TensorBoard event files under <workdir>/tensorboard/.
-    tensorboard: bool = True
 
 
 @dataclass
@@ -230,7 +236,7 @@ class InstructDatasetConfig:
 
 
 @dataclass
-class SftConfig:
+class SftConfig(TrainingConfig):
     # The instruction blend (yaml/sft/open_inst.yaml lists InstructRetro's open blend).
     datasets: list[InstructDatasetConfig] = field(default_factory=list)
     # Weights to start from: a checkpoints/<stage> or iter_NNNNNNN folder; null = this work
@@ -247,25 +253,12 @@ class SftConfig:
     system_prompt: Optional[str] = None
     # InstructRetro's settings: lr 5e-6 constant, batch 128, 1000 iterations, wd 0.01, Adam 0.9/0.98.
     train_iters: int = 1000
-    micro_batch_size: int = 4
     global_batch_size: int = 128
     lr: float = 5.0e-6
     min_lr: float = 5.0e-6
-    lr_warmup_iters: int = 0
     lr_decay_style: str = "constant"
-    lr_decay_iters: Optional[int] = None
     weight_decay: float = 0.01
-    adam_beta1: float = 0.9
     adam_beta2: float = 0.98
-    adam_eps: float = 1.0e-8
-    clip_grad: float = 1.0
-    bf16: bool = False
-    recompute_activations: bool = False
-    use_distributed_optimizer: Optional[bool] = None
-    save_interval: int = 0
-    log_interval: int = 10
-    resume: bool = True
-    tensorboard: bool = True
 
 
 @dataclass

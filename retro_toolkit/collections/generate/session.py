@@ -49,8 +49,9 @@ class Session:
     def generate(self, prompts: Sequence[str], params: SamplingParams, chat: bool = False,
                  contexts: Sequence[str] = (), live_retrieval: bool = False,
                  system: Optional[str] = None) -> list[Generation]:
-        """Plain continuation, or (chat) an InstructRetro turn; contexts: top-1 in the prompt, the rest
-        as every chunk's neighbours, unless live_retrieval queries the database at each chunk."""
+        """Plain continuation, or (chat) an InstructRetro turn. contexts: every chunk's neighbours (with
+        chat, the top-1 goes in the prompt and the rest are neighbours), unless live_retrieval queries
+        the database at each chunk."""
         cfg = self.model.config
         k, r = cfg.num_neighbors, cfg.retrieved_length
         ctxs = [Context("", c) for c in contexts]
@@ -62,7 +63,9 @@ class Session:
         else:
             import numpy as np
 
-            source = FixedNeighbors.from_tensor(np.stack([context_neighbors(c, self.tokenizer, k, r) for c in convs]))
+            # With --chat the top-1 context is in the prompt; otherwise every context goes to the encoder.
+            nb = context_neighbors(ctxs[1:] if chat else ctxs, self.tokenizer, k, r)
+            source = FixedNeighbors.from_tensor(np.stack([nb] * len(prompts)))
         return generate_text(self.model, self.tokenizer, ids, params, source)
 
 

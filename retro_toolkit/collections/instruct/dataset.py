@@ -13,13 +13,13 @@ import numpy as np
 
 from retro_toolkit.collections.generate.neighbors import fit_neighbor
 from retro_toolkit.collections.instruct.blend import InstructBlend
-from retro_toolkit.collections.instruct.format import Conversation, encode_conversation
+from retro_toolkit.collections.instruct.format import Context, Conversation, encode_conversation
 
 
-def context_neighbors(conv: Conversation, tokenizer, k: int, r: int) -> np.ndarray:
-    """[k, r] neighbour tokens from a record's contexts after the first (-1 where missing)."""
+def context_neighbors(contexts: list[Context], tokenizer, k: int, r: int) -> np.ndarray:
+    """[k, r] neighbour tokens from the first k of `contexts`, rendered (-1 rows where missing)."""
     out = np.full((k, r), -1, dtype=np.int64)
-    for j, c in enumerate(conv.contexts[1 : 1 + k]):
+    for j, c in enumerate(contexts[:k]):
         out[j] = fit_neighbor(tokenizer.encode([c.render()])[0], r, tokenizer.pad_id)
     return out
 
@@ -44,6 +44,6 @@ class SftDataset:
         mask = np.array(mask + [0] * pad, dtype=np.float32)
         out = {"tokens": ids[:-1], "labels": ids[1:], "loss_mask": mask[1:]}
         if self.retrieval:
-            nb = context_neighbors(conv, self.tokenizer, self.k, self.r)
+            nb = context_neighbors(conv.contexts[1:], self.tokenizer, self.k, self.r)  # top-1 is in the prompt
             out["neighbor_tokens"] = np.broadcast_to(nb, (self.n // self.m, self.k, self.r)).copy()
         return out

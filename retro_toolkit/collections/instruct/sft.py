@@ -11,34 +11,20 @@ default) the retrieval gate is 0 and chunked cross-attention and the encoder are
 
 from __future__ import annotations
 
-import shutil
-from typing import Any
-
-from omegaconf import OmegaConf
-
 from retro_toolkit.collections.instruct.blend import InstructBlend
 from retro_toolkit.collections.instruct.dataset import SftDataset
 from retro_toolkit.collections.instruct.format import DEFAULT_SYSTEM
 from retro_toolkit.collections.instruct.readers import read_dataset
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import training
-from retro_toolkit.collections.retro.pretrain import build
+from retro_toolkit.collections.retro.pretrain import build, resume_settings, train_with_checkpoints
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
-from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.data import data_file
 
 NAME = "sft"
 RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from"}
-
-
-def settings(recipe, section: dict[str, Any]) -> dict[str, Any]:
-    s = OmegaConf.to_container(recipe.sft, resolve=True)
-    out = {f"model.{k}": v for k, v in section.items()}
-    out.update({f"sft.{k}": v for k, v in s.items() if k not in RESUME_FREE})
-    out["seed"] = recipe.seed
-    return out
 
 
 def sft_dataset(recipe, tokenizer: Tokenizer, num_samples: int, log=print) -> SftDataset:
@@ -65,18 +51,9 @@ def run(ctx: StageContext) -> StageResult:
     model, config, section = build(r, arch, overrides)
     root = ctx.workdir / "checkpoints" / NAME
 
-    found = ckpt.latest(root)
-    if found is not None and not s.resume:
-        log(f"sft.resume is false: removing {root}")
-        dist.barrier()
-        if ctx.env.is_main:
-            shutil.rmtree(root)
-        dist.barrier()
-        found = None
-    current = settings(r, section)
-    if found is not None:
-        ckpt.check_resume(found, ckpt.common_state(found).get("settings", {}), current)
-    else:
+    current = resume_settings(r, section, NAME, RESUME_FREE)
+    found = ckpt.resume_point(root, s.resume, "sft.resume", current, ctx.env.is_main, log)
+    if found is None:
         source = ckpt.resolve(s.init_from or ctx.workdir / "checkpoints" / "pretrain", "sft.init_from")
         ckpt.load_model(source, model, section, ctx.workdir)
         log(f"starting from {source}")
@@ -99,22 +76,8 @@ def run(ctx: StageContext) -> StageResult:
     seq = s.seq_length or r.model.seq_length
     log(f"{s.train_iters} iterations x {s.global_batch_size} samples of {seq} tokens, lr {s.lr:g} "
         f"({s.lr_decay_style}), loss on answer tokens only")
-    common = {"model_section": section, "settings": current, "consumed_samples": 0,
-              "tokenizer_sha256": files.sha256_file(ctx.workdir / MODEL_FILE)}
-
-    def save(iteration: int) -> None:
-        common["consumed_samples"] = iteration * s.global_batch_size
-        path = ckpt.save(root, iteration, model, opt, sched, common)
-        log(f"saved {path.relative_to(ctx.workdir)}")
-
-    metrics = training.MetricsLog(ctx.workdir, NAME, start, s.tensorboard, ctx.env.is_main)
-    try:
-        last: dict[str, Any] = {}
-        if start < s.train_iters:
-            last = training.train(ddp, opt, sched, batches, start, s.train_iters, seq, metrics, log,
-                                  s.log_interval, save, s.save_interval)
-    finally:
-        metrics.close()
+    last = train_with_checkpoints(ctx, NAME, root, (model, ddp, opt, sched), batches, start, s, seq,
+                                  {"model_section": section, "settings": current}, log)
     final = ckpt.latest(root)
     summary = {"sft_loss": round(last["loss"], 4)} if last else {}
     return StageResult(outputs=[str(final.relative_to(ctx.workdir)), f"checkpoints/{NAME}/{ckpt.LATEST}"],

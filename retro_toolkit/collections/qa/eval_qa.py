@@ -63,7 +63,7 @@ def evaluate_task(model, tokenizer, questions: list[Conversation], params: Sampl
         elif neighbour_tokens is not None:
             source = FixedNeighbors.from_tensor(neighbour_tokens)
         else:
-            source = FixedNeighbors.from_tensor(np.stack([context_neighbors(q, tokenizer, k, r) for q in batch]))
+            source = FixedNeighbors.from_tensor(np.stack([context_neighbors(q.contexts[1:], tokenizer, k, r) for q in batch]))
         outs = generate_text(model, tokenizer, prompts, params, source)
         for q, out in zip(batch, outs):
             pred = out.text.strip()

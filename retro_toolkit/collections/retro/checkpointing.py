@@ -117,6 +117,25 @@ def save(root: str | os.PathLike, iteration: int, model, optimizer, scheduler, c
     return final
 
 
+def resume_point(root: Path, resume: bool, key: str, current: dict[str, Any], is_main: bool,
+                 log) -> Optional[Path]:
+    """The checkpoint a stage continues from, checked against its current settings, or None.
+
+    With resume false (`key` names that recipe key) an existing folder is deleted first.
+    """
+    found = latest(root)
+    if found is not None and not resume:
+        log(f"{key} is false: removing {root}")
+        dist.barrier()
+        if is_main:
+            shutil.rmtree(root)
+        dist.barrier()
+        return None
+    if found is not None:
+        check_resume(found, common_state(found).get("settings", {}), current, key)
+    return found
+
+
 def check_model_section(ckpt: Path, saved: dict[str, Any], current: dict[str, Any], free: set[str]) -> None:
     """Refuse a checkpoint of another model (size, norms, rotary, gate...), naming the keys that differ."""
     keys = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
@@ -138,14 +157,18 @@ def check_tokenizer(ckpt: Path, common: dict[str, Any], workdir: Path) -> None:
                         "(tokenizer.model=...) or a checkpoint trained with this one.")
 
 
-def check_resume(ckpt: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_resume(ckpt: Path, saved: dict[str, Any], current: dict[str, Any],
+                 resume_key: str = "pretrain.resume") -> None:
     """A resumed run must continue the same training: same model, data order and optimizer settings."""
+    if not saved:
+        raise UserError(f"{ckpt} records no training settings (an older retro_toolkit wrote it), so a resume "
+                        f"cannot be checked. Set {resume_key}=false to start over (deletes that checkpoint folder).")
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if keys:
         diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys)
         raise UserError(
             f"{ckpt} was written by a run with other settings ({diff}), so resuming it would not reproduce "
-            "either run. Set pretrain.resume=false to start over (deletes that checkpoint folder), or restore "
+            f"either run. Set {resume_key}=false to start over (deletes that checkpoint folder), or restore "
             "the settings."
         )
 

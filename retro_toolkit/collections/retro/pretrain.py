@@ -10,7 +10,6 @@ latest checkpoint and reproduces the uninterrupted run's losses exactly.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +23,7 @@ from retro_toolkit.collections.retro.model import build_model
 from retro_toolkit.collections.retro.parallel import initialize
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
-from retro_toolkit.core import dist, files
+from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 
 TWIN = "pretrain_gpt_twin"
@@ -32,11 +31,13 @@ TWIN = "pretrain_gpt_twin"
 RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from", "gpt_twin"}
 
 
-def resume_settings(recipe, section: dict[str, Any]) -> dict[str, Any]:
-    """Everything that makes a resumed run continue the same training, flattened for messages."""
-    p = OmegaConf.to_container(recipe.pretrain, resolve=True)
+def resume_settings(recipe, section: dict[str, Any], stage: str = "pretrain",
+                    free: set[str] = RESUME_FREE) -> dict[str, Any]:
+    """Everything that makes a resumed run of `stage` continue the same training, flattened for
+    messages: the model section, the stage's section less the `free` keys, the seed."""
+    p = OmegaConf.to_container(recipe[stage], resolve=True)
     out = {f"model.{k}": v for k, v in section.items()}
-    out.update({f"pretrain.{k}": v for k, v in p.items() if k not in RESUME_FREE})
+    out.update({f"{stage}.{k}": v for k, v in p.items() if k not in free})
     out["seed"] = recipe.seed
     return out
 
@@ -96,6 +97,30 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
             log(f"  new: {n}")
 
 
+def train_with_checkpoints(ctx: StageContext, name: str, root: Path, parts: tuple, batches: training.Batches,
+                           start: int, p, seq_length: int, common: dict[str, Any],
+                           log: Callable[[str], None]) -> dict[str, Any]:
+    """Iterations start+1 .. p.train_iters with checkpoints (every p.save_interval and at the end) and
+    metrics/<name>.jsonl; parts = (model, ddp, optimizer, scheduler). Returns the last metrics row."""
+    model, ddp, opt, sched = parts
+    common = {**common, "consumed_samples": 0, "tokenizer_sha256": files.sha256_file(ctx.workdir / MODEL_FILE)}
+
+    def save(iteration: int) -> None:
+        common["consumed_samples"] = iteration * p.global_batch_size
+        path = ckpt.save(root, iteration, model, opt, sched, common)
+        log(f"saved {path.relative_to(ctx.workdir)}")
+
+    metrics = training.MetricsLog(ctx.workdir, name, start, p.tensorboard, ctx.env.is_main)
+    try:
+        if start >= p.train_iters:
+            log(f"already trained {start} iterations (train_iters = {p.train_iters})")
+            return {}
+        return training.train(ddp, opt, sched, batches, start, p.train_iters, seq_length, metrics, log,
+                              p.log_interval, save, p.save_interval)
+    finally:
+        metrics.close()
+
+
 def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     """Train one model into checkpoints/<name>/; returns its summary facts."""
     r, p = ctx.recipe, ctx.recipe.pretrain
@@ -104,18 +129,9 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
     model, config, section = build(r, arch, overrides)
     log = lambda msg: ctx.log(f"{name}: {msg}")  # noqa: E731
 
-    found = ckpt.latest(root)
-    if found is not None and not p.resume:
-        log(f"pretrain.resume is false: removing {root}")
-        dist.barrier()
-        if ctx.env.is_main:
-            shutil.rmtree(root)
-        dist.barrier()
-        found = None
     settings = resume_settings(r, section)
-    if found is not None:
-        ckpt.check_resume(found, ckpt.common_state(found).get("settings", {}), settings)
-    else:
+    found = ckpt.resume_point(root, p.resume, "pretrain.resume", settings, ctx.env.is_main, log)
+    if found is None:
         initial_weights(ctx, name, model, section, overrides, log)
     if p.freeze_decoder and arch == "retro":
         for n, param in model.named_parameters():
@@ -141,24 +157,8 @@ def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:
         f"tokens, {p.train_iters} iterations x {p.global_batch_size} samples "
         f"(dp {dp_size}, tp {config.tensor_model_parallel_size}, micro {p.micro_batch_size}, "
         f"accumulation {batches.accumulation})")
-    common = {"model_section": section, "settings": settings, "consumed_samples": 0,
-              "tokenizer_sha256": files.sha256_file(ctx.workdir / MODEL_FILE)}
-
-    def save(iteration: int) -> None:
-        common["consumed_samples"] = iteration * p.global_batch_size
-        path = ckpt.save(root, iteration, model, opt, sched, common)
-        log(f"saved {path.relative_to(ctx.workdir)}")
-
-    metrics = training.MetricsLog(ctx.workdir, name, start, p.tensorboard, ctx.env.is_main)
-    try:
-        if start >= p.train_iters:
-            log(f"already trained {start} iterations (pretrain.train_iters = {p.train_iters})")
-            last: dict[str, float] = {}
-        else:
-            last = training.train(ddp, opt, sched, batches, start, p.train_iters, r.model.seq_length, metrics,
-                                  log, p.log_interval, save, p.save_interval)
-    finally:
-        metrics.close()
+    last = train_with_checkpoints(ctx, name, root, (model, ddp, opt, sched), batches, start, p, r.model.seq_length,
+                                  {"model_section": section, "settings": settings}, log)
     return {f"{name}_loss": round(last["loss"], 4) if last else None,
             f"{name}_s_per_iter": round(last["seconds_per_iteration"], 3) if last else None}
 
