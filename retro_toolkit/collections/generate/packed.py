@@ -2,10 +2,9 @@
 
 A decode step multiplies b rows (one token per sequence) by every weight matrix. MKL's
 ordinary sgemm handles so few rows poorly: on 2 cores, 8 rows cost 2.3-2.9x one row for
-the reference model's shapes, which caps batch-8 decoding at about 3x batch-1 tokens/s.
-With the weight reordered once for that row count (torch.ops.mkl._mkl_reorder_linear_weight,
-what torch's inductor uses for CPU inference) 8 rows cost 1.1-1.6x one row, and the
-32000-row output layer is faster even at one row.
+the reference model's shapes. With the weight reordered once for that row count
+(torch.ops.mkl._mkl_reorder_linear_weight, what torch's inductor uses for CPU inference)
+8 rows cost 1.1-1.6x one row, and the 32000-row output layer is faster even at one row.
 
 `packed_linears(model, rows)` swaps the matmul of every megatron-core Column/Row parallel
 linear layer for the packed one while it is active, for inputs of exactly `rows` rows

@@ -9,6 +9,7 @@ cross-attention needs three more things between pieces, kept here:
   cca_inputs      [max_len, b, h]     the first CCA layer's inputs so far (the encoder
                                       cross-attends to a completed chunk's m positions)
   encoded         {chunk: [k*r, b, h]} encoded neighbours, computed once per chunk
+  cca_kv          each CCA layer's key/value projection of them, also once per chunk
 
 Positions [(i+1)m - 1, (i+2)m - 2] read chunk i's encoded neighbours, as in the full
 forward pass, so a cached run gives the full pass's logits (to float rounding).
@@ -33,6 +34,8 @@ class RetroInferenceContext(StaticInferenceContext):
                                           dtype=torch.long, device=device)
         self.cca_inputs: Optional[Tensor] = None
         self.encoded: dict[int, Tensor] = {}
+        # (CCA layer, chunk) -> that layer's key/value projection of the chunk's encoded neighbours.
+        self.cca_kv: dict[tuple[int, int], dict] = {}
         # Set by RetroModel.forward for the CCA layers: chunk -> (embeddings [r, b*k, h], mask [b, 1, k, r]).
         self.new_neighbors: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -48,6 +51,8 @@ class RetroInferenceContext(StaticInferenceContext):
         current = (self.sequence_len_offset + 1) // self.chunk_length - 1
         for i in [i for i in self.encoded if i < current]:
             del self.encoded[i]
+        for key in [key for key in self.cca_kv if key[1] < current]:
+            del self.cca_kv[key]
 
     def reset(self) -> None:
         super().reset()
@@ -55,4 +60,5 @@ class RetroInferenceContext(StaticInferenceContext):
         self.neighbor_tokens.fill_(-1)
         self.cca_inputs = None
         self.encoded.clear()
+        self.cca_kv.clear()
         self.new_neighbors = {}

@@ -260,6 +260,32 @@ class EncoderCrossAttention(CrossAttention):
         return query, key, value
 
 
+class NeighbourCrossAttention(CrossAttention):
+    """megatron-core's CrossAttention, able to reuse one key/value projection across calls.
+
+    While decoding, every token of a chunk attends to the same encoded neighbours. With
+    `kv_cache` set (ChunkedCrossAttention sets one dict per layer and chunk during cached
+    decoding) their key/value projection is computed on the first call and reused after.
+    """
+
+    kv_cache: Optional[dict] = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states, output_gate=False, split_qkv=True):
+        cache = self.kv_cache
+        if cache is None or "kv" not in cache:
+            query, key, value = super().get_query_key_value_tensors(
+                hidden_states, key_value_states, output_gate, split_qkv
+            )
+            if cache is not None:
+                cache["kv"] = (key, value)
+            return query, key, value
+        key, value = cache["kv"]
+        query, _ = self.linear_q(hidden_states)
+        query = query.view(*query.size()[:-1], self.num_attention_heads_per_partition,
+                           self.hidden_size_per_attention_head)
+        return query, key, value
+
+
 @dataclass
 class ChunkedCrossAttentionSubmodules:
     attention: Union[ModuleSpec, type]
@@ -394,6 +420,16 @@ class ChunkedCrossAttention(MegatronModule):
         if last < 0:
             return None
         out = hidden_states.new_zeros(s, b, h)
+        try:
+            self._attend_chunks(hidden_states, ctx, start, first, last, out)
+        finally:
+            if isinstance(self.attention, NeighbourCrossAttention):
+                self.attention.kv_cache = None
+        return out
+
+    def _attend_chunks(self, hidden_states: Tensor, ctx: Any, start: int, first: int, last: int, out: Tensor) -> None:
+        s, b = hidden_states.shape[:2]
+        m = self.config.chunk_length
         for i in range(max(first, 0), last + 1):
             lo, hi = max(start, (i + 1) * m - 1), min(start + s, (i + 2) * m - 1)
             mask = ctx.neighbor_tokens[:b, i]  # [b, k, r]
@@ -403,6 +439,8 @@ class ChunkedCrossAttention(MegatronModule):
             if self.cca_rotary is not None:
                 pos = self.cca_rotary(max(2 * m - 1, r))
                 rope = (pos[lo - i * m : hi - i * m], pos[:r].repeat(k, 1, 1, 1))
+            if isinstance(self.attention, NeighbourCrossAttention):
+                self.attention.kv_cache = ctx.cca_kv.setdefault((id(self), i), {})
             o, bias = self.attention(hidden_states[lo - start : hi - start], attention_mask=mask.reshape(b, 1, 1, k * r),
                                      key_value_states=ctx.encoded[i], rotary_pos_emb=rope)
             if bias is not None:
@@ -410,7 +448,6 @@ class ChunkedCrossAttention(MegatronModule):
             has_any = ~mask.reshape(b, k * r).all(dim=-1)
             o = torch.where(has_any[None, :, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
             out[lo - start : hi - start] = o if self.config.retrieval_gate == 1 else o * self.config.retrieval_gate
-        return out
 
 
 class ChunkedCrossAttentionBDA(MegatronModule):

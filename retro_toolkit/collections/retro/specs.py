@@ -14,7 +14,7 @@ import dataclasses
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import CrossAttention, CrossAttentionSubmodules
+from megatron.core.transformer.attention import CrossAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -26,6 +26,7 @@ from retro_toolkit.collections.retro.layers import (
     ChunkedCrossAttentionBDA,
     ChunkedCrossAttentionSubmodules,
     EncoderCrossAttention,
+    NeighbourCrossAttention,
     Norm,
     RetroSelfAttention,
     SDPAttention,
@@ -96,7 +97,7 @@ def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
     cca = ModuleSpec(
         module=ChunkedCrossAttention,
         submodules=ChunkedCrossAttentionSubmodules(
-            attention=_cross_attention_spec(config, CrossAttention),
+            attention=_cross_attention_spec(config, NeighbourCrossAttention),
             encoder=encoder_block_spec(config) if with_encoder else None,
         ),
     )
