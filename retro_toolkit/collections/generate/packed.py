@@ -45,10 +45,13 @@ def packed_linears(model, rows: int) -> Iterator[None]:
         del cache[key]
 
     def packed(weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), weight._version, rows)
-        if key not in cache:
-            cache[key] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-        return cache[key]
+        # A weight updated in place since (more training) bumps its version: repack, replacing the old copy.
+        key = (weight.data_ptr(), tuple(weight.shape), rows)
+        version, value = cache.get(key, (None, None))
+        if version != weight._version:
+            value = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+            cache[key] = (weight._version, value)
+        return value
 
     def wrap(original):
         def forward_impl(input, weight, bias=None, *args, **kwargs):
