@@ -1,0 +1,1 @@
+"""Checkpoint packaging: .nemo archives (and, later, imports and exports)."""
