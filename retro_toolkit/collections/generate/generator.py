@@ -21,7 +21,7 @@ import torch
 from retro_toolkit.collections.generate.neighbors import NeighborSource
 from retro_toolkit.collections.generate.packed import packed_linears
 from retro_toolkit.collections.generate.sampling import SamplingParams, sample
-from retro_toolkit.collections.retro.inference import RetroInferenceContext
+from retro_toolkit.collections.retro.inference import RetroInferenceContext, completed_chunks
 from retro_toolkit.errors import UserError
 
 
@@ -78,8 +78,7 @@ def generate_ids(
     with packed_linears(model, b) if use_cache else contextlib.nullcontext():
         while True:
             if retrieval:
-                first = -(-(start + 1) // m) - 1
-                for i in range(first, end // m):
+                for i in completed_chunks(start, end - start, m):
                     chunk = tokens[:, i * m : (i + 1) * m].cpu().numpy()
                     neighbor_tokens[:, i] = neighbors.chunk_neighbors(i, chunk).to(device)
             if ctx is not None:
@@ -121,7 +120,7 @@ def generate_text(
     ids = [tokenizer.encode([p])[0] if isinstance(p, str) else list(p) for p in prompts]
 
     def stop_check(new: list[int]) -> bool:
-        return bool(params.stop) and any(s in tokenizer.decode(new) for s in params.stop)
+        return any(s in tokenizer.decode(new) for s in params.stop)
 
     outs = generate_ids(model, ids, params, neighbors, eos_id=tokenizer.eod_id, pad_id=tokenizer.pad_id,
                         stop_check=stop_check if params.stop else None, use_cache=use_cache)

@@ -24,6 +24,20 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from torch import Tensor
 
 
+def neighbor_mask(neighbor_tokens: Tensor, pad_id: Optional[int]) -> Tensor:
+    """True where a neighbour token is missing (-1) or document-end padding (pad_id)."""
+    mask = neighbor_tokens < 0
+    if pad_id is not None:
+        mask |= neighbor_tokens == pad_id
+    return mask
+
+
+def completed_chunks(start: int, length: int, chunk_length: int) -> range:
+    """Chunks whose last position, (i+1)m - 1, lies in [start, start + length)."""
+    m = chunk_length
+    return range(-(-(start + 1) // m) - 1, (start + length) // m)
+
+
 class RetroInferenceContext(StaticInferenceContext):
     def __init__(self, batch_size: int, max_sequence_length: int, chunk_length: int, num_neighbors: int,
                  retrieved_length: int, device: Optional[torch.device] = None):
@@ -38,11 +52,6 @@ class RetroInferenceContext(StaticInferenceContext):
         self.cca_kv: dict[tuple[int, int], dict] = {}
         # Set by RetroModel.forward for the CCA layers: chunk -> (embeddings [r, b*k, h], mask [b, 1, k, r]).
         self.new_neighbors: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def completed_chunks(self, start: int, length: int) -> range:
-        """Chunks whose last position, (i+1)m - 1, lies in [start, start + length)."""
-        m = self.chunk_length
-        return range(-(-(start + 1) // m) - 1, (start + length) // m)
 
     def advance(self, length: int) -> None:
         """Call after each forward piece of `length` tokens."""

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from torch import Tensor
 
 from retro_toolkit.collections.retro.config import RetroConfig
+from retro_toolkit.collections.retro.inference import neighbor_mask
 
 
 class Norm(torch.nn.Module):
@@ -432,8 +433,7 @@ class ChunkedCrossAttention(MegatronModule):
         m = self.config.chunk_length
         for i in range(max(first, 0), last + 1):
             lo, hi = max(start, (i + 1) * m - 1), min(start + s, (i + 2) * m - 1)
-            mask = ctx.neighbor_tokens[:b, i]  # [b, k, r]
-            mask = mask < 0 if self.config.neighbor_pad_id is None else (mask < 0) | (mask == self.config.neighbor_pad_id)
+            mask = neighbor_mask(ctx.neighbor_tokens[:b, i], self.config.neighbor_pad_id)  # [b, k, r]
             k, r = mask.shape[1:]
             rope = None
             if self.cca_rotary is not None:

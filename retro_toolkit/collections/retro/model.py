@@ -22,7 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
 from retro_toolkit.collections.retro.config import ModelArgs, RetroConfig
-from retro_toolkit.collections.retro.inference import RetroInferenceContext
+from retro_toolkit.collections.retro.inference import RetroInferenceContext, completed_chunks, neighbor_mask
 from retro_toolkit.collections.retro.specs import decoder_block_spec
 from retro_toolkit.core import cpu
 from retro_toolkit.errors import UserError
@@ -135,9 +135,7 @@ class RetroModel(GPTModel):
         self._check(tokens, neighbor_tokens)
         extra = None
         if neighbor_tokens is not None and self.has_retrieval and self.config.retrieval_gate != 0:
-            mask = neighbor_tokens < 0
-            if self.config.neighbor_pad_id is not None:
-                mask |= neighbor_tokens == self.config.neighbor_pad_id
+            mask = neighbor_mask(neighbor_tokens, self.config.neighbor_pad_id)
             b, l, k, r = neighbor_tokens.shape
             ids = neighbor_tokens.clamp(min=0).reshape(b * l * k, r)
             context = self.embedding(input_ids=ids, position_ids=None)  # [r, b*l*k, h]
@@ -164,11 +162,9 @@ class RetroModel(GPTModel):
             raise UserError(f"after the first piece, feed one token at a time (got {n} tokens at offset {start}).")
         ctx.new_neighbors = {}
         if self.has_retrieval and self.config.retrieval_gate != 0:
-            for i in ctx.completed_chunks(start, n):
+            for i in completed_chunks(start, n, ctx.chunk_length):
                 nb = ctx.neighbor_tokens[:b, i]  # [b, k, r]
-                mask = nb < 0
-                if self.config.neighbor_pad_id is not None:
-                    mask |= nb == self.config.neighbor_pad_id
+                mask = neighbor_mask(nb, self.config.neighbor_pad_id)
                 k, r = nb.shape[1:]
                 emb = self.embedding(input_ids=nb.clamp(min=0).reshape(b * k, r), position_ids=None)
                 ctx.new_neighbors[i] = (emb, mask[:, None])
