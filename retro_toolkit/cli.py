@@ -7,6 +7,9 @@
     retro-run inspect WORKDIR {stats | chunk N | neighbours SPLIT N}
     retro-run show-model yaml/model/retro_48b.yaml
     retro-run generate --workdir runs/smoke --chat --prompt "What does pass do?"
+    retro-run generate --nemo runs/smoke/export/smoke.nemo --prompt "The with statement"
+    retro-run export-safetensors runs/smoke/export/smoke.nemo --out smoke-safetensors/
+    retro-run import-megatron CHECKPOINT_DIR --tokenizer tokenizer.model --out model.nemo
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ stages, in pipeline order:
   eval_ppl        validation/test perplexity
   sft             instruction tuning (InstructRetro)
   eval_qa         zero-shot QA: EM/F1
-  export          write the .nemo package
+  export          package the model as export/<name>.nemo
 
 overrides:
   a.b=value       set one key (YAML value: 3, 0.5, null, [1,2], {k: v})
@@ -42,17 +45,21 @@ A finished stage is skipped on the next run unless its settings (or an upstream
 stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 """
 
-COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model", "generate")
+COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model", "generate", "export-safetensors",
+            "import-megatron")
 
 GENERATE_EPILOG = """\
-The model comes from --checkpoint (a <workdir>/checkpoints/<stage> folder or one of its
-iter_NNNNNNN folders) or from --workdir (its sft checkpoint, else pretrain). Decoding uses
+The model comes from --nemo (a package written by the export stage; add --workdir for
+live retrieval from a database built with the package's tokenizer), --checkpoint (a
+<workdir>/checkpoints/<stage> folder or one of its iter_NNNNNNN folders) or --workdir
+(its sft checkpoint, else pretrain). Decoding uses
 a KV cache; Retro's chunks get neighbours from --context (all of them; with --chat the
 top-1 goes in the prompt instead) or, with --live-retrieval, from the work directory's
 index, queried with every completed chunk of prompt and answer.
 
 examples:
   retro-run generate --workdir runs/smoke --chat --prompt "Which keyword defines a function?"
+  retro-run generate --nemo runs/smoke/export/smoke.nemo --chat --prompt "What does pass do?"
   retro-run generate --checkpoint runs/smoke/checkpoints/pretrain --prompt "The with statement" \\
       --live-retrieval --max-new-tokens 128 --temperature 0.8 --top-p 0.9
 """
@@ -65,7 +72,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", metavar="{run,validate,show,ls,inspect,show-model,generate}")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", help="recipe file (recipes/smoke.yaml) or bundled recipe name (smoke)")
@@ -97,6 +104,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     g = sub.add_parser("generate", help="generate text from a trained checkpoint (KV cache, retrieval)",
                        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    g.add_argument("--nemo", help="a .nemo package (retro-run RECIPE --stages export writes one)")
     g.add_argument("--checkpoint", help="checkpoints/<stage> or iter_NNNNNNN folder")
     g.add_argument("--workdir", help="work directory (tokenizer, recipe, database)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as an InstructRetro user turn")
@@ -108,7 +116,24 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0)
-    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g}
+    es = sub.add_parser("export-safetensors", help="a .nemo package as safetensors + config.json + tokenizer",
+                        description="Writes OUT/model.safetensors (unsharded tensors, retro_toolkit's parameter "
+                        "names), OUT/config.json (model settings, tokenizer, retrieval settings, every tensor's "
+                        "shape) and OUT/tokenizer.model, for other inference engines. Load it back with "
+                        "retro_toolkit.checkpoint.safetensors_io.load_safetensors.")
+    es.add_argument("package", help="a .nemo file")
+    es.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    from retro_toolkit.checkpoint.megatron_legacy import IMPORT_DESCRIPTION
+
+    im = sub.add_parser("import-megatron", help="a Megatron-LM legacy Retro checkpoint as a .nemo package",
+                        description=IMPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    im.add_argument("checkpoint", help="the folder holding latest_checkpointed_iteration.txt")
+    im.add_argument("--tokenizer", required=True, help="the model's SentencePiece .model file")
+    im.add_argument("--out", required=True, help="the .nemo file to write")
+    im.add_argument("--trust-checkpoint", action="store_true",
+                    help="allow full pickle loading (runs code from the file); only for checkpoints you trust")
+    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g,
+               "export-safetensors": es, "import-megatron": im}
 
 
 def _split_stages(text: str | None) -> list[str] | None:
@@ -181,12 +206,33 @@ def _generate(a: argparse.Namespace) -> int:
 
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                             top_p=a.top_p, stop=a.stop, seed=a.seed)
-    session = load_session(a.checkpoint, a.workdir)
+    session = load_session(a.checkpoint, a.workdir, a.nemo)
     outs = session.generate(a.prompt, params, chat=a.chat, contexts=a.context, live_retrieval=a.live_retrieval)
     for prompt, out in zip(a.prompt, outs):
         if len(a.prompt) > 1:
             print(f"### {prompt}")
         print(out.text)
+    return 0
+
+
+def _export_safetensors(package: str, out: str) -> int:
+    from retro_toolkit.core.cpu import quiet_warnings
+
+    quiet_warnings()
+    from retro_toolkit.checkpoint.safetensors_io import export_safetensors
+
+    print(f"wrote {export_safetensors(package, out)}")
+    return 0
+
+
+def _import_megatron(a: argparse.Namespace) -> int:
+    from retro_toolkit.core.cpu import quiet_warnings
+
+    quiet_warnings()
+    from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
+
+    out = import_checkpoint(a.checkpoint, a.tokenizer, a.out, trust=a.trust_checkpoint)
+    print(f"wrote {out}")
     return 0
 
 
@@ -209,6 +255,10 @@ def dispatch(argv: list[str]) -> int:
         return _show_model(args.model, args.vocab_size)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "export-safetensors":
+        return _export_safetensors(args.package, args.out)
+    if args.command == "import-megatron":
+        return _import_megatron(args)
 
     from retro_toolkit.recipe import load_recipe, to_yaml
 

@@ -31,7 +31,7 @@ def run_stage(stage: str, recipe_file: str) -> int:
     spec = STAGES.get(stage)
     if spec is None or spec.entry is None or stage not in recipe.stages:
         raise UserError(f"stage '{stage}' is not runnable from {recipe_file}.")
-    for dep in spec.depends_on:
+    for dep in spec.upstream(recipe.stages):
         current, why = manifest.status(recipe, dep)
         if not current:
             raise UserError(

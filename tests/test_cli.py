@@ -46,8 +46,10 @@ BAD_INPUT = [
     (BOTH, ["executor=nosuch"], "unknown executor 'nosuch'"),
     (BOTH, ["stages=[tokenizer,prepare_corpus,bogus]"], "'stages[2]' = 'bogus' is not one of"),
     (("run",), ["--stages", "prepare_corpuss"], "unknown stage 'prepare_corpuss' in --stages. Did you mean 'prepare_corpus'?"),
-    (("run",), ["--force", "export"], "stage 'export' in --force is not one of this recipe's stages"),
-    (BOTH, ["stages=[tokenizer,prepare_corpus,build_db,pretrain,export]"], "stage 'export' (write the .nemo package) is not implemented"),
+    (("run",), ["stages=[tokenizer]", "--force", "export"], "stage 'export' in --force is not one of this recipe's stages"),
+    (BOTH, ["stages=[tokenizer,prepare_corpus,export]"], "stage 'export' needs stage 'pretrain'"),
+    (BOTH, ["stages=[tokenizer,prepare_corpus,build_db,pretrain,export]", "export.checkpoint=sft"],
+     "'export.checkpoint' is sft but the recipe does not run the sft stage"),
     (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' needs stage 'prepare_corpus'"),
     (BOTH, ["retrieval.embedder.path=/nonexistent/bert"], "retrieval.embedder.path: /nonexistent/bert is not a Hugging Face model folder"),
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
@@ -89,7 +91,7 @@ def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
                 "executor.partition=gpu", "executor.nodes=2", "executor.ntasks_per_node=4",
                 "executor.gpus_per_node=4", "executor.time=02:30:00")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("#!/bin/bash") == 7  # one script per stage
+    assert p.stdout.count("#!/bin/bash") == 8  # one script per stage
     for line in ("#SBATCH --account=abc", "#SBATCH --partition=gpu", "#SBATCH --nodes=2",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:30:00",
                  "--nproc-per-node 4", "-m retro_toolkit.launch prepare_corpus", "-m retro_toolkit.launch eval_ppl", "-m retro_toolkit.launch eval_qa"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from tests.test_pretrain import TRAIN, copy_db
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")]
 
-STAGES = "stages=[tokenizer,prepare_corpus,build_db,pretrain,sft,eval_qa]"
+STAGES = "stages=[tokenizer,prepare_corpus,build_db,pretrain,sft,eval_qa,export]"
 SFT = [
     STAGES,
     "sft.train_iters=4",
@@ -29,6 +31,7 @@ SFT = [
     "eval_qa.tasks=[{name: smoke, path: 'builtin:smoke-qa', max_samples: 5}]",
     "eval_qa.max_new_tokens=8",
     "eval_qa.batch_size=4",
+    "export.safetensors=true",
 ]
 
 
@@ -118,6 +121,56 @@ def test_generate_cli_answers_from_a_work_directory(tuned):
     assert p.returncode == 2 and "nope" in p.stderr
 
 
+def test_export_packages_the_sft_model_and_a_fresh_process_restores_identical_logits(tuned, tmp_path):
+    from omegaconf import OmegaConf
+
+    from retro_toolkit.collections.generate.session import load_session
+
+    package = tuned / "export" / "smoke.nemo"
+    listing = subprocess.run(["tar", "-tf", str(package)], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listing) == ["./model_config.yaml", "./model_weights.ckpt", "./retrieval.yaml", "./tokenizer.model"]
+    subprocess.run(["tar", "-xf", str(package), "-C", str(tmp_path)], check=True)
+    cfg = OmegaConf.load(tmp_path / "model_config.yaml")
+    assert cfg.arch == "retro" and cfg.seq_length == 128 and cfg.tokenizer.model == "nemo:tokenizer.model"
+    retrieval = OmegaConf.load(tmp_path / "retrieval.yaml")
+    assert retrieval.index == "Flat" and retrieval.chunk_length == 64 and retrieval.num_neighbors == 2
+    assert retrieval.embedder == "builtin:all-minilm-l6-v2" and retrieval.db_chunks > 0
+
+    s = load_session(tuned / "checkpoints" / "sft")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, s.tokenizer.vocab_size, (2, 128), generator=g)
+    neighbors = torch.randint(0, s.tokenizer.vocab_size, (2, 2, 2, 128), generator=g)
+    neighbors[1, 1, 0, 50:] = -1
+    with torch.no_grad():
+        want = s.model(tokens, neighbors)
+    torch.save({"tokens": tokens, "neighbors": neighbors}, tmp_path / "inputs.pt")
+    code = ("import torch, warnings; warnings.simplefilter('ignore');"
+            "from retro_toolkit.checkpoint.nemo import restore;"
+            f"x = torch.load({str(tmp_path / 'inputs.pt')!r}); m = restore({str(package)!r}).model;"
+            f"torch.save(m(x['tokens'], x['neighbors']).detach(), {str(tmp_path / 'logits.pt')!r})")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), want)
+
+    from retro_toolkit.checkpoint.safetensors_io import load_safetensors
+
+    with torch.no_grad():
+        assert torch.equal(load_safetensors(tuned / "export" / "smoke.safetensors").model(tokens, neighbors), want)
+
+
+def test_generate_from_the_package_answers_like_the_checkpoint(tuned):
+    ask = ["--prompt", "The with statement", "--max-new-tokens", "12", "--context", "with open(f) as g: pass"]
+    from_nemo = retro_run("generate", "--nemo", str(tuned / "export" / "smoke.nemo"), *ask)
+    from_ckpt = retro_run("generate", "--checkpoint", str(tuned / "checkpoints" / "sft"), *ask)
+    assert from_nemo.returncode == 0 and from_ckpt.returncode == 0, from_nemo.stderr + from_ckpt.stderr
+    assert from_nemo.stdout == from_ckpt.stdout
+    live = retro_run("generate", "--nemo", str(tuned / "export" / "smoke.nemo"), "--workdir", str(tuned),
+                     "--live-retrieval", "--prompt", "A class definition", "--max-new-tokens", "70")
+    assert live.returncode == 0, live.stderr
+    bad = retro_run("generate", "--nemo", str(tuned / "export" / "smoke.nemo"), "--live-retrieval", "--prompt", "x")
+    assert bad.returncode == 2 and "live retrieval needs a work directory" in bad.stderr
+
+
 @pytest.mark.parametrize("override,match", [
     ("eval_qa.tasks=[{name: triviaqa, path: 'builtin:smoke-qa'}]", "eval_qa.tasks\\[0\\].name' = 'triviaqa' is not one"),
     ("eval_qa.tasks=[{name: nq, path: /no/such/nq.json}]", "/no/such/nq.json, which does not exist"),
@@ -125,6 +178,8 @@ def test_generate_cli_answers_from_a_work_directory(tuned):
     ("sft.datasets=[{name: a, path: 'builtin:smoke-instruct', weight: 0}]", "sum to 0"),
     ("sft.datasets=[{name: a, path: 'builtin:smoke-instruct', format: chat}]", "format' = 'chat' is not one of"),
     ("sft.seq_length=100", "multiple of model.chunk_length"),
+    ("export.weights=zip", "export.weights' = 'zip' is not one of"),
+    ("export.checkpoint=/no/such/ckpt", "'export.checkpoint' points to /no/such/ckpt"),
 ])
 def test_bad_sft_and_qa_settings_exit_2_naming_the_key(override, match):
     p = retro_run("validate", SMOKE, override)

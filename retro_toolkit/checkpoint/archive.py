@@ -12,11 +12,13 @@ leaves the destination as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 from retro_toolkit.errors import UserError
 
@@ -77,6 +79,16 @@ def _check(path: Path, member: tarfile.TarInfo) -> None:
     if bad:
         raise UserError(f"{path}: refusing member {member.name!r}: {bad}. The archive was not extracted; "
                         "only unpack .nemo files from sources you trust.")
+
+
+@contextlib.contextmanager
+def open_checked(path: str | os.PathLike) -> Iterator[tarfile.TarFile]:
+    """The archive open for reading members in memory, after the same checks as extract."""
+    path = Path(path)
+    with _open(path) as tar:
+        for m in tar.getmembers():
+            _check(path, m)
+        yield tar
 
 
 def extract(path: str | os.PathLike, dest: str | os.PathLike) -> Path:

@@ -292,6 +292,20 @@ class EvalQaConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Which weights: "auto" (sft when the recipe runs it, else pretrain), "sft", "pretrain",
+    # or a checkpoint folder.
+    checkpoint: str = "auto"
+    # The package is export/<name>.nemo; null = the recipe's name.
+    name: Optional[str] = None
+    # "file": model_weights.ckpt, one unsharded state dict; "dist": model_weights/, a
+    # megatron-core dist checkpoint (for models too large for one torch.save).
+    weights: str = "file"
+    # Also write export/<name>.safetensors/ (safetensors + config.json + tokenizer.model).
+    safetensors: bool = False
+
+
+@dataclass
 class Recipe:
     name: str = MISSING
     description: str = ""
@@ -308,5 +322,6 @@ class Recipe:
     eval_ppl: EvalPplConfig = field(default_factory=EvalPplConfig)
     sft: SftConfig = field(default_factory=SftConfig)
     eval_qa: EvalQaConfig = field(default_factory=EvalQaConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Checked against the executor schema chosen by executor.type (see executors.py).
     executor: Any = field(default_factory=lambda: {"type": "local"})

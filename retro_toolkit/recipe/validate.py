@@ -242,6 +242,7 @@ def _semantic(r: dict[str, Any]) -> None:
 
     _check_training(r)
     _check_instruct(r)
+    _check_export(r, r["stages"])
     r["workdir"] = _abspath(r["workdir"])
 
 
@@ -324,6 +325,23 @@ def _check_instruct(r: dict[str, Any]) -> None:
             if not Path(q["checkpoint"]).exists():
                 raise UserError(f"recipe key 'eval_qa.checkpoint' points to {q['checkpoint']}, which does not "
                                 "exist; use sft, pretrain or a checkpoint folder.")
+
+
+def _check_export(r: dict[str, Any], stages: list[str]) -> None:
+    e = r["export"]
+    if "export" not in stages:
+        return
+    _check_choice(e["weights"], ("file", "dist"), "export.weights")
+    if e["name"] is not None and (not e["name"] or "/" in e["name"] or e["name"].startswith(".")):
+        raise UserError(f"recipe key 'export.name' ({e['name']!r}) must be a plain file name (no '/', not hidden).")
+    if e["checkpoint"] == "sft" and "sft" not in stages:
+        raise UserError("recipe key 'export.checkpoint' is sft but the recipe does not run the sft stage: "
+                        "use auto or pretrain, or add sft to 'stages'.")
+    if e["checkpoint"] not in ("auto", "sft", "pretrain"):
+        e["checkpoint"] = _abspath(e["checkpoint"])
+        if not Path(e["checkpoint"]).exists():
+            raise UserError(f"recipe key 'export.checkpoint' points to {e['checkpoint']}, which does not exist; "
+                            "use auto, sft, pretrain or a checkpoint folder.")
 
 
 def _check_training(r: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ def fingerprint(recipe: DictConfig, stage: str, _memo: dict[str, str] | None = N
                 "stage": stage,
                 "version": spec.version,
                 "config": stage_config(recipe, stage),
-                "inputs": {d: fingerprint(recipe, d, memo) for d in spec.depends_on if d in recipe.stages},
+                "inputs": {d: fingerprint(recipe, d, memo) for d in spec.upstream(recipe.stages)},
             }
         )
     return memo[stage]
@@ -89,7 +89,7 @@ def write(
         "fingerprint": fingerprint(recipe, stage),
         "config": stage_config(recipe, stage),
         "inputs": {
-            d: (read(recipe.workdir, d) or {}).get("fingerprint") for d in spec.depends_on if d in recipe.stages
+            d: (read(recipe.workdir, d) or {}).get("fingerprint") for d in spec.upstream(recipe.stages)
         },
         "outputs": outputs,
         "summary": summary,

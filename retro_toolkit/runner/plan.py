@@ -60,7 +60,7 @@ def make_plan(recipe: DictConfig, only: list[str] | None = None, force: list[str
         wanted = set(only)
         for s in reversed(ordered):  # pull in unfinished ancestors of what was asked for
             if s in wanted:
-                for d in STAGES[s].depends_on:
+                for d in STAGES[s].upstream(recipe.stages):
                     if not manifest.status(recipe, d)[0] or d in force:
                         wanted.add(d)
         wanted |= set(force) & set(ordered)
@@ -72,7 +72,7 @@ def make_plan(recipe: DictConfig, only: list[str] | None = None, force: list[str
         if s not in wanted:
             continue
         current, why = manifest.status(recipe, s)
-        rerun_deps = [st.stage for st in steps if st.run and st.stage in STAGES[s].depends_on]
+        rerun_deps = [st.stage for st in steps if st.run and st.stage in STAGES[s].upstream(recipe.stages)]
         if not current and rerun_deps and why.startswith("an upstream"):
             why = f"upstream '{rerun_deps[0]}' changed"
         steps.append(Step(s, s in force or not current, "forced" if s in force else why))

@@ -18,6 +18,12 @@ class StageSpec:
     entry: str | None  # "module:function"; None = not implemented yet
     summary: str
     version: int = 1
+    # Stages whose outputs this one reads when the recipe runs them (ordering and fingerprint).
+    after: tuple[str, ...] = ()
+
+    def upstream(self, stages) -> tuple[str, ...]:
+        """The stages this one waits for in a recipe running `stages`."""
+        return tuple(d for d in self.depends_on + self.after if d in stages)
 
 
 STAGES: dict[str, StageSpec] = {
@@ -73,6 +79,13 @@ STAGES: dict[str, StageSpec] = {
             "retro_toolkit.collections.qa.eval_qa:run",
             "zero-shot QA: generate answers, EM/F1 per task",
         ),
-        StageSpec("export", ("pretrain",), ("model",), None, "write the .nemo package"),
+        StageSpec(
+            "export",
+            ("pretrain",),
+            ("model", "export"),
+            "retro_toolkit.checkpoint.export:run",
+            "package the trained model as export/<name>.nemo (and safetensors)",
+            after=("sft",),
+        ),
     )
 }

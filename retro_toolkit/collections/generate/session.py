@@ -1,12 +1,14 @@
-"""A trained model ready to generate, from a work directory or one of its checkpoints.
+"""A trained model ready to generate, from a .nemo package, a work directory or a checkpoint.
 
     from retro_toolkit.collections.generate.session import load_session
     s = load_session(checkpoint="runs/smoke/checkpoints/sft")
+    s = load_session(nemo="runs/smoke/export/smoke.nemo")          # or a package
     print(s.generate(["What does the pass statement do?"], SamplingParams(max_new_tokens=32), chat=True)[0].text)
 
 A checkpoint lives in <workdir>/checkpoints/<stage>/[iter_NNNNNNN]; the work directory
 holds the tokenizer and the recipe the model was built from (and, for live retrieval,
-the database).
+the database). A package carries its tokenizer; live retrieval then needs a work
+directory whose database was built with that tokenizer and chunk length.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _workdir_of(checkpoint: Path) -> Path:
 class Session:
     model: object
     tokenizer: object
-    workdir: Path
+    workdir: Optional[Path]
     checkpoint: Path
     _retriever: object = None
 
@@ -43,7 +45,17 @@ class Session:
         if self._retriever is None:
             from retro_toolkit.collections.retrieval.retriever import Retriever
 
-            self._retriever = Retriever(self.workdir)
+            if self.workdir is None:
+                raise UserError(f"live retrieval needs a work directory with a retrieval database: pass --workdir "
+                                f"(its database must use the tokenizer and chunk length {self.checkpoint} was "
+                                "trained with).")
+            r = Retriever(self.workdir)
+            cfg = self.model.config
+            if (r.chunk_length, r.retrieved_length) != (cfg.chunk_length, cfg.retrieved_length):
+                raise UserError(f"{self.workdir}'s database has chunk length {r.chunk_length} and retrieved length "
+                                f"{r.retrieved_length}, but the model of {self.checkpoint} was trained with "
+                                f"{cfg.chunk_length} and {cfg.retrieved_length}: use a matching work directory.")
+            self._retriever = r
         return self._retriever
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, chat: bool = False,
@@ -69,8 +81,12 @@ class Session:
         return generate_text(self.model, self.tokenizer, ids, params, source)
 
 
-def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None) -> Session:
-    """The model of `checkpoint` (default: the work directory's sft, else pretrain checkpoint), in eval mode."""
+def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
+                 nemo: str | os.PathLike | None = None) -> Session:
+    """The model of `nemo` (a package) or `checkpoint` (default: the work directory's sft, else
+    pretrain checkpoint), in eval mode."""
+    if nemo is not None:
+        return _nemo_session(Path(nemo), workdir, checkpoint)
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.retro.pretrain import build
     from retro_toolkit.collections.text.tokenizer import Tokenizer
@@ -96,3 +112,23 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
     model, _, section = build(recipe, arch)
     ckpt.load_model(source, model, section, wd)
     return Session(model.eval(), Tokenizer(wd / MODEL_FILE), wd, source)
+
+
+def _nemo_session(package: Path, workdir: str | os.PathLike | None, checkpoint) -> Session:
+    from retro_toolkit.checkpoint.nemo import restore
+    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+    from retro_toolkit.core import files
+
+    if checkpoint is not None:
+        raise UserError("give either --nemo or --checkpoint, not both.")
+    pkg = restore(package)
+    wd = None
+    if workdir is not None:
+        wd = Path(workdir).resolve()
+        tok = wd / MODEL_FILE
+        want = pkg.config["tokenizer"]["sha256"]
+        if not tok.is_file() or files.sha256_file(tok) != want:
+            raise UserError(f"--workdir {wd}: its tokenizer ({tok}) is not the one {package} was trained with "
+                            f"(sha256 {want[:12]}), so its database's tokens would mean other text. Use the work "
+                            "directory the package was exported from, or one built with that tokenizer.")
+    return Session(pkg.model, pkg.tokenizer, wd, package)

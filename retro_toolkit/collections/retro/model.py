@@ -266,7 +266,7 @@ def load_full_state_dict(model: RetroModel, full: dict[str, Tensor]) -> None:
         if name not in full:
             if name.endswith("_extra_state"):
                 continue
-            raise KeyError(f"{name} missing from the full state dict")
+            raise UserError(f"{name} is missing from the full state dict")
         src = full[name]
         p = params.get(name)
         if p is not None and getattr(p, "tensor_model_parallel", False) and size > 1:
@@ -277,6 +277,7 @@ def load_full_state_dict(model: RetroModel, full: dict[str, Tensor]) -> None:
             else:
                 src = torch.chunk(src, size, dim=dim)[rank]
         if src.shape != value.shape:
-            raise ValueError(f"{name}: shard shape {tuple(src.shape)} != parameter shape {tuple(value.shape)}")
+            raise UserError(f"{name}: the saved tensor gives a shard of shape {tuple(src.shape)} but this model's "
+                            f"parameter is {tuple(value.shape)}: the weights belong to another model size.")
         out[name] = src
     model.load_state_dict(out, strict=False)

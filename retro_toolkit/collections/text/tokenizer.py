@@ -16,12 +16,16 @@ from retro_toolkit.errors import UserError
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | os.PathLike) -> None:
+    def __init__(self, model_file: str | os.PathLike, model_proto: bytes | None = None) -> None:
+        """model_file: a SentencePiece .model; with model_proto (its bytes) it only names the source."""
         import sentencepiece as spm
 
         self.model_file = str(model_file)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+            if model_proto is not None:
+                self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot load SentencePiece model {model_file}: {e}".splitlines()[0]) from None
         self.vocab_size: int = self.sp.get_piece_size()
@@ -31,6 +35,11 @@ class Tokenizer:
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eod_id
         self.bos_id: int = self.sp.bos_id()
         self.unk_id: int = self.sp.unk_id()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str) -> "Tokenizer":
+        """A tokenizer from a .model file's bytes (e.g. a .nemo artifact); name is for messages."""
+        return cls(name, model_proto=data)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)

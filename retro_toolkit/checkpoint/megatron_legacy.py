@@ -1,0 +1,333 @@
+"""Import Megatron-LM's legacy Retro (and GPT) checkpoints, e.g. NVIDIA's released
+retro-8b / retro-48b base and instruct models, into a .nemo package.
+
+    import_checkpoint("retro-48b-instruct-4k/", "tokenizer.model", "retro48b.nemo")
+    retro-run import-megatron retro-48b-instruct-4k/ --tokenizer tokenizer.model --out retro48b.nemo
+
+The layout read: DIR/latest_checkpointed_iteration.txt ("release" or an iteration),
+DIR/<release|iter_NNNNNNN>/mp_rank_<TT>/model_optim_rng.pt, one file per tensor-parallel
+rank, each a dict with `args` (the training arguments), `checkpoint_version` and
+`model` = {"language_model": {"embedding": ..., "encoder": ..., "output_layer": ...}} in
+the legacy ParallelTransformer names. Shards are merged (column-parallel tensors along
+their output rows, SwiGLU's two halves per rank kept apart; row-parallel ones along
+their inputs) and renamed to this toolkit's megatron-core names; a tensor that maps to
+nothing, or a model tensor nothing maps to, is an error listing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from retro_toolkit.errors import UserError
+
+IMPORT_DESCRIPTION = """\
+Convert a Megatron-LM legacy Retro or GPT checkpoint (the layout of NVIDIA's released
+Retro / InstructRetro checkpoints: latest_checkpointed_iteration.txt, then
+release/mp_rank_00/model_optim_rng.pt, mp_rank_01/... for tensor-parallel shards) into a
+.nemo package that `retro-run generate --nemo` and `restore()` load at any
+tensor-parallel size.
+
+The model's shape comes from the checkpoint's own `args`: layers, hidden size, heads,
+FFN size, SwiGLU, norms, rotary settings, padded vocabulary, and Retro's chunk length,
+neighbours, retrieved chunks and encoder layers. Shards are merged and renamed; unknown
+or missing tensors are an error that lists them.
+
+Safety: files are read with torch.load(weights_only=True), which only rebuilds tensors,
+plain containers and the argparse.Namespace of `args`. A checkpoint that also pickled
+other objects (numpy RNG states, optimizer classes) is refused with the name of the
+first such object; if you trust where the file came from, --trust-checkpoint loads it
+with full pickle, which can run arbitrary code from the file.
+
+examples:
+  retro-run import-megatron retro-8b-instruct-4k/ --tokenizer retro-8b-instruct-4k/tokenizer.model \\
+      --out retro8b.nemo
+  retro-run generate --nemo retro8b.nemo --chat --prompt "Who wrote Hamlet?"
+"""
+
+ITERATION_FILE = "latest_checkpointed_iteration.txt"
+SHARD_FILE = "model_optim_rng.pt"
+
+# Tensor-parallel layout of legacy tensors, by name suffix.
+COLUMN_PARALLEL = ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias",
+                   "inter_attention.query.weight", "inter_attention.query.bias",
+                   "inter_attention.key_value.weight", "inter_attention.key_value.bias",
+                   "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+                   "word_embeddings.weight", "output_layer.weight")
+ROW_PARALLEL = ("self_attention.dense.weight", "inter_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+
+# One transformer layer, legacy name -> ours. `{x}` is where a Retro cross-attention sits:
+# "cross_attention.attention." in a decoder layer, "cross_attention." in the encoder's.
+LAYER_NAMES = {
+    "input_norm": "input_layernorm",
+    "self_attention.query_key_value": "self_attention.linear_qkv",
+    "self_attention.dense": "self_attention.linear_proj",
+    "inter_attention.query": "{x}linear_q",
+    "inter_attention.key_value": "{x}linear_kv",
+    "inter_attention.dense": "{x}linear_proj",
+    "mlp.dense_h_to_4h": "mlp.linear_fc1",
+    "mlp.dense_4h_to_h": "mlp.linear_fc2",
+}
+
+
+def shard_files(folder: str | os.PathLike) -> list[Path]:
+    """The model_optim_rng.pt of every tensor-parallel rank, in rank order."""
+    folder = Path(folder)
+    pointer = folder / ITERATION_FILE
+    if not pointer.is_file():
+        raise UserError(f"{folder} has no {ITERATION_FILE}: give the folder of a Megatron-LM checkpoint (the one "
+                        "holding that file and release/ or iter_NNNNNNN/).")
+    tag = pointer.read_text().strip()
+    sub = folder / ("release" if tag == "release" else f"iter_{int(tag):07d}" if tag.isdigit() else tag)
+    if not sub.is_dir():
+        raise UserError(f"{pointer} says {tag!r} but {sub} does not exist.")
+    ranks = sorted(p for p in sub.iterdir() if p.is_dir() and p.name.startswith("mp_rank_"))
+    if not ranks:
+        raise UserError(f"{sub} holds no mp_rank_NN folders.")
+    if any(re.fullmatch(r"mp_rank_\d+_\d+", p.name) for p in ranks):
+        raise UserError(f"{sub} is split over pipeline stages (mp_rank_TT_PPP folders); only tensor-parallel "
+                        "checkpoints (mp_rank_TT) are supported. Merge the pipeline stages with Megatron-LM's "
+                        "checkpoint converter first.")
+    want = [sub / f"mp_rank_{i:02d}" for i in range(len(ranks))]
+    if ranks != want:
+        raise UserError(f"{sub}: tensor-parallel folders {[p.name for p in ranks]} are not mp_rank_00.."
+                        f"mp_rank_{len(ranks) - 1:02d}.")
+    files = [p / SHARD_FILE for p in want]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"missing shard files: {', '.join(missing)}.")
+    return files
+
+
+def load_shard(path: Path, trust: bool) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        found = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        raise UserError(f"{path} needs full pickle to load ({found.strip()}): weights_only loading rebuilds "
+                        "only tensors and the training args. If you trust the file's source, rerun with "
+                        "--trust-checkpoint (full pickle can run code from the file).") from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def normalise_name(name: str) -> str:
+    """Checkpoint versions before 3.0 spelled norms *_layernorm."""
+    return re.sub(r"(input|post_attention|post_inter_attention|final)_layernorm\b", r"\1_norm", name)
+
+
+def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Our model section from Megatron-LM's training arguments."""
+    def need(key: str) -> Any:
+        if args.get(key) is None:
+            raise UserError(f"{where}: the checkpoint's args lack '{key}'; cannot tell the model's shape.")
+        return args[key]
+
+    heads = int(need("num_attention_heads"))
+    if args.get("group_query_attention") and int(args.get("num_query_groups") or heads) != heads:
+        raise UserError(f"{where}: grouped-query attention (num_query_groups={args['num_query_groups']}) is not "
+                        "supported by this importer; Retro's released models use full multi-head attention.")
+    if int(args.get("num_experts") or 0) > 1:
+        raise UserError(f"{where}: mixture-of-experts checkpoints are not supported.")
+    retro = bool(args.get("retro_add_retriever"))
+    chunk = args.get("retro_chunk_length") or args.get("retro_gpt_chunk_length") or 64
+    section = {
+        "arch": "retro" if retro else "gpt",
+        "num_layers": int(need("num_layers")),
+        "hidden_size": int(need("hidden_size")),
+        "num_attention_heads": heads,
+        "ffn_hidden_size": int(args.get("ffn_hidden_size") or 4 * int(need("hidden_size"))),
+        "seq_length": int(need("seq_length")),
+        "vocab_size": int(need("padded_vocab_size")),
+        "chunk_length": int(chunk),
+        "num_neighbors": int(args.get("retro_num_neighbors") or 2),
+        "num_retrieved_chunks": int(args.get("retro_num_retrieved_chunks") or 2),
+        "encoder_num_layers": int(args.get("retro_encoder_layers") or 2),
+        "cca_layers": None,
+        "normalization": str(args.get("normalization") or "LayerNorm"),
+        "apply_layernorm_1p": bool(args.get("apply_layernorm_1p", False)),
+        "layernorm_epsilon": float(args.get("norm_epsilon") or args.get("layernorm_epsilon") or 1e-5),
+        "swiglu": bool(args.get("swiglu", False)),
+        "add_bias_linear": bool(args.get("add_bias_linear", True)),
+        "position_embedding_type": str(args.get("position_embedding_type") or "learned_absolute"),
+        "rotary_percent": float(args.get("rotary_percent") or 1.0),
+        "rotary_base": int(args.get("rotary_base") or 10000),
+        "untie_embeddings_and_output_weights": bool(args.get("untie_embeddings_and_output_weights", False)),
+        "retrieval_gate": 1.0,
+        "cca_rotary": False,
+    }
+    if section["seq_length"] % section["chunk_length"]:
+        raise UserError(f"{where}: seq_length {section['seq_length']} is not a multiple of the Retro chunk length "
+                        f"{section['chunk_length']}.")
+    return section
+
+
+def merge_shards(shards: list[dict[str, Any]], swiglu: bool, where: Path) -> dict[str, Any]:
+    """Full tensors from tensor-parallel shards (legacy names, flattened)."""
+    import torch
+
+    names = set(shards[0])
+    for i, s in enumerate(shards[1:], 1):
+        if set(s) != names:
+            diff = sorted(names ^ set(s))[:6]
+            raise UserError(f"{where}: shard mp_rank_{i:02d} holds other tensors than mp_rank_00 ({diff}).")
+    full: dict[str, Any] = {}
+    for name in sorted(names):
+        parts = [s[name] for s in shards]
+        if not isinstance(parts[0], torch.Tensor):
+            continue
+        if len(parts) == 1:
+            full[name] = parts[0]
+        elif name.endswith(COLUMN_PARALLEL):
+            if swiglu and ".mlp.dense_h_to_4h." in name:
+                halves = [torch.chunk(p, 2, dim=0) for p in parts]
+                full[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+            else:
+                full[name] = torch.cat(parts, dim=0)
+        elif name.endswith(ROW_PARALLEL):
+            full[name] = torch.cat(parts, dim=1)
+        else:  # replicated: norms, row-parallel biases, position embeddings
+            if not all(torch.equal(parts[0], p) for p in parts[1:]):
+                raise UserError(f"{where}: {name} should be identical on every tensor-parallel rank but differs; "
+                                "the shards do not belong to one checkpoint.")
+            full[name] = parts[0]
+    return full
+
+
+def _layer(rest: str, ours_prefix: str, cross: str) -> str | None:
+    for legacy, ours in LAYER_NAMES.items():
+        if rest.startswith(legacy + "."):
+            return ours_prefix + ours.format(x=cross) + rest[len(legacy):]
+    return None
+
+
+def rename(full: dict[str, Any], section: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(our name -> tensor, legacy names that map to nothing)."""
+    from retro_toolkit.collections.retro.config import default_cca_layers
+
+    cca = section["cca_layers"] or (default_cca_layers(section["num_layers"]) if section["arch"] == "retro" else [])
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
+    for raw, value in full.items():
+        name = normalise_name(raw)
+        ours = None
+        if name == "language_model.embedding.word_embeddings.weight":
+            ours = "embedding.word_embeddings.weight"
+        elif name == "language_model.embedding.position_embeddings.weight":
+            ours = "embedding.position_embeddings.weight"
+        elif name == "language_model.output_layer.weight":
+            ours = "output_layer.weight"
+        elif name.startswith("language_model.encoder.final_norm."):
+            ours = "decoder.final_layernorm." + name.rsplit(".", 1)[1]
+        else:
+            m = re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.(.+)", name)
+            if m:
+                ours = _decoder_layer(int(m.group(1)), m.group(2), (int(m.group(1)) + 1) in cca)
+        if ours is None:
+            unknown.append(raw)
+        else:
+            out[ours] = value
+    return out, unknown
+
+
+def _decoder_layer(i: int, rest: str, has_cca: bool) -> str | None:
+    prefix = f"decoder.layers.{i}."
+    if rest.startswith("retriever."):
+        return _encoder(rest[len("retriever."):], f"{prefix}cross_attention.encoder.")
+    return _norms_and_layer(rest, prefix, has_cca, "cross_attention.attention.")
+
+
+def _encoder(rest: str, prefix: str) -> str | None:
+    if rest.startswith("final_norm."):
+        return prefix + "final_layernorm." + rest[len("final_norm."):]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", rest)
+    if not m:
+        return None
+    # The encoder layers that cross-attend to the decoder chunk are the ones holding inter_attention.
+    return _norms_and_layer(m.group(2), f"{prefix}layers.{m.group(1)}.", None, "cross_attention.")
+
+
+def _norms_and_layer(rest: str, prefix: str, has_cca: bool | None, cross: str) -> str | None:
+    # In a layer with cross-attention the norm after self-attention feeds it, and the norm
+    # after cross-attention feeds the MLP; in a plain layer the former feeds the MLP.
+    if rest.startswith("post_attention_norm."):
+        target = "pre_cross_attn_layernorm." if has_cca else "pre_mlp_layernorm."
+        return prefix + target + rest[len("post_attention_norm."):]
+    if rest.startswith("post_inter_attention_norm."):
+        return prefix + "pre_mlp_layernorm." + rest[len("post_inter_attention_norm."):]
+    return _layer(rest, prefix, cross)
+
+
+def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLike, out: str | os.PathLike,
+                      trust: bool = False, weights: str = "file", log: Callable[[str], None] = print) -> Path:
+    """Write `out` (.nemo) from a legacy Megatron-LM checkpoint folder and its SentencePiece model."""
+    from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.nemo import build_for, check_names, load_full
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+
+    folder, tokenizer_file = Path(folder), Path(tokenizer_file)
+    if not tokenizer_file.is_file():
+        raise UserError(f"--tokenizer {tokenizer_file} does not exist; give the model's SentencePiece .model file.")
+    tokenizer = Tokenizer(tokenizer_file)
+    paths = shard_files(folder)
+    shards, args = [], None
+    for p in paths:
+        sd = load_shard(p, trust)
+        if "model" not in sd or "args" not in sd:
+            raise UserError(f"{p} has no 'model' or 'args' entry: not a Megatron-LM model checkpoint.")
+        version = float(sd.get("checkpoint_version", 0))
+        if version < 2.0:
+            raise UserError(f"{p} has checkpoint_version {version}; only 2.0 and later (query/key/value rows "
+                            "grouped per head) are supported. Re-save it with a recent legacy Megatron-LM.")
+        if args is None:
+            args = dict(sd["args"]) if isinstance(sd["args"], dict) else vars(sd["args"])
+        shards.append(flatten(sd["model"]))
+        del sd
+    section = section_from_args(args, paths[0])
+    tp = int(args.get("tensor_model_parallel_size") or 1)
+    if tp != len(paths):
+        raise UserError(f"{folder}: the args say tensor_model_parallel_size {tp} but there are {len(paths)} shards.")
+    if int(args.get("pipeline_model_parallel_size") or 1) != 1:
+        raise UserError(f"{folder}: pipeline_model_parallel_size is {args['pipeline_model_parallel_size']}; "
+                        "only tensor-parallel checkpoints are supported.")
+    if tokenizer.vocab_size > section["vocab_size"]:
+        raise UserError(f"--tokenizer {tokenizer_file} has {tokenizer.vocab_size} pieces but the checkpoint's "
+                        f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
+    log(f"import-megatron: {section['arch']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
+        f"{len(paths)} tensor-parallel shard(s)")
+    full = merge_shards(shards, section["swiglu"], folder)
+    del shards
+    ours, unknown = rename(full, section)
+    if unknown:
+        raise UserError(f"{folder}: {len(unknown)} checkpoint tensors map to nothing in the model: "
+                        f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
+    model = build_for(section, tokenizer, 1)
+    check_names(model, ours, folder)
+    load_full(model, ours, folder)
+    retrieval = None
+    if section["arch"] == "retro":
+        retrieval = {k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}
+        # What the checkpoint recorded about its database (embedder, index string...), as it spelled it.
+        retrieval["megatron_args"] = {k: v for k, v in sorted(args.items())
+                                      if k.startswith("retro_") and isinstance(v, (str, int, float, bool))}
+        retrieval["source"] = f"Megatron-LM checkpoint {folder.resolve()}"
+    return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)

@@ -1,0 +1,201 @@
+"""The .nemo package: a model, its tokenizer and its retrieval settings in one file.
+
+    ./model_config.yaml     the model section (plain OmegaConf YAML), `weights`, and
+                            artifacts referenced as nemo:<file>
+    ./model_weights.ckpt    one unsharded state dict (torch.save, loads with weights_only)
+    ./model_weights/        or: a megatron-core dist checkpoint (for models too large for one file)
+    ./tokenizer.model       the decoder's SentencePiece model      (tokenizer.model: nemo:tokenizer.model)
+    ./retrieval.yaml        embedder, index string, chunk length, k (retrieval: nemo:retrieval.yaml)
+
+    write_package(folder_with_those_files, "export/smoke.nemo")
+    pkg = restore("export/smoke.nemo")                 # any tensor-parallel size, CPU or GPU
+    pkg.model(tokens, neighbor_tokens)
+
+Weights are written at tensor-parallel size 1 (the single file holds full tensors; a dist
+checkpoint reshards on load), so a package restores at any tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from retro_toolkit.checkpoint import archive
+from retro_toolkit.errors import UserError
+
+MODEL_CONFIG = "model_config.yaml"
+WEIGHTS_FILE = "model_weights.ckpt"
+WEIGHTS_DIR = "model_weights"
+TOKENIZER_FILE = "tokenizer.model"
+RETRIEVAL_FILE = "retrieval.yaml"
+NEMO_PREFIX = "nemo:"
+FORMAT_VERSION = 1
+# Model-section keys that describe training, not the trained function: dropped from the package.
+TRAINING_ONLY_KEYS = ("hidden_dropout", "attention_dropout", "encoder_hidden_dropout", "encoder_attention_dropout",
+                      "init_method_std", "tensor_model_parallel_size")
+
+
+def model_config(section: dict[str, Any], weights: str, retrieval: bool, tokenizer_sha256: str) -> dict[str, Any]:
+    """model_config.yaml's content for a model section (as checkpoints record it)."""
+    cfg = {k: v for k, v in section.items() if k not in TRAINING_ONLY_KEYS}
+    cfg.update(
+        target="retro_toolkit.collections.retro.model.RetroModel" if section.get("arch") == "retro"
+        else "retro_toolkit.collections.retro.model.GPTTwinModel",
+        retro_toolkit_package_version=FORMAT_VERSION,
+        weights=weights,
+        tokenizer={"library": "sentencepiece", "model": NEMO_PREFIX + TOKENIZER_FILE, "sha256": tokenizer_sha256},
+        retrieval=NEMO_PREFIX + RETRIEVAL_FILE if retrieval else None,
+    )
+    return cfg
+
+
+def write_yaml(path: Path, obj: Any) -> None:
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+
+
+@dataclass
+class Package:
+    """A restored package: the model (eval mode), its tokenizer, and what the package says."""
+
+    model: Any
+    tokenizer: Any
+    config: dict[str, Any]
+    retrieval: Optional[dict[str, Any]]
+    path: Path
+    section: dict[str, Any] = field(default_factory=dict)
+
+
+def _artifact(root: Path, ref: Any, key: str, path: Path) -> Path:
+    if not isinstance(ref, str) or not ref.startswith(NEMO_PREFIX):
+        raise UserError(f"{path}: model_config.yaml key '{key}' should reference an artifact as nemo:<file> "
+                        f"(got {ref!r}).")
+    name = ref[len(NEMO_PREFIX):]
+    found = root / name
+    if not found.is_file() or root.resolve() not in found.resolve().parents:
+        raise UserError(f"{path}: model_config.yaml '{key}' names {name}, which the package does not contain.")
+    return found
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """model_config.yaml of a package, without unpacking the weights."""
+    path = Path(path)
+    with archive.open_checked(path) as tar:
+        member = next((m for m in tar.getmembers() if os.path.normpath(m.name) == MODEL_CONFIG), None)
+        if member is None or not member.isfile():
+            raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
+        return _parse_config(tar.extractfile(member).read(), path)
+
+
+def _parse_config(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        cfg = yaml.safe_load(io.BytesIO(data))
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: {MODEL_CONFIG} is not valid YAML: {e}") from None
+    if not isinstance(cfg, dict) or "arch" not in cfg or "weights" not in cfg:
+        raise UserError(f"{path}: {MODEL_CONFIG} lacks 'arch' or 'weights': not a retro_toolkit package.")
+    return cfg
+
+
+def section_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model section a package's config describes (what config_from_model_section reads)."""
+    drop = {"target", "retro_toolkit_package_version", "weights", "tokenizer", "retrieval"}
+    return {k: v for k, v in cfg.items() if k not in drop}
+
+
+def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] = None,
+            device: Optional[str] = None, dtype: Any = None) -> Package:
+    """The model of a .nemo package, ready for generation.
+
+    tensor_model_parallel_size: default the size of the running job's parallel state (1 in a
+    plain Python process). Under torchrun every rank calls restore and holds its shard.
+    device: default cuda when available; dtype: e.g. torch.bfloat16 (default: as saved).
+    """
+    import torch
+
+    from retro_toolkit.collections.retro import checkpointing as ckpt
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
+        root = archive.extract(path, tmp)
+        cfg_file = root / MODEL_CONFIG
+        if not cfg_file.is_file():
+            raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
+        cfg = _parse_config(cfg_file.read_bytes(), path)
+        tok_file = _artifact(root, (cfg.get("tokenizer") or {}).get("model"), "tokenizer.model", path)
+        tokenizer = Tokenizer.from_bytes(tok_file.read_bytes(), f"{path}:{tok_file.name}")
+        retrieval = None
+        if cfg.get("retrieval") is not None:
+            retrieval = yaml.safe_load(_artifact(root, cfg["retrieval"], "retrieval", path).read_text())
+        section = section_of(cfg)
+        model = build_for(section, tokenizer, tensor_model_parallel_size)
+        if cfg["weights"] == WEIGHTS_FILE:
+            file = root / WEIGHTS_FILE
+            if not file.is_file():
+                raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_FILE}, which is missing.")
+            load_full(model, torch.load(file, map_location="cpu", weights_only=True), path)
+        elif cfg["weights"] == WEIGHTS_DIR:
+            if not (root / WEIGHTS_DIR / "metadata.json").is_file():
+                raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_DIR}/, which holds no "
+                                "dist checkpoint (metadata.json).")
+            ckpt.load_weights(root / WEIGHTS_DIR, model)
+        else:
+            raise UserError(f"{path}: {MODEL_CONFIG} key 'weights' is {cfg['weights']!r}; expected "
+                            f"{WEIGHTS_FILE} or {WEIGHTS_DIR}.")
+    return Package(place(model, device, dtype), tokenizer, cfg, retrieval, path, section)
+
+
+def build_for(section: dict[str, Any], tokenizer, tensor_model_parallel_size: Optional[int] = None):
+    """An uninitialised-for-training model of `section` (dropout off) at the given tensor-parallel
+    size (default: the running job's, or 1)."""
+    from megatron.core import parallel_state
+
+    from retro_toolkit.collections.retro.config import config_from_model_section
+    from retro_toolkit.collections.retro.model import build_model
+    from retro_toolkit.collections.retro.parallel import initialize
+
+    tp = tensor_model_parallel_size
+    if tp is None:
+        tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    no_dropout = {k: 0.0 for k in ("hidden_dropout", "attention_dropout", "encoder_hidden_dropout",
+                                   "encoder_attention_dropout")}
+    config, args = config_from_model_section(section, neighbor_pad_id=tokenizer.pad_id, tensor_model_parallel_size=tp,
+                                             **no_dropout)
+    initialize(tp)
+    return build_model(config, args)
+
+
+def place(model, device: Optional[str], dtype: Any):
+    import torch
+
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def load_full(model, full: dict[str, Any], where: Path | str) -> None:
+    """An unsharded state dict into this rank's shards, after checking the names match exactly."""
+    from retro_toolkit.collections.retro.model import load_full_state_dict
+
+    check_names(model, full, where)
+    load_full_state_dict(model, full)
+
+
+def check_names(model, full: dict[str, Any], where: Path | str) -> None:
+    """A full state dict must hold exactly this model's tensors: lists what is missing or extra."""
+    own = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    have = {k for k in full if not k.endswith("_extra_state")}
+    missing, extra = sorted(own - have), sorted(have - own)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        if extra:
+            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:8])}" + (" ..." if len(extra) > 8 else ""))
+        raise UserError(f"{where}: the weights do not match the model the config describes ({'; '.join(parts)}).")
