@@ -37,9 +37,9 @@ neighbours, retrieved chunks and encoder layers. Shards are merged and renamed; 
 or missing tensors are an error that lists them.
 
 Safety: files are read with torch.load(weights_only=True), which only rebuilds tensors,
-plain containers and the argparse.Namespace of `args`. A checkpoint that also pickled
-other objects (numpy RNG states, optimizer classes) is refused with the name of the
-first such object; if you trust where the file came from, --trust-checkpoint loads it
+plain containers, numpy arrays (RNG states) and the argparse.Namespace of `args`. A
+checkpoint that also pickled other objects (paths, enums, optimizer classes) is refused
+with the name of the first such object; if you trust where the file came from, --trust-checkpoint loads it
 with full pickle, which can run arbitrary code from the file.
 
 examples:
@@ -113,11 +113,11 @@ def load_shard(path: Path, trust: bool) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        found = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise UserError(f"{path} needs full pickle to load ({found.strip()}): weights_only loading rebuilds "
-                        "only tensors and the training args. If you trust the file's source, rerun with "
-                        "--trust-checkpoint (full pickle can run code from the file).") from None
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it pickles {m.group(1)}" if m else (str(e).strip().splitlines() or ["unknown"])[0]
+        raise UserError(f"{path} needs full pickle to load ({what}): weights_only loading rebuilds only tensors, "
+                        "plain containers, numpy arrays and the training args. If you trust the file's source, "
+                        "rerun with --trust-checkpoint (full pickle can run code from the file).") from None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -220,15 +220,22 @@ def _layer(rest: str, ours_prefix: str, cross: str) -> str | None:
     return None
 
 
-def rename(full: dict[str, Any], section: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def rename(full: dict[str, Any], section: dict[str, Any], where: Path) -> tuple[dict[str, Any], list[str]]:
     """(our name -> tensor, legacy names that map to nothing)."""
     from retro_toolkit.collections.retro.config import default_cca_layers
 
-    cca = section["cca_layers"] or (default_cca_layers(section["num_layers"]) if section["arch"] == "retro" else [])
+    names = {normalise_name(raw): raw for raw in full}
+    # A layer (decoder or encoder) cross-attends iff it holds inter_attention tensors.
+    crossing = {n.split(".inter_attention.", 1)[0] + "." for n in names if ".inter_attention." in n}
+    found = sorted(int(m.group(1)) + 1 for p in crossing
+                   if (m := re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.", p)))
+    rule = section["cca_layers"] or (default_cca_layers(section["num_layers"]) if section["arch"] == "retro" else [])
+    if found != rule:
+        raise UserError(f"{where}: chunked cross-attention sits in layers {found} (1-based) but Retro's rule for "
+                        f"{section['num_layers']} layers puts it in {rule}; this importer expects the rule.")
     out: dict[str, Any] = {}
     unknown: list[str] = []
-    for raw, value in full.items():
-        name = normalise_name(raw)
+    for name, raw in names.items():
         ours = None
         if name == "language_model.embedding.word_embeddings.weight":
             ours = "embedding.word_embeddings.weight"
@@ -239,38 +246,33 @@ def rename(full: dict[str, Any], section: dict[str, Any]) -> tuple[dict[str, Any
         elif name.startswith("language_model.encoder.final_norm."):
             ours = "decoder.final_layernorm." + name.rsplit(".", 1)[1]
         else:
-            m = re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.(.+)", name)
+            m = re.fullmatch(r"language_model\.encoder\.layers\.(\d+)\.(retriever\.(?:layers\.(\d+)\.)?)?(.+)", name)
             if m:
-                ours = _decoder_layer(int(m.group(1)), m.group(2), (int(m.group(1)) + 1) in cca)
+                ours = _layer_name(m, crossing)
         if ours is None:
             unknown.append(raw)
         else:
-            out[ours] = value
+            out[ours] = full[raw]
     return out, unknown
 
 
-def _decoder_layer(i: int, rest: str, has_cca: bool) -> str | None:
-    prefix = f"decoder.layers.{i}."
-    if rest.startswith("retriever."):
-        return _encoder(rest[len("retriever."):], f"{prefix}cross_attention.encoder.")
-    return _norms_and_layer(rest, prefix, has_cca, "cross_attention.attention.")
+def _layer_name(m: re.Match, crossing: set[str]) -> str | None:
+    i, retriever, j, rest = m.group(1), m.group(2), m.group(3), m.group(4)
+    decoder = f"decoder.layers.{i}."
+    if retriever is None:
+        return _in_layer(rest, decoder, f"language_model.encoder.layers.{i}." in crossing, "cross_attention.attention.")
+    encoder = decoder + "cross_attention.encoder."
+    if j is None:
+        return encoder + "final_layernorm." + rest[len("final_norm."):] if rest.startswith("final_norm.") else None
+    legacy_prefix = f"language_model.encoder.layers.{i}.retriever.layers.{j}."
+    return _in_layer(rest, f"{encoder}layers.{j}.", legacy_prefix in crossing, "cross_attention.")
 
 
-def _encoder(rest: str, prefix: str) -> str | None:
-    if rest.startswith("final_norm."):
-        return prefix + "final_layernorm." + rest[len("final_norm."):]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", rest)
-    if not m:
-        return None
-    # The encoder layers that cross-attend to the decoder chunk are the ones holding inter_attention.
-    return _norms_and_layer(m.group(2), f"{prefix}layers.{m.group(1)}.", None, "cross_attention.")
-
-
-def _norms_and_layer(rest: str, prefix: str, has_cca: bool | None, cross: str) -> str | None:
-    # In a layer with cross-attention the norm after self-attention feeds it, and the norm
-    # after cross-attention feeds the MLP; in a plain layer the former feeds the MLP.
+def _in_layer(rest: str, prefix: str, has_cross: bool, cross: str) -> str | None:
+    # With cross-attention, the norm after self-attention feeds it and the norm after it
+    # feeds the MLP; without, the norm after self-attention feeds the MLP.
     if rest.startswith("post_attention_norm."):
-        target = "pre_cross_attn_layernorm." if has_cca else "pre_mlp_layernorm."
+        target = "pre_cross_attn_layernorm." if has_cross else "pre_mlp_layernorm."
         return prefix + target + rest[len("post_attention_norm."):]
     if rest.startswith("post_inter_attention_norm."):
         return prefix + "pre_mlp_layernorm." + rest[len("post_inter_attention_norm."):]
@@ -316,7 +318,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
         f"{len(paths)} tensor-parallel shard(s)")
     full = merge_shards(shards, section["swiglu"], folder)
     del shards
-    ours, unknown = rename(full, section)
+    ours, unknown = rename(full, section, folder)
     if unknown:
         raise UserError(f"{folder}: {len(unknown)} checkpoint tensors map to nothing in the model: "
                         f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
