@@ -88,6 +88,18 @@ def test_package_holds_the_nemo_layout_and_restores_identical_logits(tmp_path, t
     assert not pkg.model.training
 
 
+def test_a_gzipped_package_restores_too(tmp_path, tokenizer_file):
+    import gzip
+    import shutil
+
+    model = random_model(8)
+    out = write_model(model, SECTION, tokenizer_file, tmp_path / "m.nemo", RETRIEVAL)
+    with open(out, "rb") as src, gzip.open(tmp_path / "gz.nemo", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert (tmp_path / "gz.nemo").read_bytes()[:2] == b"\x1f\x8b"
+    assert torch.equal(logits_of(nemo.restore(tmp_path / "gz.nemo").model), logits_of(model))
+
+
 def test_model_config_loads_with_plain_omegaconf(tmp_path, tokenizer_file):
     from omegaconf import OmegaConf
 
