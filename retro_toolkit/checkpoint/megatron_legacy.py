@@ -283,7 +283,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
                       trust: bool = False, weights: str = "file", log: Callable[[str], None] = print) -> Path:
     """Write `out` (.nemo) from a legacy Megatron-LM checkpoint folder and its SentencePiece model."""
     from retro_toolkit.checkpoint.export import write_model
-    from retro_toolkit.checkpoint.nemo import build_for, check_names, load_full
+    from retro_toolkit.checkpoint.nemo import build_for, load_full
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
     folder, tokenizer_file = Path(folder), Path(tokenizer_file)
@@ -323,7 +323,6 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
         raise UserError(f"{folder}: {len(unknown)} checkpoint tensors map to nothing in the model: "
                         f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
     model = build_for(section, tokenizer, 1)
-    check_names(model, ours, folder)
     load_full(model, ours, folder)
     retrieval = None
     if section["arch"] == "retro":
