@@ -103,7 +103,7 @@ def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
 def test_show_model_counts_without_weights(run_cli):
     p = run_cli("show-model", "retro_843m")
     assert p.returncode == 0, p.stderr
-    assert "877,520,896" in p.stdout and "chunked cross-attention" in p.stdout
+    assert "877,518,848" in p.stdout and "chunked cross-attention" in p.stdout
     p = run_cli("show-model", "retro_tiny", "--vocab-size", "4000")
     assert p.returncode == 0 and "CCA layers (1-based, 1): 2" in p.stdout, p.stdout + p.stderr
     p = run_cli("show-model", "nosuch")

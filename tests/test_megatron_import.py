@@ -59,9 +59,6 @@ def legacy_name(name: str, layers_with_cross: set[str]) -> str:
         return fixed[name]
     if name.startswith("decoder.final_layernorm."):
         return "language_model.encoder.final_norm." + name.rsplit(".", 1)[1]
-    m = re.fullmatch(r"decoder\.layers\.(\d+)\.cross_attention\.encoder\.final_layernorm\.(\w+)", name)
-    if m:
-        return f"language_model.encoder.layers.{m[1]}.retriever.final_norm.{m[2]}"
     m = re.fullmatch(r"(decoder\.layers\.(\d+)\.cross_attention\.encoder\.layers\.(\d+))\.(.+)", name)
     if m:
         return (f"language_model.encoder.layers.{m[2]}.retriever.layers.{m[3]}."

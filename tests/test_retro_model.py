@@ -255,13 +255,14 @@ def test_all_missing_neighbours_equal_gate_zero_with_and_without_cca_rotary(cca_
 def test_retro_learns_to_copy_its_neighbours_with_cca_rotary():
     """Random tokens, each chunk's neighbour is that chunk plus the next: only retrieval can
     predict them. Misaligned neighbours (off by a chunk or a token) would leave the loss at
-    log V; aligned ones are learned within a few hundred steps."""
+    log V; aligned ones are learned within a few hundred steps. (Without the encoder's final
+    norm, Megatron-LM's layout, the loss is still 3.11 of log V = 4.16 after these 250 steps.)"""
     import math
 
     V, m, n = 64, 16, 64
     section = dict(SMALL_SECTION, num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                    seq_length=n, chunk_length=m, num_neighbors=1, cca_layers=[1, 2], cca_rotary=True,
-                   swiglu=False, apply_layernorm_1p=False, rotary_percent=1.0)
+                   encoder_final_norm=True, swiglu=False, apply_layernorm_1p=False, rotary_percent=1.0)
     torch.manual_seed(0)
     cfg, args = config_from_model_section(section, vocab_size=V)
     model = build_model(cfg, args).train()

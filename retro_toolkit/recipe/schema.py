@@ -91,6 +91,10 @@ class ModelConfig:
     # Rotary positions inside chunked cross-attention (RETRO's relative positions; makes
     # copying from a neighbour easy to learn). Off = Megatron-LM/InstructRetro's CCA.
     cca_rotary: bool = False
+    # A final norm on the neighbour encoder's output. Off = Megatron-LM's retriever (and
+    # InstructRetro's checkpoints); on, copying from neighbours is learned far faster
+    # (tests/test_retro_model.py's copy task).
+    encoder_final_norm: bool = False
     # "LayerNorm" or "RMSNorm"; apply_layernorm_1p stores gamma - 1 (zero-centred gamma).
     normalization: str = "LayerNorm"
     apply_layernorm_1p: bool = False

@@ -45,6 +45,8 @@ class RetroConfig(TransformerConfig):
     # relative offset (RETRO's relative positions in CCA). Off = position-free CCA, as in
     # Megatron-LM's Retro and InstructRetro's released checkpoints.
     cca_rotary: bool = False
+    # A final norm on the neighbour encoder's output (Megatron-LM's retriever has none).
+    encoder_final_norm: bool = False
     # Neighbour token id masked like -1 (document-end padding), if the data uses one.
     neighbor_pad_id: Optional[int] = None
     # Attention of the local specs: "sdpa" (torch scaled_dot_product_attention, our rotary
@@ -172,6 +174,7 @@ def config_from_model_section(
         cca_layers=cca,
         retrieval_gate=float(get("retrieval_gate", 1.0)),
         cca_rotary=bool(get("cca_rotary", False)),
+        encoder_final_norm=bool(get("encoder_final_norm", False)),
         position_embedding_type=str(get("position_embedding_type", "rope")),
         rotary_percent=float(get("rotary_percent", 1.0)),
         rotary_base=int(get("rotary_base", 10000)),

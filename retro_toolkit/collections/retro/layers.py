@@ -332,8 +332,11 @@ class ChunkedCrossAttention(MegatronModule):
         self.cca_rotary = _rotary(config) if config.cca_rotary else None
         if submodules.encoder is not None:
             enc_config = config.encoder_config()
+            # Megatron-LM's retriever hands its last layer's output to CCA unnormalised; the
+            # spec carries a final norm only with config.encoder_final_norm.
             self.encoder = TransformerBlock(
-                config=enc_config, spec=submodules.encoder, pre_process=True, post_process=True, pg_collection=pg_collection
+                config=enc_config, spec=submodules.encoder, pre_process=True,
+                post_process=config.encoder_final_norm, pg_collection=pg_collection
             )
             if config.position_embedding_type == "rope":
                 self.encoder_rotary = _rotary(config)

@@ -75,7 +75,8 @@ def _cross_attention_spec(config: RetroConfig, module: type) -> ModuleSpec:
 
 
 def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
-    """Neighbour encoder: bidirectional (padding-masked) GPT layers; layer 1 adds cross-attention."""
+    """Neighbour encoder: bidirectional (padding-masked) GPT layers; layer 1 adds cross-attention.
+    A final norm only with config.encoder_final_norm (Megatron-LM's retriever has none)."""
     gpt = gpt_layer_spec(config)
     self_attn = dataclasses.replace(gpt.submodules.self_attention, params={"attn_mask_type": AttnMaskType.padding})
     plain = dataclasses.replace(gpt, submodules=dataclasses.replace(gpt.submodules, self_attention=self_attn))
@@ -89,7 +90,7 @@ def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
         ),
     )
     layers = [first] + [plain] * (config.encoder_num_layers - 1)
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Norm)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Norm if config.encoder_final_norm else None)
 
 
 def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
