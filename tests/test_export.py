@@ -202,6 +202,7 @@ def test_tp2_packages_restore_at_tp1_and_tp1_packages_at_tp2(tmp_path, tokenizer
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "tp1 package at tp=2: max relative difference" in p.stdout
+    assert "tp2 package restored at tp=2: every shard bit-identical" in p.stdout
 
     tp2 = torch.load(tmp_path / "tp2_logits.pt", weights_only=True)
     from_dist = nemo.restore(tmp_path / "tp2_dist.nemo", tensor_model_parallel_size=1)

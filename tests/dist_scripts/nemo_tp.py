@@ -4,8 +4,9 @@
 
 1. Restores TP1.nemo (written at tensor-parallel size 1) at size 2 and checks the gathered
    logits against DIR/ref.pt within 1e-5 relative.
-2. Builds a random model at size 2 and writes DIR/tp2_dist.nemo (dist weights), a training
-   checkpoint DIR/tp2_ckpt/ and its logits DIR/tp2_logits.pt for the test to restore at size 1.
+2. Builds a random model at size 2 and writes DIR/tp2_dist.nemo (dist weights; restored
+   here at size 2, every shard must be bit-identical), a training checkpoint DIR/tp2_ckpt/
+   and its logits DIR/tp2_logits.pt for the test to restore at size 1.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ def main(folder: str, tp1_package: str, tokenizer_file: str) -> int:
     write_model(model, section, tokenizer_file, os.path.join(folder, "tp2_dist.nemo"), pkg.retrieval, "dist")
     ckpt.save(os.path.join(folder, "tp2_ckpt"), 1, model, None, None,
               {"model_section": section, "tokenizer_sha256": files.sha256_file(tokenizer_file)})
+    # The package restored at size 2 holds exactly this rank's shards again.
+    back = nemo.restore(os.path.join(folder, "tp2_dist.nemo"), tensor_model_parallel_size=2).model.state_dict()
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if not all(torch.equal(v, back[k]) for k, v in own.items()):
+        print(f"rank {rank}: tp2 package restored at tp=2 differs from the shards it was written from", flush=True)
+        return 1
     if rank == 0:
+        print("tp2 package restored at tp=2: every shard bit-identical", flush=True)
         torch.save(logits, os.path.join(folder, "tp2_logits.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
