@@ -39,8 +39,8 @@ or missing tensors are an error that lists them.
 Safety: files are read with torch.load(weights_only=True), which only rebuilds tensors,
 plain containers, numpy arrays (RNG states) and the argparse.Namespace of `args`. A
 checkpoint that also pickled other objects (paths, enums, optimizer classes) is refused
-with the name of the first such object; if you trust where the file came from, --trust-checkpoint loads it
-with full pickle, which can run arbitrary code from the file.
+with the name of the first such object. If you trust where the file came from,
+--trust-checkpoint loads it with full pickle, which can run arbitrary code from the file.
 
 examples:
   retro-run import-megatron retro-8b-instruct-4k/ --tokenizer retro-8b-instruct-4k/tokenizer.model \\
