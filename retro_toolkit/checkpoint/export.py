@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 from retro_toolkit.checkpoint import archive
 from retro_toolkit.checkpoint.nemo import (MODEL_CONFIG, RETRIEVAL_FILE, TOKENIZER_FILE, WEIGHTS_DIR, WEIGHTS_FILE,
-                                           model_config, write_yaml)
+                                           build_for, full_state, model_config, write_yaml)
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.errors import UserError
@@ -82,9 +82,7 @@ def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
         dist.barrier()
         dist_checkpointing.save(model.sharded_state_dict(), str(staging / WEIGHTS_DIR))
     elif is_main:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-                 if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
-        torch.save(state, staging / WEIGHTS_FILE)
+        torch.save(full_state(model), staging / WEIGHTS_FILE)
     dist.barrier()
     if is_main:
         shutil.copyfile(tokenizer_file, staging / TOKENIZER_FILE)
@@ -104,9 +102,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
                       log: Callable[[str], None] = print) -> Path:
     """Package a training checkpoint (checkpoints/<stage>[/iter_NNNNNNN], any tensor-parallel size)."""
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro.config import config_from_model_section
-    from retro_toolkit.collections.retro.model import build_model
-    from retro_toolkit.collections.retro.parallel import initialize
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
     source = ckpt.resolve(checkpoint, "export.checkpoint")
@@ -124,10 +119,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
     if retrieval is not None:  # the checkpoint's own shapes win over the recipe's
         retrieval = None if section.get("arch") != "retro" else {
             **retrieval, **{k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}}
-    tokenizer = Tokenizer(tokenizer_file)
-    initialize(1)
-    config, args = config_from_model_section(section, neighbor_pad_id=tokenizer.pad_id, tensor_model_parallel_size=1)
-    model = build_model(config, args)
+    model = build_for(section, Tokenizer(tokenizer_file), 1)
     ckpt.load_weights(source, model)
     log(f"export: weights from {source} (trained at tensor-parallel size {section.get('tensor_model_parallel_size', 1)})")
     return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)

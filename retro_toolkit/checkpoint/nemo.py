@@ -7,7 +7,7 @@
     ./tokenizer.model       the decoder's SentencePiece model      (tokenizer.model: nemo:tokenizer.model)
     ./retrieval.yaml        embedder, index string, chunk length, k (retrieval: nemo:retrieval.yaml)
 
-    write_package(folder_with_those_files, "export/smoke.nemo")
+    export.write_model(model, section, tokenizer_file, "export/smoke.nemo", retrieval)
     pkg = restore("export/smoke.nemo")                 # any tensor-parallel size, CPU or GPU
     pkg.model(tokens, neighbor_tokens)
 
@@ -177,6 +177,14 @@ def place(model, device: Optional[str], dtype: Any):
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def full_state(model) -> dict[str, Any]:
+    """This (unsharded) model's tensors by name, on the CPU, without megatron's _extra_state."""
+    import torch
+
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+            if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
 
 
 def load_full(model, full: dict[str, Any], where: Path | str) -> None:

@@ -32,8 +32,7 @@ def export_safetensors(package: str | os.PathLike, out: str | os.PathLike) -> Pa
 
     pkg = nemo.restore(package, tensor_model_parallel_size=1, device="cpu")
     out = Path(out)
-    state = {k: v.detach().contiguous() for k, v in pkg.model.state_dict().items()
-             if not k.endswith("_extra_state") and hasattr(v, "shape")}
+    state = nemo.full_state(pkg.model)
     cfg = {"format": FORMAT, "model": pkg.section, "weights": WEIGHTS, "tokenizer": nemo.TOKENIZER_FILE,
            "tokenizer_sha256": pkg.config["tokenizer"]["sha256"], "retrieval": pkg.retrieval,
            "parameters": {k: list(v.shape) for k, v in state.items()}}
