@@ -1,6 +1,7 @@
 """retro-run: run, check and explore Retro recipes.
 
-    retro-run RECIPE [key=value ...] [--stages a,b] [--force STAGE] [--dry-run]
+    retro-run RECIPE [key=value ...] [--stages a,b] [--force STAGE] [--dry-run] [--detach]
+    retro-run status WORKDIR [--wait]
     retro-run validate RECIPE [key=value ...]
     retro-run show RECIPE [key=value ...]
     retro-run ls
@@ -39,13 +40,15 @@ examples:
   retro-run recipes/smoke.yaml tokenizer.vocab_size=2000 workdir=/tmp/smoke
   retro-run recipes/smoke.yaml executor=torchrun executor.nproc_per_node=2
   retro-run recipes/smoke.yaml executor=slurm executor.account=abc --dry-run
+  retro-run recipes/instructretro_48b.yaml executor.account=abc executor.partition=gpu --detach
+  retro-run status runs/instructretro_48b --wait
   retro-run show recipes/smoke.yaml model=retro_tiny
 
 A finished stage is skipped on the next run unless its settings (or an upstream
 stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
 """
 
-COMMANDS = ("run", "validate", "show", "ls", "inspect", "show-model", "generate", "export-safetensors",
+COMMANDS = ("run", "status", "validate", "show", "ls", "inspect", "show-model", "generate", "export-safetensors",
             "import-megatron")
 
 GENERATE_EPILOG = """\
@@ -86,6 +89,18 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help="rerun STAGE even if it is up to date (repeatable)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan (and sbatch scripts for Slurm); run and write nothing")
+    r.add_argument("--detach", action="store_true",
+                   help="Slurm: queue every stage as a job chained with afterok, record the job ids in "
+                   "WORKDIR/slurm_jobs.json and return; follow with retro-run status WORKDIR")
+
+    st = sub.add_parser("status", help="stage by stage: Slurm job state, manifest, log of a work directory",
+                        description="Reads WORKDIR alone: recipe.resolved.yaml for the stages, slurm_jobs.json "
+                        "for the jobs a --detach run queued (states from sacct and squeue), stages/*.json "
+                        "for what finished and logs/ for each stage's log.")
+    st.add_argument("workdir")
+    st.add_argument("--wait", action="store_true",
+                    help="poll until no job is queued or running; exit 1 unless every job ended COMPLETED")
+    st.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="with --wait: give up after")
 
     v = sub.add_parser("validate", help="check a recipe and its input files; exit 0 or 2")
     recipe_args(v)
@@ -132,7 +147,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     im.add_argument("--out", required=True, help="the .nemo file to write")
     im.add_argument("--trust-checkpoint", action="store_true",
                     help="allow full pickle loading (runs code from the file); only for checkpoints you trust")
-    return p, {"run": r, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g,
+    return p, {"run": r, "status": st, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g,
                "export-safetensors": es, "import-megatron": im}
 
 
@@ -249,6 +264,10 @@ def dispatch(argv: list[str]) -> int:
     args.command = argv[0]
     if args.command == "ls":
         return _ls()
+    if args.command == "status":
+        from retro_toolkit.runner.status import status
+
+        return status(args.workdir, wait=args.wait, timeout_s=args.timeout)
     if args.command == "inspect":
         return _inspect(args.workdir, args.what)
     if args.command == "show-model":
@@ -276,7 +295,7 @@ def dispatch(argv: list[str]) -> int:
         return 0
     from retro_toolkit.runner.run import execute
 
-    return execute(recipe, only=_split_stages(args.stages), force=args.force, dry=args.dry_run)
+    return execute(recipe, only=_split_stages(args.stages), force=args.force, dry=args.dry_run, detach=args.detach)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,14 +122,6 @@ def test_sigkill_during_embedding_resumes_and_matches(small_db, tmp_path):
         assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
 
 
-def test_torchrun_two_processes_give_the_same_neighbours(small_db, tmp_path, run_cli):
-    w = tmp_path / "tr"
-    p = run_cli(SMOKE, f"workdir={w}", *SMALL, "executor=torchrun", "executor.nproc_per_node=2")
-    assert p.returncode == 0, p.stdout + p.stderr
-    for split in SPLITS:
-        assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
-
-
 def test_retriever_finds_a_chunk_from_its_own_text(small_db):
     from retro_toolkit.collections.retrieval.retriever import Retriever
 

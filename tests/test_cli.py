@@ -21,7 +21,7 @@ def test_show_prints_resolved_yaml(run_cli, tmp_path):
     p = run_cli("show", SMOKE, "executor=torchrun", f"workdir={tmp_path}/w")
     assert p.returncode == 0, p.stderr
     shown = yaml.safe_load(p.stdout)
-    assert shown["executor"] == {"type": "torchrun", "nproc_per_node": 2, "env": {}}
+    assert shown["executor"] == {"type": "torchrun", "nproc_per_node": 2, "env": {}, "stages": {}}
     assert shown["workdir"] == f"{tmp_path}/w"
     assert not (tmp_path / "w").exists()
 
@@ -89,7 +89,8 @@ def test_dry_run_local_writes_nothing(run_cli, tmp_path):
 def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
     p = run_cli(SMOKE, f"workdir={tmp_path}/w", "--dry-run", "executor=slurm", "executor.account=abc",
                 "executor.partition=gpu", "executor.nodes=2", "executor.ntasks_per_node=4",
-                "executor.gpus_per_node=4", "executor.time=02:30:00")
+                "executor.gpus_per_node=4", "executor.time=02:30:00", "pretrain.global_batch_size=32",
+                "sft.global_batch_size=32")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("#!/bin/bash") == 8  # one script per stage
     for line in ("#SBATCH --account=abc", "#SBATCH --partition=gpu", "#SBATCH --nodes=2",
@@ -108,3 +109,11 @@ def test_show_model_counts_without_weights(run_cli):
     assert p.returncode == 0 and "CCA layers (1-based, 1): 2" in p.stdout, p.stdout + p.stderr
     p = run_cli("show-model", "nosuch")
     assert p.returncode == 2 and "neither a file nor a piece" in p.stderr
+
+
+def test_detach_needs_slurm_and_status_needs_a_workdir(tmp_path, run_cli):
+    p = run_cli(SMOKE, f"workdir={tmp_path / 'w'}", "--detach")
+    assert p.returncode == 2 and "--detach queues the stages as Slurm jobs" in p.stderr
+    assert not (tmp_path / "w").exists()
+    p = run_cli("status", str(tmp_path))
+    assert p.returncode == 2 and "has no recipe.resolved.yaml" in p.stderr

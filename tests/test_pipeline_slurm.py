@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import CORPUS_ONLY, SMOKE
+from tests.conftest import CORPUS_ONLY, SMALL, SMOKE
 from tests.test_pipeline_local import CORPUS_FILES
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -77,3 +77,65 @@ def test_dry_run_submits_nothing(slurm_cluster, tmp_path, run_cli):
     assert name not in queued
     assert _sacct(f"retro-{name}-tokenizer", "never", timeout_s=0) == []
     assert not (tmp_path / "dry").exists()
+
+
+# The smoke recipe on its 20-topic database with a few steps per training stage: every
+# stage, each a Slurm job, in about two minutes.
+SMALL_PIPELINE = [*SMALL, "stages=[tokenizer,prepare_corpus,build_db,pretrain,eval_ppl,sft,eval_qa,export]",
+                  "model.seq_length=128", "pretrain.train_iters=4", "pretrain.micro_batch_size=2",
+                  "pretrain.global_batch_size=4", "pretrain.lr_warmup_iters=0", "pretrain.save_interval=0",
+                  "pretrain.log_interval=2", "eval_ppl.max_samples=4", "sft.train_iters=2", "sft.micro_batch_size=2",
+                  "sft.global_batch_size=4", "sft.log_interval=1",
+                  "eval_qa.tasks=[{name: smoke, path: 'builtin:smoke-qa', max_samples: 4}]", "eval_qa.max_new_tokens=4"]
+ALL_STAGES = ["tokenizer", "prepare_corpus", "build_db", "pretrain", "eval_ppl", "sft", "eval_qa", "export"]
+
+
+def _dependency(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%E"], capture_output=True, text=True).stdout.strip()
+
+
+def test_detached_pipeline_runs_as_dependent_jobs_and_status_follows_it(slurm_cluster, tmp_path, run_cli):
+    w = tmp_path / "detached"
+    p = run_cli(SMOKE, *SMALL_PIPELINE, *_slurm_args(slurm_cluster, w), "--detach")
+    assert p.returncode == 0, p.stdout + p.stderr
+    jobs = json.loads((w / "slurm_jobs.json").read_text())["jobs"]
+    assert list(jobs) == ALL_STAGES or sorted(jobs) == sorted(ALL_STAGES)
+    for stage in ALL_STAGES:
+        assert f"submitted {stage:<15} job {jobs[stage]['job_id']}" in p.stdout
+    assert jobs["export"]["after"] == ["pretrain", "sft"] and jobs["eval_qa"]["after"] == ["sft"]
+    # The runner returned while the chain waits in Slurm: export still waits on sft and pretrain.
+    dep = _dependency(jobs["export"]["job_id"])
+    assert f"afterok:{jobs['sft']['job_id']}" in dep and f"afterok:{jobs['pretrain']['job_id']}" in dep, dep
+    # A second run over the same work directory is refused while the chain is queued.
+    again = run_cli(SMOKE, *SMALL_PIPELINE, *_slurm_args(slurm_cluster, w), "--detach")
+    assert again.returncode == 2 and "still queued or running" in again.stderr, again.stdout + again.stderr
+
+    st = run_cli("status", str(w), "--wait", "--timeout", "900")
+    assert st.returncode == 0, st.stdout + st.stderr
+    rows = {line.split()[0]: line.split() for line in st.stdout.splitlines()[2:] if line.strip()}
+    for stage in ALL_STAGES:
+        assert rows[stage][1] == jobs[stage]["job_id"] and rows[stage][2] == "COMPLETED", st.stdout
+        assert rows[stage][4] == "done" and rows[stage][5] == str(w / "logs" / f"{stage}.rank0.log")
+    for stage in ALL_STAGES:
+        assert "COMPLETED" in _sacct(f"retro-smoke-{stage}", "COMPLETED")
+    assert (w / "export" / "smoke.nemo").is_file() and json.loads((w / "eval" / "ppl.json").read_text())
+
+    # Everything is done: a rerun submits nothing.
+    p = run_cli(SMOKE, *SMALL_PIPELINE, *_slurm_args(slurm_cluster, w), "--detach")
+    assert p.returncode == 0 and "nothing to submit" in p.stdout, p.stdout + p.stderr
+
+
+def test_detached_failure_cancels_downstream_and_status_says_why(slurm_cluster, tmp_path, run_cli):
+    w = tmp_path / "detached_fail"
+    (w / "corpus").mkdir(parents=True)
+    (w / "corpus" / ".parts").write_text("in the way")
+    p = run_cli(SMOKE, "stages=[tokenizer,prepare_corpus,build_db]", *_slurm_args(slurm_cluster, w), "--detach")
+    assert p.returncode == 0, p.stdout + p.stderr
+    st = run_cli("status", str(w), "--wait", "--timeout", "300")
+    assert st.returncode == 1, st.stdout + st.stderr
+    rows = {line.split()[0]: line.split() for line in st.stdout.splitlines()[2:5]}
+    assert rows["tokenizer"][2] == "COMPLETED" and rows["prepare_corpus"][2] == "FAILED"
+    assert rows["build_db"][2] == "CANCELLED"  # kill-on-invalid-dep: never left pending forever
+    assert "prepare_corpus: FileExistsError" in st.stdout
+    assert "not completed: prepare_corpus FAILED, build_db CANCELLED" in st.stdout
+

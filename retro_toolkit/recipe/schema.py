@@ -137,6 +137,11 @@ class IndexConfig:
     memory_gb: float = 8.0
     # IVF lists probed per query.
     nprobe: int = 64
+    # With faiss-gpu and GPUs: train the IVF clustering on the GPUs (true), and search
+    # neighbours on each rank's GPU (gpu_search; only index types faiss has on GPU, e.g.
+    # IVF with a flat quantizer). faiss-cpu ignores both.
+    gpu_train: bool = True
+    gpu_search: bool = False
 
 
 @dataclass
@@ -315,6 +320,9 @@ class Recipe:
     description: str = ""
     # Work directory owned by this recipe; every stage reads and writes only there.
     workdir: str = "./runs/${name}"
+    # Named folders for the other keys to interpolate, e.g. paths: {data: /lustre/retro} and
+    # tokenizer.model: ${paths.data}/tokenizer.model (the full-size recipes set one data root).
+    paths: dict[str, str] = field(default_factory=dict)
     seed: int = 1234
     # Stages this recipe runs, in any order (the runner orders them by dependency).
     stages: list[str] = MISSING

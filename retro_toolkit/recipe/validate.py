@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from retro_toolkit.errors import UserError
-from retro_toolkit.recipe.executors import EXECUTOR_SCHEMAS
+from retro_toolkit.recipe.executors import EXECUTOR_SCHEMAS, MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, processes
 from retro_toolkit.recipe.schema import STAGE_NAMES, Recipe
 
 _MISSING = "???"
@@ -394,10 +394,65 @@ def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:
                 f"{' and '.join(owners)}. Select one with executor={owners[0]}."
             )
     out = checker.check_dataclass(raw, EXECUTOR_SCHEMAS[etype], "executor")
-    for key in ("nproc_per_node", "nodes", "ntasks_per_node"):
-        if key in out and out[key] < 1:
-            raise UserError(f"recipe key 'executor.{key}' must be at least 1.")
+    out["stages"] = _check_stage_overrides(out["stages"], etype, checker)
+    for stage in [None, *out["stages"]]:
+        merged = for_stage(OmegaConf.create(out), stage) if stage else out
+        where = f"executor.stages.{stage}" if stage else "executor"
+        for key in ("nproc_per_node", "nodes", "ntasks_per_node"):
+            if key in merged and merged[key] < 1:
+                raise UserError(f"recipe key '{where}.{key}' must be at least 1.")
     return out
+
+
+def _check_stage_overrides(stages: dict[str, Any], etype: str, checker: _Checker) -> dict[str, Any]:
+    cls = EXECUTOR_SCHEMAS[etype]
+    hints = typing.get_type_hints(cls)
+    settable = [f.name for f in dataclasses.fields(cls) if f.name not in NOT_PER_STAGE]
+    out = {}
+    for stage, override in stages.items():
+        where = f"executor.stages.{stage}"
+        if stage not in STAGE_NAMES:
+            hint = difflib.get_close_matches(stage, STAGE_NAMES, n=1)
+            raise UserError(f"recipe key '{where}' names no stage." + (f" Did you mean '{hint[0]}'?" if hint else "")
+                            + f" Stages: {', '.join(STAGE_NAMES)}.")
+        if override is None:
+            override = {}
+        if not isinstance(override, dict):
+            raise UserError(f"recipe key '{where}' must be a mapping of {etype} executor keys, e.g. "
+                            f"{{{settable[0]}: ...}}; got {override!r}.")
+        for key, value in override.items():
+            if key not in settable:
+                near = [k for k in settable if k.startswith(str(key))][:1] or difflib.get_close_matches(
+                    str(key), settable, n=1)
+                why = " (one setting for every stage)" if key in NOT_PER_STAGE else ""
+                raise UserError(f"recipe key '{where}.{key}' cannot be set per stage{why}."
+                                + (f" Did you mean '{where}.{near[0]}'?" if near else "")
+                                + f" Keys a stage can set: {', '.join(settable)}.")
+        out[stage] = {k: checker.check(v, hints[k], f"{where}.{k}") for k, v in override.items()}
+    return out
+
+
+def _check_parallel(r: dict[str, Any]) -> None:
+    """Each model stage's process count fits the TP size and the batch (before any job is queued)."""
+    tp = r["model"]["tensor_model_parallel_size"]
+    executor = OmegaConf.create(r["executor"])
+    for stage in MODEL_PARALLEL_STAGES:
+        if stage not in r["stages"]:
+            continue
+        n = processes(for_stage(executor, stage))
+        if n % tp:
+            raise UserError(
+                f"stage '{stage}' starts {n} process(es) (executor settings, with executor.stages.{stage}), "
+                f"which model.tensor_model_parallel_size = {tp} does not divide. Give it a multiple of {tp}."
+            )
+        if stage in ("pretrain", "sft"):
+            s, dp = r[stage], n // tp
+            if s["global_batch_size"] % (s["micro_batch_size"] * dp):
+                raise UserError(
+                    f"{stage}.global_batch_size ({s['global_batch_size']}) must be a multiple of "
+                    f"{stage}.micro_batch_size ({s['micro_batch_size']}) x data-parallel ranks ({dp} = {n} "
+                    f"processes / tensor parallel {tp}) = {s['micro_batch_size'] * dp}."
+                )
 
 
 def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
@@ -415,6 +470,7 @@ def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
     checked = checker.check_dataclass(resolved, Recipe, "")
     checked["executor"] = _check_executor(executor, checker)
     _semantic(checked)
+    _check_parallel(checked)
     out = OmegaConf.create(checked)
     OmegaConf.set_readonly(out, True)
     return out

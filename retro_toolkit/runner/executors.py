@@ -38,10 +38,14 @@ def _env(cfg: DictConfig) -> dict[str, str]:
 def uses_torchrun(cfg: DictConfig) -> bool:
     if cfg.type == "torchrun":
         return True
+    if cfg.type == "docker":
+        return cfg.nproc_per_node > 1
     return cfg.type == "slurm" and (cfg.ntasks_per_node > 1 or cfg.nodes > 1)
 
 
-def build(cfg: DictConfig, recipe: DictConfig) -> Any:
+def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False) -> Any:
+    """The NeMo-Run executor for one stage's job; `cfg` is executor settings merged for the
+    stage (recipe.executors.for_stage). `waits`: the job has Slurm dependencies."""
     import logging
 
     import nemo_run as run
@@ -68,6 +72,10 @@ def build(cfg: DictConfig, recipe: DictConfig) -> Any:
         else:
             tunnel = run.LocalTunnel(job_dir=str(logs_root(recipe) / "experiments"))
         torchrun = uses_torchrun(cfg)
+        extra = dict(cfg.additional_parameters)
+        if waits:
+            # A job whose upstream failed is cancelled, not left pending forever.
+            extra.setdefault("kill_on_invalid_dep", "yes")
         return run.SlurmExecutor(
             account=cfg.account,
             # NeMo-Run builds job names from the account unless a prefix is given.
@@ -78,16 +86,30 @@ def build(cfg: DictConfig, recipe: DictConfig) -> Any:
             # torchrun starts the per-node processes itself: one Slurm task per node.
             ntasks_per_node=1 if torchrun else cfg.ntasks_per_node,
             torchrun_nproc_per_node=cfg.ntasks_per_node if torchrun else None,
-            gpus_per_node=cfg.gpus_per_node,
+            gpus_per_node=cfg.gpus_per_node or None,
             cpus_per_task=cfg.cpus_per_task,
             mem=cfg.mem,
             time=cfg.time,
             container_image=cfg.container_image,
             container_mounts=list(cfg.container_mounts),
             env_vars=_env(cfg),
-            additional_parameters=dict(cfg.additional_parameters) or None,
+            additional_parameters=extra or None,
             launcher="torchrun" if torchrun else None,
             tunnel=tunnel,
+            packager=run.Packager(),
+        )
+    if cfg.type == "docker":
+        workdir = str(Path(recipe.workdir))
+        return run.DockerExecutor(
+            container_image=cfg.container_image,
+            ntasks_per_node=cfg.nproc_per_node,
+            num_gpus=cfg.num_gpus,
+            shm_size=cfg.shm_size,
+            ipc_mode="host",
+            # The job reads and writes the work directory at the path the recipe names.
+            volumes=[f"{workdir}:{workdir}", *cfg.volumes],
+            env_vars=_env(cfg),
+            launcher="torchrun" if uses_torchrun(cfg) else None,
             packager=run.Packager(),
         )
     raise ValueError(f"unknown executor type {cfg.type}")  # validate() rejects these first

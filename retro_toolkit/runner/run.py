@@ -15,6 +15,7 @@ from retro_toolkit.core.lock import workdir_lock
 from retro_toolkit.errors import StageFailed, UserError
 from retro_toolkit.launch import error_path, log_file
 from retro_toolkit.recipe import to_yaml
+from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES, describe, for_stage, processes
 from retro_toolkit.runner import executors, manifest
 from retro_toolkit.runner.follow import LogFollower
 from retro_toolkit.runner.plan import Step, make_plan
@@ -32,11 +33,17 @@ class Outcome:
 
 
 def print_plan(recipe: DictConfig, steps: list[Step]) -> None:
-    ex = recipe.executor
-    where = ex.type + (f" x{ex.nproc_per_node}" if ex.type == "torchrun" else "")
-    print(f"recipe {recipe.name}: workdir {recipe.workdir}, executor {where}")
+    print(f"recipe {recipe.name}: workdir {recipe.workdir}, executor {describe(recipe.executor)}")
+    per_stage = bool(recipe.executor.get("stages"))
     for s in steps:
-        print(f"  {'run ' if s.run else 'skip'}  {s.stage:<15} {s.reason}")
+        line = f"  {'run ' if s.run else 'skip'}  {s.stage:<15} {s.reason}"
+        if per_stage and s.run:
+            cfg = for_stage(recipe.executor, s.stage)
+            line = f"{line:<60} {describe(cfg)}"
+            if s.stage in MODEL_PARALLEL_STAGES:
+                tp = recipe.model.tensor_model_parallel_size
+                line += f"; TP {tp} x DP {processes(cfg) // tp}"
+        print(line)
     sys.stdout.flush()
 
 
@@ -62,7 +69,7 @@ def _launch(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
     """Run one stage as a NeMo-Run experiment and wait; return the job's final state."""
     import nemo_run as run
 
-    ex_cfg = recipe.executor
+    ex_cfg = for_stage(recipe.executor, stage)
     executor = executors.build(ex_cfg, recipe)
     with run.Experiment(
         f"{recipe.name}-{stage}", base_dir=str(executors.logs_root(recipe)), clean_mode=True, log_level="WARN"
@@ -85,13 +92,12 @@ def dry_run(recipe: DictConfig, steps: list[Step]) -> None:
     if recipe.executor.type != "slurm":
         print("dry run: nothing was run.")
         return
-    from retro_toolkit.runner.slurm import sbatch_script
+    from retro_toolkit.runner.slurm import sbatch_scripts
 
     resolved = Path(recipe.workdir) / RESOLVED
-    for s in steps:
-        if s.run:
-            print(f"\n# ---- sbatch script for stage {s.stage} ----")
-            print(sbatch_script(recipe, s.stage, resolved))
+    for stage, text in sbatch_scripts(recipe, steps, resolved).items():
+        print(f"\n# ---- sbatch script for stage {stage} ----")
+        print(text)
     print("dry run: nothing was submitted.")
 
 
@@ -100,7 +106,13 @@ def execute(
     only: list[str] | None = None,
     force: list[str] | None = None,
     dry: bool = False,
+    detach: bool = False,
 ) -> int:
+    if detach and recipe.executor.type != "slurm":
+        raise UserError(
+            f"--detach queues the stages as Slurm jobs and returns, but executor.type is {recipe.executor.type}: "
+            "use executor=slurm, or run without --detach."
+        )
     steps = make_plan(recipe, only, force)
     check_inputs(recipe)
     if dry:
@@ -111,9 +123,31 @@ def execute(
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
+        if recipe.executor.type == "slurm":
+            from retro_toolkit.runner.slurm import check_no_active_jobs
+
+            check_no_active_jobs(workdir)
         steps = make_plan(recipe, only, force)  # again: another run may have finished stages meanwhile
         print_plan(recipe, steps)
+        if detach:
+            return _submit(recipe, steps, workdir)
         return _execute(recipe, steps, workdir)
+
+
+def _submit(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
+    from retro_toolkit.runner.slurm import JOBS_FILE, submit
+
+    if not any(s.run for s in steps):
+        print("\nnothing to submit: every stage is done.")
+        return 0
+    resolved = workdir / RESOLVED
+    files.write_text(resolved, to_yaml(recipe))
+    ids = submit(recipe, steps, resolved)
+    print()
+    for stage, job in ids.items():
+        print(f"submitted {stage:<15} job {job}")
+    print(f"\njob ids: {workdir / JOBS_FILE}\nfollow them: retro-run status {workdir} [--wait]", flush=True)
+    return 0
 
 
 def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:

@@ -1,29 +1,149 @@
-"""The sbatch script NeMo-Run would submit for a stage, without submitting it (--dry-run)."""
+"""A recipe's stages as one NeMo-Run experiment of Slurm jobs chained with afterok.
+
+`submit` queues every stage that needs to run at once, each job waiting for the jobs of
+the stages it reads (`--dependency=afterok:<id>`), records the job ids in
+`<workdir>/slurm_jobs.json` and returns: `retro-run status WORKDIR` follows them from
+there. `sbatch_scripts` renders the same jobs without submitting (--dry-run).
+"""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from retro_toolkit.core import files
+from retro_toolkit.errors import UserError
+from retro_toolkit.recipe.executors import for_stage
 from retro_toolkit.runner import executors
+from retro_toolkit.runner.plan import Step
+from retro_toolkit.runner.stages import STAGES
+
+JOBS_FILE = "slurm_jobs.json"
+# Slurm states of a job that has not finished yet.
+ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
-def sbatch_script(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
+def _add_jobs(exp: Any, recipe: DictConfig, steps: list[Step], recipe_file: Path, dry: bool) -> None:
+    added: set[str] = set()
+    for step in (s for s in steps if s.run):
+        ups = [d for d in STAGES[step.stage].upstream(recipe.stages) if d in added]
+        cfg = for_stage(recipe.executor, step.stage)
+        ex = executors.build(cfg, recipe, waits=bool(ups))
+        if dry and ups:
+            # Job ids exist only once sbatch ran; show the stage each one stands for.
+            ex.dependencies = [f"dryrun://nemo_run/<{d}>" for d in ups]
+        exp.add(executors.script(cfg, step.stage, recipe_file), executor=ex, name=step.stage, dependencies=ups)
+        added.add(step.stage)
+
+
+def sbatch_scripts(recipe: DictConfig, steps: list[Step], recipe_file: Path) -> dict[str, str]:
+    """The sbatch script of every stage that would run, in order (nothing is submitted)."""
     import nemo_run as run
 
-    # NeMo-Run writes the script into an experiment folder: make that a throwaway one
-    # so a dry run leaves nothing behind (the script's own paths still point at the
-    # work directory, where a real run puts them).
+    # NeMo-Run writes scripts into an experiment folder: make that a throwaway one so a
+    # dry run leaves nothing behind (the scripts' own paths still point at the work
+    # directory, where a real run puts them).
     scratch = tempfile.mkdtemp(prefix="retro-dryrun-")
     try:
-        with run.Experiment(f"{recipe.name}-{stage}", base_dir=scratch, clean_mode=True) as exp:
-            exp.add(executors.script(recipe.executor, stage, recipe_file),
-                    executor=executors.build(recipe.executor, recipe), name=stage)
+        with run.Experiment(recipe.name, base_dir=scratch, clean_mode=True) as exp:
+            _add_jobs(exp, recipe, steps, recipe_file, dry=True)
+            if not exp.jobs:
+                return {}
             exp.dryrun(log=False, delete_exp_dir=False)
             exp_dir = Path(exp.jobs[0].executor.experiment_dir)
-            return (exp_dir / f"{stage}_sbatch.sh").read_text()
+            return {job.id: (exp_dir / f"{job.id}_sbatch.sh").read_text() for job in exp.jobs}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _job_id(handle: str) -> str:
+    # NeMo-Run's handle for a Slurm job: <scheme>://nemo_run/<job id>
+    return handle.partition("://")[2].split("/")[1]
+
+
+def submit(recipe: DictConfig, steps: list[Step], recipe_file: Path) -> dict[str, str]:
+    """Queue the stages that need to run as dependent jobs; return {stage: job id}."""
+    import nemo_run as run
+
+    workdir = Path(recipe.workdir)
+    with run.Experiment(recipe.name, base_dir=str(executors.logs_root(recipe)), clean_mode=True,
+                        log_level="WARN") as exp:
+        _add_jobs(exp, recipe, steps, recipe_file, dry=False)
+        exp.run(detach=True, tail_logs=False)
+        ids = {job.id: _job_id(job.handle) for job in exp.jobs}
+        exp_dir = Path(exp.jobs[0].executor.experiment_dir)
+    files.write_json(workdir / JOBS_FILE, {
+        "recipe": recipe.name,
+        "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "experiment_dir": str(exp_dir),
+        "jobs": {stage: {"job_id": ids[stage],
+                         "after": [d for d in STAGES[stage].upstream(recipe.stages) if d in ids]}
+                 for stage in ids},
+    })
+    return ids
+
+
+def recorded_jobs(workdir: Path) -> dict[str, Any]:
+    try:
+        data = files.read_json(workdir / JOBS_FILE)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """{job id: {state, elapsed, reason}} from sacct (finished jobs too) and squeue
+    (why a job is still pending); jobs neither knows are left out."""
+    out: dict[str, dict[str, str]] = {}
+    if not job_ids:
+        return out
+    ids = ",".join(job_ids)
+    try:
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobIDRaw,State,Elapsed,ExitCode"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        acct = None
+    if acct and acct.returncode == 0:
+        for line in acct.stdout.splitlines():
+            jid, state, elapsed, code = (line.split("|") + ["", "", "", ""])[:4]
+            out[jid] = {"state": state.split(" ")[0], "elapsed": elapsed, "exit_code": code, "reason": ""}
+    try:
+        queue = subprocess.run(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"],
+                               capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        queue = None
+    if queue and queue.returncode == 0:
+        for line in queue.stdout.splitlines():
+            jid, state, elapsed, reason = (line.split("|") + ["", "", "", ""])[:4]
+            row = out.setdefault(jid, {"state": state, "elapsed": elapsed, "exit_code": "", "reason": ""})
+            if state in ACTIVE_STATES:
+                row.update(state=state, elapsed=elapsed)
+            row["reason"] = "" if reason in ("None", "(null)") else reason
+    if acct is None and queue is None:
+        raise UserError("neither sacct nor squeue could be run here: run retro-run status on a machine "
+                        "with the Slurm client commands (the login node the jobs were submitted from).")
+    return out
+
+
+def check_no_active_jobs(workdir: Path) -> None:
+    """Refuse to start over a pipeline of this work directory that Slurm still runs."""
+    jobs = recorded_jobs(workdir).get("jobs", {})
+    if not jobs:
+        return
+    ids = {v["job_id"]: k for k, v in jobs.items()}
+    try:
+        states = job_states(list(ids))
+    except UserError:
+        return  # no Slurm client here: nothing of this work directory can be queued from here
+    active = [f"{ids[j]} (job {j}, {s['state']})" for j, s in states.items() if j in ids and s["state"] in ACTIVE_STATES]
+    if active:
+        raise UserError(
+            f"{workdir} has Slurm jobs that are still queued or running: {', '.join(active)}. "
+            f"Follow them with: retro-run status {workdir}; or cancel them with scancel, then rerun."
+        )

@@ -157,8 +157,11 @@ def run(ctx: StageContext) -> StageResult:
     _build_index(ctx, string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
                  idx_dir)
     dist.barrier()
-    index = faiss_index.load(idx_dir / "added.faissindex")
+    # Once per rank, memory-mapped: the ranks of a node share one copy in the page cache.
+    index = faiss_index.load(idx_dir / "added.faissindex", mmap=True)
     faiss_index.set_nprobe(index, cfg.index.nprobe)
+    if cfg.index.gpu_search and faiss_index.num_gpus() > 0:
+        index = faiss_index.to_gpu(index, env.local_rank % faiss_index.num_gpus())
 
     # 4. neighbours of every query chunk of every split
     timings["index_s"] = round(time.monotonic() - t_index, 3)
@@ -234,7 +237,8 @@ def _build_index(ctx, string, dim, emb_dir, n, spans, train_spans, emb_keys, sam
                     lo, hi = np.searchsorted(sample, [start, end])
                     vectors[lo:hi] = data[sample[lo:hi] - start]
                 ctx.log(f"training {string} on {len(sample)} vectors")
-                index.train(vectors)
+                where = faiss_index.train(index, vectors, ctx.recipe.retrieval.index.gpu_train)
+                ctx.log(f"trained (clustering on {where})")
             faiss_index.save(index, trained_file)
             files.write_json(keys_file, {"train": train_key})
     dist.barrier()

@@ -88,10 +88,54 @@ def save(index, path: Path) -> None:
 
 
 def load(path: Path, mmap: bool = False):
+    """Read an index; with mmap, its codes stay in the page cache that every rank on the node
+    shares (faiss maps Flat and IVF inverted lists), else it is read into this process."""
     import faiss
 
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-    return faiss.read_index(str(path), flags)
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            pass  # an index type faiss cannot map: read it
+    return faiss.read_index(str(path))
+
+
+def num_gpus() -> int:
+    """GPUs faiss can use: 0 with faiss-cpu (the wheel this project installs) or no GPU."""
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def train(index, vectors: np.ndarray, use_gpu: bool = True) -> str:
+    """Train `index`; with faiss-gpu and a GPU, IVF k-means runs on every visible GPU.
+    Returns where the clustering ran ("gpu" or "cpu")."""
+    import faiss
+
+    where = "cpu"
+    if use_gpu and num_gpus() > 0:
+        try:
+            ivf = faiss.extract_index_ivf(index)
+            ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+            where = "gpu"
+        except RuntimeError:
+            pass  # not an IVF index: nothing to cluster on the GPU
+    index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return where
+
+
+def to_gpu(index, device: int):
+    """A GPU copy of `index` for searching, or the index itself where faiss has no GPU
+    version of it (e.g. an HNSW coarse quantizer)."""
+    import faiss
+
+    try:
+        res = faiss.StandardGpuResources()
+        opts = faiss.GpuClonerOptions()
+        opts.useFloat16 = True  # PQ lookup tables above 48 bytes need half precision on the GPU
+        return faiss.index_cpu_to_gpu(res, device, index, opts)
+    except (RuntimeError, AttributeError):
+        return index
 
 
 def training_sample(n: int, ntrain: int | None, seed: int) -> np.ndarray:
