@@ -31,8 +31,15 @@ def env_from_os() -> DistEnv:
     )
 
 
+# barrier() waits on its own gloo group with this timeout: at scale, ranks wait there for
+# hours while rank 0 trains or fills a faiss index; the job's time limit bounds the wait.
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
+_barrier_group: Any = None
+
+
 def init(timeout_minutes: int = 60) -> DistEnv:
     """Create the default process group when launched with more than one process."""
+    global _barrier_group
     env = env_from_os()
     if env.world_size > 1:
         import torch
@@ -43,14 +50,18 @@ def init(timeout_minutes: int = 60) -> DistEnv:
             if backend == "nccl":
                 torch.cuda.set_device(env.local_rank)
             td.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if _barrier_group is None:
+            _barrier_group = td.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
     return env
 
 
 def shutdown() -> None:
+    global _barrier_group
     if _initialized():
         import torch.distributed as td
 
         td.destroy_process_group()
+    _barrier_group = None
 
 
 def _initialized() -> bool:
@@ -65,7 +76,7 @@ def barrier() -> None:
     if _initialized():
         import torch.distributed as td
 
-        td.barrier()
+        td.barrier(group=_barrier_group)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
