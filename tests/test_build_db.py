@@ -208,3 +208,33 @@ def test_build_db_without_a_prepared_corpus_names_the_missing_stage(tmp_path, ru
     assert job.returncode == 2
     assert "stage 'build_db' needs stage 'prepare_corpus', which is not done (not run yet)" in job.stderr
     assert not (w / "db").exists()
+
+
+def test_two_node_torchrun_rendezvous_builds_the_same_neighbours(small_db, tmp_path, run_cli):
+    """The multi-node launch the sbatch scripts use, as two torchrun agents on this machine:
+    --nnodes 2 --node-rank 0/1, c10d rendezvous on the first node, one rank per node."""
+    import socket
+
+    w = tmp_path / "two_nodes"
+    shutil.copytree(small_db, w, ignore=shutil.ignore_patterns("db", "index", "neighbors", "logs", "build_db.json",
+                                                               "recipe.resolved.yaml"))
+    shown = run_cli("show", SMOKE, f"workdir={w}", *SMALL)
+    assert shown.returncode == 0, shown.stderr
+    (w / "recipe.resolved.yaml").write_text(shown.stdout)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", LOGLEVEL="WARNING")
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                f"127.0.0.1:{port}", "--rdzv-id", "retro-test", "-m", "retro_toolkit.launch", "build_db",
+                                str(w / "recipe.resolved.yaml")],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for node in (0, 1)]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    m = json.loads((w / "stages" / "build_db.json").read_text())
+    assert m["world_size"] == 2
+    assert (w / "logs" / "build_db.rank1.log").is_file()  # rank 1 ran on the second "node"
+    for split in SPLITS:
+        assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split

@@ -12,7 +12,10 @@ import re
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
+from retro_toolkit.errors import UserError
+from retro_toolkit.recipe import load_recipe
 from tests.conftest import REPO
 
 RECIPES = ["retro_843m", "instructretro_2b", "instructretro_8b", "instructretro_22b", "instructretro_48b"]
@@ -86,7 +89,7 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
     p = run_cli(name, *_cluster(data_root), "--dry-run")
     assert p.returncode == 0, p.stderr
     scripts = _scripts(p.stdout)
-    shown = yaml.safe_load(run_cli("show", name, *_cluster(data_root)).stdout)
+    shown = OmegaConf.to_container(load_recipe(name, _cluster(data_root)))
     assert list(scripts) == shown["stages"]  # every stage, in pipeline order
     assert shown["model"]["tensor_model_parallel_size"] == tp and shown["model"]["seq_length"] == seq
     assert shown["pretrain"]["global_batch_size"] == batch and shown["pretrain"]["bf16"] is True
@@ -140,9 +143,10 @@ def test_a_stage_size_that_breaks_the_batch_or_tp_is_refused_up_front(data_root,
     ("executor.stages.pretrain={nodes: 0}", "recipe key 'executor.stages.pretrain.nodes' must be at least 1"),
     ("executor.stages.pretrain=8", "recipe key 'executor.stages.pretrain' must be a mapping of slurm executor keys"),
 ])
-def test_bad_stage_resources_name_the_key(override, message, data_root, run_cli):
-    p = run_cli("validate", "instructretro_8b", *_cluster(data_root), override)
-    assert p.returncode == 2 and message in p.stderr, p.stderr
+def test_bad_stage_resources_name_the_key(override, message, data_root):
+    with pytest.raises(UserError) as e:
+        load_recipe("instructretro_8b", [*_cluster(data_root), override])
+    assert message in str(e.value)
 
 
 def test_docker_executor_builds_nemo_runs_docker_executor(tmp_path):

@@ -97,6 +97,17 @@ def recorded_jobs(workdir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _hms(elapsed: str) -> str:
+    """squeue's M:SS / H:MM:SS as sacct's HH:MM:SS (days, D-HH:MM:SS, stay as they are)."""
+    if "-" in elapsed or not elapsed:
+        return elapsed
+    parts = [int(x) for x in elapsed.split(":") if x.isdigit()]
+    if not parts or len(parts) != len(elapsed.split(":")):
+        return elapsed
+    parts = [0] * (3 - len(parts)) + parts
+    return f"{parts[0]:02d}:{parts[1]:02d}:{parts[2]:02d}"
+
+
 def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     """{job id: {state, elapsed, reason}} from sacct (finished jobs too) and squeue
     (why a job is still pending); jobs neither knows are left out."""
@@ -123,7 +134,7 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
             jid, state, elapsed, reason = (line.split("|") + ["", "", "", ""])[:4]
             row = out.setdefault(jid, {"state": state, "elapsed": elapsed, "exit_code": "", "reason": ""})
             if state in ACTIVE_STATES:
-                row.update(state=state, elapsed=elapsed)
+                row.update(state=state, elapsed=_hms(elapsed))
             row["reason"] = "" if reason in ("None", "(null)") else reason
     if acct is None and queue is None:
         raise UserError("neither sacct nor squeue could be run here: run retro-run status on a machine "
