@@ -88,6 +88,16 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["pretrain.source_weights=[1.0,2.0]"], "pretrain.source_weights = [1.0, 2.0] must give one non-negative weight per data.sources entry (1)"),
         (["eval_ppl.splits=[]"], "recipe key 'eval_ppl.splits' is empty"),
         (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
+        (["model.num_layers=4", "model.cca_layers=null"], "model.num_layers is 4: Retro's rule puts chunked"),
+        (["model.cca_layers=[0,2]"], "model.cca_layers [0, 2] names layers outside 1..2"),
+        (["model.num_attention_heads=3"], "model.hidden_size (64) must be a multiple of model.num_attention_heads (3)"),
+        (["model.tensor_model_parallel_size=8"], "model.num_attention_heads (4) must be a multiple of "
+                                                 "model.tensor_model_parallel_size (8)"),
+        (["executor=torchrun", "executor.nproc_per_node=3", "model.tensor_model_parallel_size=2"],
+         "stage 'pretrain' starts 3 process(es)"),
+        (["executor=torchrun", "executor.stages={pretrain: {nproc_per_node: 4}}"],
+         "pretrain.global_batch_size (8) must be a multiple of pretrain.micro_batch_size (4) x data-parallel ranks "
+         "(4 = 4 processes / tensor parallel 1) = 16."),
     ],
 )
 def test_bad_recipe_values_name_the_key(overrides, expected):

@@ -240,10 +240,35 @@ def _semantic(r: dict[str, Any]) -> None:
             f"({m['chunk_length']}): Retro splits every sample into whole chunks."
         )
 
+    _check_model_layout(m)
     _check_training(r)
     _check_instruct(r)
     _check_export(r, r["stages"])
     r["workdir"] = _abspath(r["workdir"])
+
+
+def _check_model_layout(m: dict[str, Any]) -> None:
+    """Shape checks a job would otherwise hit only after it queued for hours."""
+    from retro_toolkit.core.cca import default_cca_layers
+
+    n = m["num_layers"]
+    if m["arch"] == "retro":
+        cca = m["cca_layers"] if m["cca_layers"] is not None else default_cca_layers(n)
+        if not cca:
+            raise UserError(
+                f"model.num_layers is {n}: Retro's rule puts chunked cross-attention in layers 6, 9, ... so a "
+                "model this shallow has none. Set model.cca_layers to an explicit list, e.g. [2].")
+        outside = [x for x in cca if not 1 <= x <= n]
+        if outside:
+            raise UserError(f"model.cca_layers {cca} names layers outside 1..{n} (model.num_layers; 1-based).")
+    if m["hidden_size"] % m["num_attention_heads"]:
+        raise UserError(f"model.hidden_size ({m['hidden_size']}) must be a multiple of model.num_attention_heads "
+                        f"({m['num_attention_heads']}).")
+    tp = m["tensor_model_parallel_size"]
+    for key in ("num_attention_heads", "ffn_hidden_size"):
+        if m[key] % tp:
+            raise UserError(f"model.{key} ({m[key]}) must be a multiple of model.tensor_model_parallel_size ({tp}): "
+                            "tensor parallelism splits it evenly over the ranks.")
 
 
 def _check_optimizer(p: dict[str, Any], sec: str) -> None:

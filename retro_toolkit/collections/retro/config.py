@@ -15,13 +15,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from retro_toolkit.core.cca import default_cca_layers
 from retro_toolkit.errors import UserError
-
-
-def default_cca_layers(num_layers: int) -> list[int]:
-    """Retro's rule: CCA in layers 6, 9, 12, ... (<= 15 layers) else 9, 12, ... (1-based)."""
-    first = 6 if num_layers <= 15 else 9
-    return list(range(first, num_layers + 1, 3))
 
 
 @dataclass
