@@ -108,6 +108,17 @@ def _hms(elapsed: str) -> str:
     return f"{parts[0]:02d}:{parts[1]:02d}:{parts[2]:02d}"
 
 
+def _rows(cmd: list[str]) -> list[list[str]] | None:
+    """A Slurm client command's '|'-separated output as rows of 4 fields; None when it cannot run."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0:
+        return [] if cmd[0] == "squeue" else None  # squeue fails on ids it no longer knows
+    return [(line.split("|") + ["", "", "", ""])[:4] for line in p.stdout.splitlines()]
+
+
 def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     """{job id: {state, elapsed, reason}} from sacct (finished jobs too) and squeue
     (why a job is still pending); jobs neither knows are left out."""
@@ -115,27 +126,15 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     if not job_ids:
         return out
     ids = ",".join(job_ids)
-    try:
-        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobIDRaw,State,Elapsed,ExitCode"],
-                              capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        acct = None
-    if acct and acct.returncode == 0:
-        for line in acct.stdout.splitlines():
-            jid, state, elapsed, code = (line.split("|") + ["", "", "", ""])[:4]
-            out[jid] = {"state": state.split(" ")[0], "elapsed": elapsed, "exit_code": code, "reason": ""}
-    try:
-        queue = subprocess.run(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"],
-                               capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        queue = None
-    if queue and queue.returncode == 0:
-        for line in queue.stdout.splitlines():
-            jid, state, elapsed, reason = (line.split("|") + ["", "", "", ""])[:4]
-            row = out.setdefault(jid, {"state": state, "elapsed": elapsed, "exit_code": "", "reason": ""})
-            if state in ACTIVE_STATES:
-                row.update(state=state, elapsed=_hms(elapsed))
-            row["reason"] = "" if reason in ("None", "(null)") else reason
+    acct = _rows(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobIDRaw,State,Elapsed,ExitCode"])
+    for jid, state, elapsed, code in acct or []:
+        out[jid] = {"state": state.split(" ")[0], "elapsed": elapsed, "exit_code": code, "reason": ""}
+    queue = _rows(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"])
+    for jid, state, elapsed, reason in queue or []:
+        row = out.setdefault(jid, {"state": state, "elapsed": elapsed, "exit_code": "", "reason": ""})
+        if state in ACTIVE_STATES:
+            row.update(state=state, elapsed=_hms(elapsed))
+        row["reason"] = "" if reason in ("None", "(null)") else reason
     if acct is None and queue is None:
         raise UserError("neither sacct nor squeue could be run here: run retro-run status on a machine "
                         "with the Slurm client commands (the login node the jobs were submitted from).")
