@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from retro_toolkit.recipe.executors import processes
+
 LAUNCH_MODULE = "retro_toolkit.launch"
 
 
@@ -36,11 +38,8 @@ def _env(cfg: DictConfig) -> dict[str, str]:
 
 
 def uses_torchrun(cfg: DictConfig) -> bool:
-    if cfg.type == "torchrun":
-        return True
-    if cfg.type == "docker":
-        return cfg.nproc_per_node > 1
-    return cfg.type == "slurm" and (cfg.ntasks_per_node > 1 or cfg.nodes > 1)
+    """torchrun starts the ranks: always for executor torchrun, else when a job has several."""
+    return cfg.type == "torchrun" or (cfg.type in ("slurm", "docker") and processes(cfg) > 1)
 
 
 def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False) -> Any:
