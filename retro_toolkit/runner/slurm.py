@@ -29,8 +29,9 @@ JOBS_FILE = "slurm_jobs.json"
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
-def _add_jobs(exp: Any, recipe: DictConfig, steps: list[Step], recipe_file: Path, dry: bool) -> None:
-    added: set[str] = set()
+def _add_jobs(exp: Any, recipe: DictConfig, steps: list[Step], recipe_file: Path, dry: bool) -> dict[str, list[str]]:
+    """Add a job per stage that runs; return {stage: the stages whose jobs it waits for}."""
+    added: dict[str, list[str]] = {}
     for step in (s for s in steps if s.run):
         ups = [d for d in STAGES[step.stage].upstream(recipe.stages) if d in added]
         cfg = for_stage(recipe.executor, step.stage)
@@ -39,7 +40,8 @@ def _add_jobs(exp: Any, recipe: DictConfig, steps: list[Step], recipe_file: Path
             # Job ids exist only once sbatch ran; show the stage each one stands for.
             ex.dependencies = [f"dryrun://nemo_run/<{d}>" for d in ups]
         exp.add(executors.script(cfg, step.stage, recipe_file), executor=ex, name=step.stage, dependencies=ups)
-        added.add(step.stage)
+        added[step.stage] = ups
+    return added
 
 
 def sbatch_scripts(recipe: DictConfig, steps: list[Step], recipe_file: Path) -> dict[str, str]:
@@ -74,7 +76,7 @@ def submit(recipe: DictConfig, steps: list[Step], recipe_file: Path) -> dict[str
     workdir = Path(recipe.workdir)
     with run.Experiment(recipe.name, base_dir=str(executors.logs_root(recipe)), clean_mode=True,
                         log_level="WARN") as exp:
-        _add_jobs(exp, recipe, steps, recipe_file, dry=False)
+        after = _add_jobs(exp, recipe, steps, recipe_file, dry=False)
         exp.run(detach=True, tail_logs=False)
         ids = {job.id: _job_id(job.handle) for job in exp.jobs}
         exp_dir = Path(exp.jobs[0].executor.experiment_dir)
@@ -82,9 +84,7 @@ def submit(recipe: DictConfig, steps: list[Step], recipe_file: Path) -> dict[str
         "recipe": recipe.name,
         "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
         "experiment_dir": str(exp_dir),
-        "jobs": {stage: {"job_id": ids[stage],
-                         "after": [d for d in STAGES[stage].upstream(recipe.stages) if d in ids]}
-                 for stage in ids},
+        "jobs": {stage: {"job_id": ids[stage], "after": after[stage]} for stage in ids},
     })
     return ids
 
@@ -108,14 +108,15 @@ def _hms(elapsed: str) -> str:
     return f"{parts[0]:02d}:{parts[1]:02d}:{parts[2]:02d}"
 
 
-def _rows(cmd: list[str]) -> list[list[str]] | None:
-    """A Slurm client command's '|'-separated output as rows of 4 fields; None when it cannot run."""
+def _rows(cmd: list[str], failure: list | None = None) -> list[list[str]] | None:
+    """A Slurm client command's '|'-separated output as rows of 4 fields; None when it cannot
+    run, `failure` when it exits non-zero."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if p.returncode != 0:
-        return [] if cmd[0] == "squeue" else None  # squeue fails on ids it no longer knows
+        return failure
     return [(line.split("|") + ["", "", "", ""])[:4] for line in p.stdout.splitlines()]
 
 
@@ -129,7 +130,8 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
     acct = _rows(["sacct", "-n", "-X", "-P", "-j", ids, "-o", "JobIDRaw,State,Elapsed,ExitCode"])
     for jid, state, elapsed, code in acct or []:
         out[jid] = {"state": state.split(" ")[0], "elapsed": elapsed, "exit_code": code, "reason": ""}
-    queue = _rows(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"])
+    # squeue exits non-zero for ids it no longer knows: finished jobs, which sacct has.
+    queue = _rows(["squeue", "-h", "-t", "all", "-j", ids, "-o", "%i|%T|%M|%r"], failure=[])
     for jid, state, elapsed, reason in queue or []:
         row = out.setdefault(jid, {"state": state, "elapsed": elapsed, "exit_code": "", "reason": ""})
         if state in ACTIVE_STATES:
