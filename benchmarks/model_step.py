@@ -25,11 +25,15 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from retro_toolkit.core import malloc  # noqa: E402
+
+# As the training stages run (before torch allocates); RETRO_TOOLKIT_MALLOC=default to compare.
+MALLOC_KEPT = malloc.keep_freed_memory()
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize  # noqa: E402
 
@@ -152,6 +156,7 @@ def main() -> None:
         "batch": a.batch,
         "core_attention": a.core_attention,
         "fused_adam": fused,
+        "malloc_keeps_freed_memory": MALLOC_KEPT,
         "timing": "best of the timed rounds; each round times the matmul and one step of every model, interleaved",
         "configs": {},
     }

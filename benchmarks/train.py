@@ -4,8 +4,10 @@
 
 The work directory must have finished build_db (its corpus and neighbours feed the
 batches; `retro-run recipes/smoke.yaml` makes one). One full step is what the pretrain
-stage runs per iteration: sample lookup and neighbour-token gathering, megatron-core DDP,
-its optimizer with grad clipping, the LR schedule, loss all-reduce and the metrics row.
+stage runs per iteration: sample lookup and neighbour-token gathering, megatron-core DDP
+(weight gradients accumulated in its buffer: collections/retro/wgrad.py), its optimizer
+with grad clipping, the LR schedule, loss all-reduce and the metrics row. Both run with
+glibc keeping freed memory, as the training stages do (core/malloc.py).
 The bare step is benchmarks/model_step.py's: forward + backward + torch's fused Adam on
 fixed tensors. Both use the same model config and batch; a plain fp32 matmul (2048^3) is
 timed in the same rounds as the machine's limit. Reported per model: tokens/s, model
@@ -23,11 +25,16 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore")
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from retro_toolkit.core import malloc  # noqa: E402
+
+# As the training stages run (before torch allocates); RETRO_TOOLKIT_MALLOC=default to compare.
+MALLOC_KEPT = malloc.keep_freed_memory()
+
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import model_step  # noqa: E402
@@ -43,9 +50,10 @@ from retro_toolkit.recipe import load_recipe  # noqa: E402
 class FullStep:
     """The pretrain stage's iteration, one at a time."""
 
-    def __init__(self, recipe, section: dict, arch: str, batch: int, steps: int):
+    def __init__(self, recipe, section: dict, arch: str, batch: int, steps: int, wgrad_fusion: bool = True):
         torch.manual_seed(0)
-        cfg, args = config_from_model_section({**section, "arch": arch}, neighbor_pad_id=0)
+        overrides = {**training.precision_overrides(False, False), "gradient_accumulation_fusion": wgrad_fusion}
+        cfg, args = config_from_model_section({**section, "arch": arch}, neighbor_pad_id=0, **overrides)
         self.model = build_model(cfg, args).train()
         p = OmegaConf.merge(recipe.pretrain, {"micro_batch_size": batch, "global_batch_size": batch,
                                               "train_iters": steps + 1, "lr_warmup_iters": 0, "tensorboard": False})
@@ -71,6 +79,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="timed rounds (after one warm-up round)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare-unfused", action="store_true",
+                    help="also time the full step with weight gradients added to the DDP buffer by a hook "
+                    "(gradient_accumulation_fusion off, as before wgrad.py): rows full_unfused")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -81,6 +92,8 @@ def main() -> None:
     for arch in ("gpt", "retro"):
         models[f"{arch}_bare"] = model_step.Stepper(section, arch, a.batch, "sdpa", True)
         models[f"{arch}_full"] = FullStep(recipe, section, arch, a.batch, a.steps)
+        if a.compare_unfused:
+            models[f"{arch}_full_unfused"] = FullStep(recipe, section, arch, a.batch, a.steps, wgrad_fusion=False)
     times: dict[str, list[float]] = {k: [] for k in models}
     limits = []
     for round_ in range(a.steps + 1):
@@ -94,15 +107,18 @@ def main() -> None:
     limit = max(limits)
     tokens = a.batch * section["seq_length"]
     result = {"config": a.config, "threads": a.threads, "batch": a.batch, "workdir": str(a.workdir),
-              "matmul_2048_flops_per_s": limit, "timing": "best of the timed rounds, interleaved", "models": {}}
+              "matmul_2048_flops_per_s": limit,
+              "malloc_keeps_freed_memory": MALLOC_KEPT, "timing": "best of the timed rounds, interleaved", "models": {}}
     for arch in ("gpt", "retro"):
         flops = 3 * model_step.forward_flops(section, arch == "retro", a.batch)
         row = {}
-        for kind in ("bare", "full"):
+        for kind in ("bare", "full") + (("full_unfused",) if a.compare_unfused else ()):
             step = min(times[f"{arch}_{kind}"])
             row[kind] = {"step_s": step, "step_times_s": times[f"{arch}_{kind}"], "tokens_per_s": tokens / step,
                          "flops_per_step": flops, "fraction_of_matmul_limit": flops / step / limit}
         row["full_over_bare"] = row["full"]["step_s"] / row["bare"]["step_s"]
+        if a.compare_unfused:
+            row["full_unfused_over_bare"] = row["full_unfused"]["step_s"] / row["bare"]["step_s"]
         result["models"][arch] = row
         print(f"{arch}: full {row['full']['step_s']:.3f}s ({row['full']['tokens_per_s']:,.0f} tok/s, "
               f"{row['full']['fraction_of_matmul_limit']:.0%} of matmul) vs bare {row['bare']['step_s']:.3f}s "

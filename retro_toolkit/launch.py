@@ -17,7 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
+from retro_toolkit.core import malloc
 from retro_toolkit.errors import RetroError, UserError
+from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES
 
 
 def run_stage(stage: str, recipe_file: str) -> int:
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("stage")
     p.add_argument("recipe", help="the resolved recipe (<workdir>/recipe.resolved.yaml)")
     args = p.parse_args(argv)
+    if args.stage in MODEL_PARALLEL_STAGES:  # they run the model step after step; before torch allocates
+        malloc.keep_freed_memory()
     _tee_to_log(args.stage, args.recipe)
     workdir = Path(args.recipe).resolve().parent
     error_file = error_path(workdir, args.stage)

@@ -52,6 +52,7 @@ BAD_INPUT = [
      "'export.checkpoint' is sft but the recipe does not run the sft stage"),
     (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' needs stage 'prepare_corpus'"),
     (BOTH, ["retrieval.embedder.path=/nonexistent/bert"], "retrieval.embedder.path: /nonexistent/bert is not a Hugging Face model folder"),
+    (BOTH, ["data.split_by=pasage"], "'data.split_by' = 'pasage' is not one of document, passage. Did you mean 'passage'?"),
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
     (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
     (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),

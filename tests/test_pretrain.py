@@ -244,6 +244,32 @@ def test_activation_recompute_gives_the_same_losses(trained, tmp_path):
     assert len(runs[True]) == 3 and runs[True] == runs[False]
 
 
+def test_weight_gradients_accumulated_in_the_ddp_buffer_train_alike(trained, tmp_path):
+    """gradient_accumulation_fusion (wgrad.py's torch GEMM on CPU) against the backward hook's add."""
+    import torch
+
+    from retro_toolkit.collections.retro import pretrain as pt
+    from retro_toolkit.collections.retro import training
+    from retro_toolkit.recipe import load_recipe
+
+    recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
+    runs, grads = {}, {}
+    for fused in (False, True):
+        overrides = {**training.precision_overrides(False, False), "gradient_accumulation_fusion": fused}
+        model, config, _ = pt.build(recipe, "retro", overrides)
+        ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
+        batches = training.Batches(pt.dataset(recipe, "train", "retro", 12), 4, 2, 0, 1)  # 2 micro-batches a step
+        metrics = training.MetricsLog(tmp_path / str(fused), "run", 0, False, True)
+        training.train(ddp, opt, sched, batches, 0, 3, 128, metrics, lambda _: None, 10)
+        runs[fused] = [json.loads(line)["loss"] for line in metrics.path.read_text().splitlines()]
+        grads[fused] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
+    assert runs[True][0] == runs[False][0] and runs[True] == pytest.approx(runs[False], rel=1e-5)
+    fc1 = next(n for n in grads[True] if n.endswith("mlp.linear_fc1.weight"))
+    assert grads[True][fc1].abs().sum() > 0  # the buffer holds the layer's gradient, counted once
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, run_cli):
     w = copy_db(small_db, tmp_path / "retro_init")
     p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, f"pretrain.init_from={trained / 'checkpoints' / 'pretrain'}",

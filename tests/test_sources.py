@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from retro_toolkit.collections.text.prepare_corpus import split_bounds
+from retro_toolkit.collections.text.splits import split_bounds
 from retro_toolkit.collections.text.sources import ReadStats, iter_documents
 from retro_toolkit.errors import UserError
 

@@ -41,6 +41,11 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     # Fractions of each source's documents for train / valid / test, in document order.
     split: list[float] = field(default_factory=lambda: [0.98, 0.01, 0.01])
+    # What the split deals out: whole "document"s (contiguous ranges per source), or
+    # "passage"s (documents cut at blank lines into ~passage_chars pieces, interleaved):
+    # valid/test are then unseen passages of documents whose other passages are trained on.
+    split_by: str = "document"
+    passage_chars: int = 2000
     # What to do with bytes that are not UTF-8: "error" (name file and line) or "replace".
     on_invalid_utf8: str = "error"
     # Documents tokenized per batch (memory vs. speed; does not change the output).

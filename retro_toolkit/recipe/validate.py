@@ -200,6 +200,9 @@ def _semantic(r: dict[str, Any]) -> None:
             "(train, valid, test) that sum to 1, e.g. [0.9, 0.05, 0.05]."
         )
     _check_choice(d["on_invalid_utf8"], ("error", "replace"), "data.on_invalid_utf8")
+    _check_choice(d["split_by"], ("document", "passage"), "data.split_by")
+    if d["passage_chars"] < 1:
+        raise UserError("recipe key 'data.passage_chars' must be at least 1 (characters per passage).")
     if d["tokenize_batch_docs"] < 1:
         raise UserError("recipe key 'data.tokenize_batch_docs' must be at least 1.")
     for i, src in enumerate(d["sources"]):

@@ -40,6 +40,10 @@ def stage_config(recipe: DictConfig, stage: str) -> dict[str, Any]:
     for key in STAGES[stage].config_keys:
         node = OmegaConf.select(recipe, key)
         cfg[key] = OmegaConf.to_container(node) if isinstance(node, (DictConfig,)) or OmegaConf.is_list(node) else node
+    for key, default in STAGES[stage].added_keys:
+        section, _, leaf = key.rpartition(".")
+        if isinstance(cfg.get(section), dict) and cfg[section].get(leaf) == default:
+            del cfg[section][leaf]
     return cfg
 
 

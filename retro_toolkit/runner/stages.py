@@ -20,6 +20,9 @@ class StageSpec:
     version: int = 1
     # Stages whose outputs this one reads when the recipe runs them (ordering and fingerprint).
     after: tuple[str, ...] = ()
+    # Keys added after work directories existed, with the default that reproduces the old
+    # behaviour: at that default they stay out of the fingerprint, so those stay current.
+    added_keys: tuple[tuple[str, object], ...] = ()
 
     def upstream(self, stages) -> tuple[str, ...]:
         """The stages this one waits for in a recipe running `stages`."""
@@ -43,6 +46,7 @@ STAGES: dict[str, StageSpec] = {
             "retro_toolkit.collections.text.prepare_corpus:run",
             "tokenize the corpus into train/valid/test token streams",
             version=2,  # 2: each source split on its own (every split holds every source)
+            added_keys=(("data.split_by", "document"), ("data.passage_chars", 2000)),
         ),
         StageSpec(
             "build_db",

@@ -22,6 +22,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from retro_toolkit.collections.retro import wgrad
 from retro_toolkit.errors import UserError
 
 
@@ -30,8 +31,10 @@ def device() -> torch.device:
 
 
 def precision_overrides(bf16: bool, recompute: bool) -> dict[str, Any]:
-    """TransformerConfig fields for the pretrain section's bf16 and recompute_activations."""
-    out: dict[str, Any] = {}
+    """TransformerConfig fields of a model that trains under `wrap_and_optimizer`: the section's
+    bf16 and recompute_activations, and weight gradients accumulated in the DDP buffer (wgrad)."""
+    wgrad.install()
+    out: dict[str, Any] = {"gradient_accumulation_fusion": True}
     if bf16:
         if not torch.cuda.is_available():
             raise UserError("pretrain.bf16 is true but this job has no GPU (CPU training runs in fp32): "

@@ -1,10 +1,11 @@
 """Stage `prepare_corpus`: tokenize the sources into train/valid/test token streams.
 
-Documents are numbered in source order (empty ones skipped); each source is split by
-`data.split` fractions into contiguous ranges, so every split holds every source (in
-source order; meta.json counts each source's documents per split, for blends). Under torchrun each rank tokenizes one
-contiguous range of documents into part files and rank 0 concatenates the parts in rank
-order, so the output is byte-identical for any number of processes.
+Documents (or, with `data.split_by: passage`, their passages) are numbered in source
+order, empty ones skipped; `splits.Splitter` sends each to a split, source by source, so
+every split holds every source (meta.json counts each source's units per split, for
+blends). Under torchrun each rank tokenizes one contiguous range of units into part
+files and rank 0 concatenates the parts in rank order, so the output is byte-identical
+for any number of processes.
 """
 
 from __future__ import annotations
@@ -16,47 +17,12 @@ import numpy as np
 
 from retro_toolkit.collections.text import token_stream as ts
 from retro_toolkit.collections.text.sources import ReadStats, iter_documents
+from retro_toolkit.collections.text.splits import Splitter
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.errors import UserError
-
-
-def split_bounds(num_docs: int, fractions: list[float]) -> list[int]:
-    """Document index where each split starts, plus num_docs: [0, train_end, valid_end, num_docs]."""
-    bounds = [0]
-    acc = 0.0
-    for f in fractions[:-1]:
-        acc += f
-        bounds.append(int(round(acc * num_docs)))
-    bounds.append(num_docs)
-    return bounds
-
-
-def split_edges(per_source: list[int], fractions: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Document index where each (source, split) range starts, and that range's split number.
-
-    Document i belongs to split labels[searchsorted(edges, i, "right") - 1].
-    """
-    edges, labels, start = [], [], 0
-    for n in per_source:
-        b = split_bounds(n, fractions)
-        for s in range(3):
-            edges.append(start + b[s])
-            labels.append(s)
-        start += n
-    return np.asarray(edges + [start], dtype=np.int64), np.asarray(labels + [0], dtype=np.int64)
-
-
-def source_counts(per_source: list[int], fractions: list[float]) -> dict[str, list[int]]:
-    """Documents of each source in each split."""
-    out: dict[str, list[int]] = {s: [] for s in ts.SPLITS}
-    for n in per_source:
-        b = split_bounds(n, fractions)
-        for s, split in enumerate(ts.SPLITS):
-            out[split].append(b[s + 1] - b[s])
-    return out
 
 
 def _part(corpus: Path, split: str, rank: int) -> tuple[Path, Path]:
@@ -70,19 +36,25 @@ def run(ctx: StageContext) -> StageResult:
     tok = Tokenizer(ctx.workdir / MODEL_FILE)
     dtype = ts.dtype_for_vocab(tok.vocab_size)
 
+    passage_chars = data.passage_chars if data.split_by == "passage" else None
+
+    def units(stats: ReadStats):
+        return iter_documents(data.sources, data.on_invalid_utf8, stats, passage_chars=passage_chars)
+
     stats = ReadStats()
-    num_docs = sum(1 for _ in iter_documents(data.sources, data.on_invalid_utf8, stats))
-    per_source = list(stats.per_source)
-    edges, labels = split_edges(per_source, list(data.split))
-    counts = source_counts(per_source, list(data.split))
+    num_docs = sum(1 for _ in units(stats))
+    splitter = Splitter(list(stats.per_source), list(data.split), data.split_by)
+    counts = {split: splitter.source_counts(s) for s, split in enumerate(ts.SPLITS)}
+    unit = "passages" if passage_chars else "documents"
     for s, split in enumerate(ts.SPLITS):
         if data.split[s] > 0 and sum(counts[split]) == 0:
             raise UserError(
-                f"the corpus has {num_docs} documents, too few for data.split = {list(data.split)}: "
-                f"split '{split}' would be empty. Add documents or change data.split."
+                f"the corpus has {num_docs} {unit}, too few for data.split = {list(data.split)}: "
+                f"split '{split}' would be empty. Add documents or change data.split"
+                + (" or lower data.passage_chars." if passage_chars else ".")
             )
     ctx.log(
-        f"{num_docs} documents ({stats.empty_skipped} empty skipped); "
+        f"{num_docs} {unit} ({stats.empty_skipped} empty documents skipped); "
         + ", ".join(f"{split} {sum(counts[split])}" for split in ts.SPLITS)
     )
 
@@ -95,7 +67,7 @@ def run(ctx: StageContext) -> StageResult:
     def flush() -> None:
         ids = tok.encode([t for _, t in batch])
         for (i, _), doc in zip(batch, ids):
-            split = ts.SPLITS[int(labels[int(np.searchsorted(edges, i, side="right")) - 1])]
+            split = ts.SPLITS[splitter(i)]
             arr = np.asarray(doc + [tok.eod_id], dtype=dtype)
             f, lengths = outs[split]
             f.write(arr.tobytes())
@@ -103,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
             progress.update(1, tokens=len(arr))
         batch.clear()
 
-    for i, (text, _) in enumerate(iter_documents(data.sources, data.on_invalid_utf8)):
+    for i, (text, _) in enumerate(units(ReadStats())):
         if i >= last:
             break
         if i >= first:
@@ -125,6 +97,7 @@ def run(ctx: StageContext) -> StageResult:
             "vocab_size": tok.vocab_size,
             "special_ids": tok.special_ids(),
             "tokenizer_sha256": files.sha256_file(tok.model_file),
+            "split_by": data.split_by,
             "empty_skipped": stats.empty_skipped,
             "invalid_utf8_replaced": stats.invalid_utf8_replaced,
             "splits": {},

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from retro_toolkit.collections.text.splits import cut_passages
 from retro_toolkit.errors import UserError
 
 BUILTINS = ("builtin:pydoc", "builtin:wiki-sample")
@@ -128,9 +129,15 @@ def _wiki_sample() -> Iterator[tuple[str, str]]:
 
 
 def iter_documents(
-    sources: Any, on_invalid_utf8: str, stats: ReadStats | None = None, key_prefix: str = "data.sources"
+    sources: Any,
+    on_invalid_utf8: str,
+    stats: ReadStats | None = None,
+    key_prefix: str = "data.sources",
+    passage_chars: int | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """(text, origin) for every non-empty document of every source, in recipe order."""
+    """(text, origin) for every non-empty document of every source, in recipe order; with
+    passage_chars, for every passage of those documents (`splits.cut_passages`), and
+    stats.per_source counts passages (max_docs still counts documents)."""
     stats = stats if stats is not None else ReadStats()
     for i, src in enumerate(sources):
         key = f"{key_prefix}[{i}]"
@@ -143,14 +150,20 @@ def iter_documents(
             docs = _jsonl(Path(src.path), src.text_key, key, on_invalid_utf8, stats)
         else:
             docs = _txt_files(Path(src.path), on_invalid_utf8, stats)
-        n = 0
+        n = docs_read = 0
         for text, origin in docs:
             if not text.strip():
                 stats.empty_skipped += 1
                 continue
-            yield text, origin
-            n += 1
-            if src.max_docs is not None and n >= src.max_docs:
+            docs_read += 1
+            if passage_chars is None:
+                yield text, origin
+                n += 1
+            else:
+                for j, passage in enumerate(cut_passages(text, passage_chars)):
+                    yield passage, f"{origin}@passage{j}"
+                    n += 1
+            if src.max_docs is not None and docs_read >= src.max_docs:
                 break
         stats.per_source.append(n)
 

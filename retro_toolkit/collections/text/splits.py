@@ -1,0 +1,83 @@
+"""Which split (train / valid / test) each unit of the corpus goes to.
+
+`data.split_by: document` (default): each source's documents are cut into three
+contiguous ranges by `data.split`, so valid and test are whole documents nobody trained
+on (and the database never holds).
+
+`data.split_by: passage`: each document is cut at blank lines into passages of about
+`data.passage_chars` characters, and each source's passages are dealt to the splits in
+an interleaved, deterministic pattern with the `data.split` fractions. Valid and test
+are then unseen passages of documents whose other passages are in train and in the
+database: retrieval can bring back the rest of the document, as in RETRO's Wikipedia
+evaluations, but never the evaluated text itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+SPLIT_BY = ("document", "passage")
+_GOLDEN = (5**0.5 - 1) / 2
+_BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def split_bounds(num_docs: int, fractions: list[float]) -> list[int]:
+    """Document index where each split starts, plus num_docs: [0, train_end, valid_end, num_docs]."""
+    bounds = [0]
+    acc = 0.0
+    for f in fractions[:-1]:
+        acc += f
+        bounds.append(int(round(acc * num_docs)))
+    bounds.append(num_docs)
+    return bounds
+
+
+def cut_passages(text: str, target_chars: int) -> list[str]:
+    """Cut at blank lines into passages of at least target_chars (the tail joins the last one
+    when shorter than half of that); one paragraph longer than the target stays whole."""
+    cuts = [m.end() for m in _BLANK_LINE.finditer(text)]
+    pieces, start = [], 0
+    for c in cuts:
+        if c - start >= target_chars:
+            pieces.append((start, c))
+            start = c
+    if start < len(text):
+        if pieces and len(text) - start < target_chars // 2:
+            pieces[-1] = (pieces[-1][0], len(text))
+        else:
+            pieces.append((start, len(text)))
+    return [p for p in (text[a:b].strip() for a, b in pieces) if p]
+
+
+def interleaved_labels(n: int, fractions: list[float]) -> np.ndarray:
+    """Split number of units 0..n-1: the golden-ratio sequence frac((j + 1/2) * phi) falls
+    in [0, f0), [f0, f0 + f1) or beyond, so every stretch of units is split close to the
+    fractions and held-out units are spread through the source."""
+    u = np.modf((np.arange(n, dtype=np.float64) + 0.5) * _GOLDEN)[0]
+    edges = np.cumsum(fractions[:-1])
+    return np.searchsorted(edges, u, side="right").astype(np.int64)
+
+
+class Splitter:
+    """Split number of the corpus's units (documents or passages) numbered across sources."""
+
+    def __init__(self, per_source: list[int], fractions: list[float], split_by: str = "document"):
+        self.split_by = split_by
+        parts = []
+        for n in per_source:
+            if split_by == "passage":
+                parts.append(interleaved_labels(n, fractions))
+            else:
+                b = split_bounds(n, fractions)
+                parts.append(np.repeat(np.arange(3, dtype=np.int64), np.diff(b)))
+        self.labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        self.counts = [np.bincount(p, minlength=3).tolist() for p in parts]
+
+    def __call__(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def source_counts(self, split: int) -> list[int]:
+        """Units of each source in one split."""
+        return [c[split] for c in self.counts]
