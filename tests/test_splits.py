@@ -54,6 +54,14 @@ def test_splitter_counts_each_source():
     p = Splitter([100, 40], [0.8, 0.1, 0.1], "passage")
     assert sum(p.source_counts(0)) + sum(p.source_counts(1)) + sum(p.source_counts(2)) == 140
     assert p(100) == interleaved_labels(40, [0.8, 0.1, 0.1])[0]  # each source starts its own pattern
+    labels = [p(i) for i in range(140)]
+    assert p.source_counts(1) == [labels[:100].count(1), labels[100:].count(1)]
+
+
+def test_passage_counts_do_not_depend_on_the_counting_block(monkeypatch):
+    whole = Splitter([1000, 37], [0.9, 0.05, 0.05], "passage").counts
+    monkeypatch.setattr(Splitter, "_COUNT_BLOCK", 7)
+    assert Splitter([1000, 37], [0.9, 0.05, 0.05], "passage").counts == whole
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from retro_toolkit.collections.text.splits import SPLIT_BY
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.executors import EXECUTOR_SCHEMAS, MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, processes
 from retro_toolkit.recipe.schema import STAGE_NAMES, Recipe
@@ -200,7 +201,7 @@ def _semantic(r: dict[str, Any]) -> None:
             "(train, valid, test) that sum to 1, e.g. [0.9, 0.05, 0.05]."
         )
     _check_choice(d["on_invalid_utf8"], ("error", "replace"), "data.on_invalid_utf8")
-    _check_choice(d["split_by"], ("document", "passage"), "data.split_by")
+    _check_choice(d["split_by"], SPLIT_BY, "data.split_by")
     if d["passage_chars"] < 1:
         raise UserError("recipe key 'data.passage_chars' must be at least 1 (characters per passage).")
     if d["tokenize_batch_docs"] < 1:

@@ -51,32 +51,44 @@ def cut_passages(text: str, target_chars: int) -> list[str]:
     return [p for p in (text[a:b].strip() for a, b in pieces) if p]
 
 
-def interleaved_labels(n: int, fractions: list[float]) -> np.ndarray:
-    """Split number of units 0..n-1: the golden-ratio sequence frac((j + 1/2) * phi) falls
-    in [0, f0), [f0, f0 + f1) or beyond, so every stretch of units is split close to the
-    fractions and held-out units are spread through the source."""
-    u = np.modf((np.arange(n, dtype=np.float64) + 0.5) * _GOLDEN)[0]
+def interleaved_labels(n: int, fractions: list[float], start: int = 0) -> np.ndarray:
+    """Split number of units start..start+n-1: the golden-ratio sequence frac((j + 1/2) * phi)
+    falls in [0, f0), [f0, f0 + f1) or beyond, so every stretch of units is split close to
+    the fractions and held-out units are spread through the source."""
+    u = np.modf((np.arange(start, start + n, dtype=np.float64) + 0.5) * _GOLDEN)[0]
     edges = np.cumsum(fractions[:-1])
     return np.searchsorted(edges, u, side="right").astype(np.int64)
 
 
 class Splitter:
-    """Split number of the corpus's units (documents or passages) numbered across sources."""
+    """Split number of the corpus's units (documents or passages) numbered across sources.
+
+    Memory is per source, not per unit: a corpus of hundreds of millions of documents
+    holds no label array."""
+
+    _COUNT_BLOCK = 1 << 22
 
     def __init__(self, per_source: list[int], fractions: list[float], split_by: str = "document"):
-        self.split_by = split_by
-        parts = []
-        for n in per_source:
-            if split_by == "passage":
-                parts.append(interleaved_labels(n, fractions))
-            else:
-                b = split_bounds(n, fractions)
-                parts.append(np.repeat(np.arange(3, dtype=np.int64), np.diff(b)))
-        self.labels = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        self.counts = [np.bincount(p, minlength=3).tolist() for p in parts]
+        self.fractions = list(fractions)
+        self.passages = split_by == "passage"
+        self.starts = np.concatenate([[0], np.cumsum(per_source, dtype=np.int64)])
+        self.bounds = [split_bounds(n, self.fractions) for n in per_source]
+        self.counts = [self._count(n, b) for n, b in zip(per_source, self.bounds)]
+
+    def _count(self, n: int, bounds: list[int]) -> list[int]:
+        if not self.passages:
+            return [bounds[s + 1] - bounds[s] for s in range(3)]
+        counts = np.zeros(3, dtype=np.int64)
+        for a in range(0, n, self._COUNT_BLOCK):
+            counts += np.bincount(interleaved_labels(min(self._COUNT_BLOCK, n - a), self.fractions, a), minlength=3)
+        return counts.tolist()
 
     def __call__(self, i: int) -> int:
-        return int(self.labels[i])
+        src = int(np.searchsorted(self.starts, i, side="right")) - 1
+        j = i - int(self.starts[src])
+        if self.passages:
+            return int(interleaved_labels(1, self.fractions, j)[0])
+        return int(np.searchsorted(self.bounds[src][1:3], j, side="right"))
 
     def source_counts(self, split: int) -> list[int]:
         """Units of each source in one split."""
