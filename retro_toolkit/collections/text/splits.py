@@ -14,6 +14,9 @@ evaluations, but never the evaluated text itself.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import re
 
 import numpy as np
@@ -71,7 +74,8 @@ class Splitter:
     def __init__(self, per_source: list[int], fractions: list[float], split_by: str = "document"):
         self.fractions = list(fractions)
         self.passages = split_by == "passage"
-        self.starts = np.concatenate([[0], np.cumsum(per_source, dtype=np.int64)])
+        self._starts = [0, *itertools.accumulate(per_source)]
+        self._edges = np.cumsum(self.fractions[:-1]).tolist()
         self.bounds = [split_bounds(n, self.fractions) for n in per_source]
         self.counts = [self._count(n, b) for n, b in zip(per_source, self.bounds)]
 
@@ -84,11 +88,13 @@ class Splitter:
         return counts.tolist()
 
     def __call__(self, i: int) -> int:
-        src = int(np.searchsorted(self.starts, i, side="right")) - 1
-        j = i - int(self.starts[src])
+        # Called once per unit while tokenizing: plain Python, the same float64 arithmetic
+        # as interleaved_labels.
+        src = bisect.bisect_right(self._starts, i) - 1
+        j = i - self._starts[src]
         if self.passages:
-            return int(interleaved_labels(1, self.fractions, j)[0])
-        return int(np.searchsorted(self.bounds[src][1:3], j, side="right"))
+            return bisect.bisect_right(self._edges, math.modf((j + 0.5) * _GOLDEN)[0])
+        return bisect.bisect_right(self.bounds[src][1:3], j)
 
     def source_counts(self, split: int) -> list[int]:
         """Units of each source in one split."""
