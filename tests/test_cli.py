@@ -51,6 +51,8 @@ BAD_INPUT = [
     (BOTH, ["stages=[tokenizer,prepare_corpus,build_db,pretrain,export]", "export.checkpoint=sft"],
      "'export.checkpoint' is sft but the recipe does not run the sft stage"),
     (BOTH, ["stages=[tokenizer,build_db]"], "stage 'build_db' needs stage 'prepare_corpus'"),
+    (BOTH, ["stages=[tokenizer,prepare_corpus,pretrain]"],
+     "stage 'pretrain' needs stage 'build_db' (a Retro model retrieves from its database; model.arch=gpt trains without one)"),
     (BOTH, ["retrieval.embedder.path=/nonexistent/bert"], "retrieval.embedder.path: /nonexistent/bert is not a Hugging Face model folder"),
     (BOTH, ["data.split_by=pasage"], "'data.split_by' = 'pasage' is not one of document, passage. Did you mean 'passage'?"),
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),

@@ -277,3 +277,28 @@ def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, ru
     assert p.returncode == 2, p.stdout + p.stderr
     assert "is a 'retro' checkpoint; init_from starts Retro from a GPT (twin) checkpoint" in p.stderr
     assert not (w / "checkpoints" / "pretrain").exists()
+
+
+def test_gpt_alone_needs_no_database_and_retro_from_it_with_cca_zero_init_starts_as_its_twin(small_db, tmp_path):
+    gpt_w = tmp_path / "gpt"
+    (gpt_w / "stages").mkdir(parents=True)
+    for part in ("tokenizer", "corpus"):
+        shutil.copytree(small_db / part, gpt_w / part)
+    for stage in ("tokenizer", "prepare_corpus"):
+        shutil.copy(small_db / "stages" / f"{stage}.json", gpt_w / "stages")
+    gpt_train = [t for t in TRAIN if not t.startswith("stages=")] + ["pretrain.train_iters=4"]
+    p = retro_run(SMOKE, f"workdir={gpt_w}", *SMALL, *gpt_train, "model.arch=gpt", "model.cca_layers=[]",
+                  "stages=[tokenizer,prepare_corpus,pretrain]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skip  prepare_corpus" in p.stdout and "build_db" not in p.stdout
+    assert not (gpt_w / "db").exists()
+    gpt = gpt_w / "checkpoints" / "pretrain"
+
+    w = copy_db(small_db, tmp_path / "fit")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=3", f"pretrain.init_from={gpt}",
+                  "pretrain.gpt_twin=true", "model.cca_zero_init=true",
+                  "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    retro, twin = losses(w), losses(w, "pretrain_gpt_twin")
+    assert retro[0] == twin[0]  # same decoder, CCA output exactly 0 until the first update
+    assert retro[1:] != twin[1:]  # then retrieval changes the model

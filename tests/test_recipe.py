@@ -157,3 +157,30 @@ def test_every_unset_key_is_named_at_once():
         load_recipe("retro_843m")
     assert ("recipe keys required but not set: executor.account, executor.partition, executor.container_image, "
             "executor.container_mounts[0], paths.data." in str(e.value))
+
+
+def test_model_stages_keep_their_fingerprint_until_cca_zero_init_is_set():
+    from omegaconf import OmegaConf
+
+    from retro_toolkit.runner.manifest import fingerprint
+
+    recipe = load_recipe(SMOKE)
+    old = OmegaConf.to_container(recipe)
+    del old["model"]["cca_zero_init"]  # a recipe as resolved before the key existed
+    for stage in ("pretrain", "sft", "export"):
+        assert fingerprint(OmegaConf.create(old), stage) == fingerprint(recipe, stage), stage
+        zero = OmegaConf.merge(recipe, {"model": {"cca_zero_init": True}})
+        assert fingerprint(zero, stage) != fingerprint(recipe, stage), stage
+
+
+def test_gpt_pretraining_needs_no_database_and_follows_the_corpus():
+    from omegaconf import OmegaConf
+
+    from retro_toolkit.runner.manifest import fingerprint
+    from retro_toolkit.runner.plan import make_plan
+
+    stages = ["tokenizer", "prepare_corpus", "pretrain"]
+    gpt = load_recipe(SMOKE, ["stages=[tokenizer,prepare_corpus,pretrain]", "model.arch=gpt", "model.cca_layers=[]"])
+    assert [s.stage for s in make_plan(gpt)] == stages
+    other_split = OmegaConf.merge(gpt, {"data": {"split": [0.8, 0.1, 0.1]}})
+    assert fingerprint(other_split, "pretrain") != fingerprint(gpt, "pretrain")  # a new corpus retrains

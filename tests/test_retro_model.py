@@ -140,6 +140,42 @@ def test_backward_reaches_encoder_and_cca():
     assert any(g.abs().sum() > 0 for g in enc)
 
 
+def test_cca_zero_init_starts_as_the_gpt_twin_and_then_learns_to_use_neighbours():
+    def plain(**over):
+        torch.manual_seed(0)
+        cfg, args = config_from_model_section({**SMALL, **over}, vocab_size=VOCAB)
+        return build_model(cfg, args)
+
+    model, scaled = plain(cca_zero_init=True), plain()
+    proj = [n for n, _ in model.named_parameters() if ".cross_attention.attention.linear_proj." in n]
+    assert proj
+    sd, ref = dict(model.named_parameters()), dict(scaled.named_parameters())
+    for n in sd:  # the same random stream: only the CCA output projection differs
+        if n in proj:
+            assert sd[n].abs().sum() == 0 and (n.endswith("bias") or ref[n].abs().sum() > 0)
+        else:
+            assert torch.equal(sd[n], ref[n]), n
+    twin = plain(arch="gpt")
+    twin.load_state_dict(model.state_dict(), strict=False)
+    tokens, nb = inputs()
+    model.train()
+    twin.train()
+    logits = model(tokens, nb)
+    assert torch.equal(logits, twin(tokens))
+
+    loss = model(tokens, nb, labels=tokens).float().mean()
+    loss.backward()
+    assert all(sd[n].grad.abs().sum() > 0 for n in proj if n.endswith("weight"))
+    with torch.no_grad():
+        for n in proj:
+            sd[n] -= 0.5 * sd[n].grad
+    model.zero_grad()
+    model(tokens, nb, labels=tokens).float().mean().backward()
+    enc = [p.grad for n, p in sd.items() if ".encoder." in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in enc)
+    assert not torch.allclose(model(tokens, nb), twin(tokens))
+
+
 @pytest.mark.parametrize(
     "layers,expected",
     [

@@ -100,6 +100,9 @@ class ModelConfig:
     # InstructRetro's checkpoints); on, copying from neighbours is learned far faster
     # (tests/test_retro_model.py's copy task).
     encoder_final_norm: bool = False
+    # Start chunked cross-attention's output projection at zero, so a fresh Retro (or one
+    # started from a GPT checkpoint) computes exactly its GPT twin until retrieval pays off.
+    cca_zero_init: bool = False
     # "LayerNorm" or "RMSNorm"; apply_layernorm_1p stores gamma - 1 (zero-centred gamma).
     normalization: str = "LayerNorm"
     apply_layernorm_1p: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from retro_toolkit.errors import UserError
 from retro_toolkit.runner import manifest
@@ -45,9 +45,12 @@ def check_stages(recipe: DictConfig) -> None:
                 f"Remove it from 'stages' (implemented: "
                 f"{', '.join(n for n, v in STAGES.items() if v.entry)})."
             )
-        for d in spec.depends_on:
+        arch = OmegaConf.select(recipe, "model.arch", default="retro")
+        for d in spec.needs(arch):
             if d not in recipe.stages:
-                raise UserError(f"stage '{s}' needs stage '{d}': add '{d}' to 'stages'.")
+                why = " (a Retro model retrieves from its database; model.arch=gpt trains without one)" \
+                    if d == "build_db" and spec.gpt_depends_on else ""
+                raise UserError(f"stage '{s}' needs stage '{d}'{why}: add '{d}' to 'stages'.")
 
 
 def make_plan(recipe: DictConfig, only: list[str] | None = None, force: list[str] | None = None) -> list[Step]:

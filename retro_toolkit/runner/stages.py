@@ -23,10 +23,17 @@ class StageSpec:
     # Keys added after work directories existed, with the default that reproduces the old
     # behaviour: at that default they stay out of the fingerprint, so those stay current.
     added_keys: tuple[tuple[str, object], ...] = ()
+    # What the stage needs instead of depends_on when model.arch is gpt (no retrieval database).
+    gpt_depends_on: tuple[str, ...] = ()
+
+    def needs(self, arch: str) -> tuple[str, ...]:
+        """The stages a recipe must list for this one, for a model of `arch`."""
+        return self.gpt_depends_on if arch == "gpt" and self.gpt_depends_on else self.depends_on
 
     def upstream(self, stages) -> tuple[str, ...]:
         """The stages this one waits for in a recipe running `stages`."""
-        return tuple(d for d in self.depends_on + self.after if d in stages)
+        direct = [d for d in self.depends_on if d in stages] or [d for d in self.gpt_depends_on if d in stages]
+        return tuple(direct + [d for d in self.after if d in stages])
 
 
 STAGES: dict[str, StageSpec] = {
@@ -61,6 +68,8 @@ STAGES: dict[str, StageSpec] = {
             ("model", "pretrain", "seed"),
             "retro_toolkit.collections.retro.pretrain:run",
             "pretrain Retro (or its GPT twin); checkpoints, exact resume",
+            added_keys=(("model.cca_zero_init", False),),
+            gpt_depends_on=("prepare_corpus",),
         ),
         StageSpec(
             "eval_ppl",
@@ -75,6 +84,7 @@ STAGES: dict[str, StageSpec] = {
             ("model", "sft", "seed"),
             "retro_toolkit.collections.instruct.sft:run",
             "instruction tuning (InstructRetro): answer-only loss, checkpoints, exact resume",
+            added_keys=(("model.cca_zero_init", False),),
         ),
         StageSpec(
             "eval_qa",
@@ -90,6 +100,7 @@ STAGES: dict[str, StageSpec] = {
             "retro_toolkit.checkpoint.export:run",
             "package the trained model as export/<name>.nemo (and safetensors)",
             after=("sft",),
+            added_keys=(("model.cca_zero_init", False),),
         ),
     )
 }

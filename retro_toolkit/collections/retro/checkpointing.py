@@ -29,7 +29,7 @@ LATEST = "latest"
 # they change training, not what the trained weights compute.
 EVAL_FREE_KEYS = {
     "hidden_dropout", "attention_dropout", "encoder_hidden_dropout", "encoder_attention_dropout",
-    "init_method_std", "seq_length", "tensor_model_parallel_size",
+    "init_method_std", "cca_zero_init", "seq_length", "tensor_model_parallel_size",
 }
 # Keys only Retro has: a GPT checkpoint that Retro starts from may differ in these.
 RETRIEVAL_KEYS = {"arch", "cca_layers", "chunk_length", "num_neighbors", "num_retrieved_chunks",
@@ -210,10 +210,12 @@ def load_weights(ckpt: Path, model) -> None:
 
 
 def load_model(ckpt: Path, model, section: dict[str, Any], workdir: Path) -> None:
-    """Weights from a checkpoint of this same model and tokenizer (evaluation, the twin's init_from)."""
+    """Weights from a checkpoint of this same model and tokenizer (evaluation, the twin's init_from).
+    A GPT model has no retrieval, so for one the Retro-only keys (cca_layers...) may differ."""
     common = common_state(ckpt)
+    free = EVAL_FREE_KEYS | (RETRIEVAL_KEYS - {"arch"}) if section.get("arch") == "gpt" else EVAL_FREE_KEYS
     if "model_section" in common:
-        check_model_section(ckpt, common["model_section"], section, free=EVAL_FREE_KEYS)
+        check_model_section(ckpt, common["model_section"], section, free=free)
     check_tokenizer(ckpt, common, workdir)
     load_weights(ckpt, model)
 

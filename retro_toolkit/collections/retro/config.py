@@ -42,6 +42,10 @@ class RetroConfig(TransformerConfig):
     cca_rotary: bool = False
     # A final norm on the neighbour encoder's output (Megatron-LM's retriever has none).
     encoder_final_norm: bool = False
+    # Start chunked cross-attention's output projection at zero (a fresh run or init_from): the
+    # model then begins as exactly its GPT twin and drifts from it only as far as retrieval
+    # helps the loss. Off = Megatron-LM's scaled-normal init of that projection.
+    cca_zero_init: bool = False
     # Neighbour token id masked like -1 (document-end padding), if the data uses one.
     neighbor_pad_id: Optional[int] = None
     # Attention of the local specs: "sdpa" (torch scaled_dot_product_attention, our rotary
@@ -170,6 +174,7 @@ def config_from_model_section(
         retrieval_gate=float(get("retrieval_gate", 1.0)),
         cca_rotary=bool(get("cca_rotary", False)),
         encoder_final_norm=bool(get("encoder_final_norm", False)),
+        cca_zero_init=bool(get("cca_zero_init", False)),
         position_embedding_type=str(get("position_embedding_type", "rope")),
         rotary_percent=float(get("rotary_percent", 1.0)),
         rotary_base=int(get("rotary_base", 10000)),

@@ -327,6 +327,10 @@ class ChunkedCrossAttention(MegatronModule):
         self.attention = build_module(
             submodules.attention, config=config, layer_number=layer_number, pg_collection=pg_collection, **kwargs
         )
+        if config.cca_zero_init and config.perform_initialization:
+            with torch.no_grad():
+                for param in self.attention.linear_proj.parameters():
+                    param.zero_()
         self.encoder = None
         self.encoder_rotary = None
         self.cca_rotary = _rotary(config) if config.cca_rotary else None

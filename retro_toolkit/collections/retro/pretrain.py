@@ -46,6 +46,9 @@ def model_section(recipe, arch: str) -> dict[str, Any]:
     """The recipe's model section as plain data, for `arch`, with the vocabulary filled in."""
     section = OmegaConf.to_container(recipe.model, resolve=True)
     section["arch"] = arch
+    # Added after checkpoints existed: at its default it stays out, so their resume checks still match.
+    if not section.get("cca_zero_init"):
+        section.pop("cca_zero_init", None)
     if not section.get("vocab_size"):
         section["vocab_size"] = Tokenizer(Path(recipe.workdir) / MODEL_FILE).vocab_size
     return section
