@@ -182,34 +182,56 @@ def test_changed_settings_refuse_to_resume_and_resume_false_starts_over(trained,
     assert losses(w) != losses(trained)
 
 
-def test_init_from_gpt_twin_loads_the_decoder_and_freeze_keeps_it(trained, small_db, tmp_path, run_cli):
+def gpt_without_database(small_db: Path, w: Path) -> Path:
+    """A GPT pretrained (4 iterations) in a work directory with the corpus and no database."""
+    (w / "stages").mkdir(parents=True)
+    for part in ("tokenizer", "corpus"):
+        shutil.copytree(small_db / part, w / part)
+    for stage in ("tokenizer", "prepare_corpus"):
+        shutil.copy(small_db / "stages" / f"{stage}.json", w / "stages")
+    train = [t for t in TRAIN if not t.startswith("stages=")] + ["pretrain.train_iters=4"]
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *train, "model.arch=gpt", "model.cca_layers=[]",
+                  "stages=[tokenizer,prepare_corpus,pretrain]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skip  prepare_corpus" in p.stdout and "build_db" not in p.stdout
+    assert not (w / "db").exists()
+    return w / "checkpoints" / "pretrain"
+
+
+def test_init_from_gpt_loads_the_decoder_freeze_keeps_it_and_cca_zero_init_starts_as_the_twin(
+        small_db, tmp_path, run_cli):
     import torch
 
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.retro.pretrain import build
     from retro_toolkit.recipe import load_recipe
 
-    twin = trained / "checkpoints" / "pretrain_gpt_twin"
+    gpt_ckpt = gpt_without_database(small_db, tmp_path / "gpt")
     w = copy_db(small_db, tmp_path / "fit")
-    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", f"pretrain.init_from={twin}",
-                "pretrain.freeze_decoder=true", "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
+    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", f"pretrain.init_from={gpt_ckpt}",
+                "pretrain.freeze_decoder=true", "pretrain.gpt_twin=true", "model.cca_zero_init=true",
+                "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
     assert p.returncode == 0, p.stdout + p.stderr
     log = (w / "logs" / "pretrain.rank0.log").read_text()
     new = [line.split("new: ")[1] for line in log.splitlines() if "  new: " in line]
     assert new and all(".cross_attention." in n or ".pre_cross_attn_layernorm." in n for n in new)
     assert any(".encoder." in n for n in new)
+    # The same decoder, and CCA's output exactly 0 until the first update: the same first loss.
+    assert losses(w)[0] == losses(w, "pretrain_gpt_twin")[0]
 
     recipe = load_recipe(str(w / "recipe.resolved.yaml"))
     retro, _, _ = build(recipe, "retro")
     gpt, _, _ = build(recipe, "gpt")
     ckpt.load_weights(ckpt.latest(w / "checkpoints" / "pretrain"), retro)
-    ckpt.load_weights(ckpt.latest(twin), gpt)
+    ckpt.load_weights(ckpt.latest(gpt_ckpt), gpt)
     rs, gs = retro.state_dict(), gpt.state_dict()
     params = {k for k in set(rs) - set(gs) if not k.endswith("._extra_state")}
     assert sorted(params) == sorted(new)  # exactly the new parameters
     for name, t in gs.items():
         if isinstance(t, torch.Tensor):
             assert torch.equal(rs[name], t), name  # decoder loaded and frozen: bit-identical after training
+    proj = [t for n, t in rs.items() if n.endswith("cross_attention.attention.linear_proj.weight")]
+    assert proj and all(t.abs().sum() > 0 for t in proj)  # trained away from its zero start
 
 
 def test_bad_init_from_and_other_model_size_are_clear_errors(trained, small_db, tmp_path, run_cli):
@@ -278,27 +300,3 @@ def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, ru
     assert "is a 'retro' checkpoint; init_from starts Retro from a GPT (twin) checkpoint" in p.stderr
     assert not (w / "checkpoints" / "pretrain").exists()
 
-
-def test_gpt_alone_needs_no_database_and_retro_from_it_with_cca_zero_init_starts_as_its_twin(small_db, tmp_path):
-    gpt_w = tmp_path / "gpt"
-    (gpt_w / "stages").mkdir(parents=True)
-    for part in ("tokenizer", "corpus"):
-        shutil.copytree(small_db / part, gpt_w / part)
-    for stage in ("tokenizer", "prepare_corpus"):
-        shutil.copy(small_db / "stages" / f"{stage}.json", gpt_w / "stages")
-    gpt_train = [t for t in TRAIN if not t.startswith("stages=")] + ["pretrain.train_iters=4"]
-    p = retro_run(SMOKE, f"workdir={gpt_w}", *SMALL, *gpt_train, "model.arch=gpt", "model.cca_layers=[]",
-                  "stages=[tokenizer,prepare_corpus,pretrain]")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "skip  prepare_corpus" in p.stdout and "build_db" not in p.stdout
-    assert not (gpt_w / "db").exists()
-    gpt = gpt_w / "checkpoints" / "pretrain"
-
-    w = copy_db(small_db, tmp_path / "fit")
-    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=3", f"pretrain.init_from={gpt}",
-                  "pretrain.gpt_twin=true", "model.cca_zero_init=true",
-                  "stages=[tokenizer,prepare_corpus,build_db,pretrain]")
-    assert p.returncode == 0, p.stdout + p.stderr
-    retro, twin = losses(w), losses(w, "pretrain_gpt_twin")
-    assert retro[0] == twin[0]  # same decoder, CCA output exactly 0 until the first update
-    assert retro[1:] != twin[1:]  # then retrieval changes the model

@@ -33,7 +33,7 @@ EVAL_FREE_KEYS = {
 }
 # Keys only Retro has: a GPT checkpoint that Retro starts from may differ in these.
 RETRIEVAL_KEYS = {"arch", "cca_layers", "chunk_length", "num_neighbors", "num_retrieved_chunks",
-                  "encoder_num_layers", "retrieval_gate"}
+                  "encoder_num_layers", "retrieval_gate", "cca_rotary", "encoder_final_norm"}
 
 
 def iter_name(iteration: int) -> str:
