@@ -299,4 +299,3 @@ def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, ru
     assert p.returncode == 2, p.stdout + p.stderr
     assert "is a 'retro' checkpoint; init_from starts Retro from a GPT (twin) checkpoint" in p.stderr
     assert not (w / "checkpoints" / "pretrain").exists()
-

@@ -37,6 +37,7 @@ def _check_names(names: list[str], recipe: DictConfig, flag: str) -> None:
 
 def check_stages(recipe: DictConfig) -> None:
     """Every listed stage exists in this version and has its dependencies listed too."""
+    arch = OmegaConf.select(recipe, "model.arch", default="retro")
     for s in recipe.stages:
         spec = STAGES[s]
         if spec.entry is None:
@@ -45,7 +46,6 @@ def check_stages(recipe: DictConfig) -> None:
                 f"Remove it from 'stages' (implemented: "
                 f"{', '.join(n for n, v in STAGES.items() if v.entry)})."
             )
-        arch = OmegaConf.select(recipe, "model.arch", default="retro")
         for d in spec.needs(arch):
             if d not in recipe.stages:
                 why = " (a Retro model retrieves from its database; model.arch=gpt trains without one)" \
