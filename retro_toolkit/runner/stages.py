@@ -36,6 +36,11 @@ class StageSpec:
         return tuple(direct + [d for d in self.after if d in stages])
 
 
+# Model keys added after work directories and checkpoints existed, at their old behaviour:
+# stages that build the model leave them out of fingerprints and resume checks at that value.
+MODEL_ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False),)
+_MODEL_ADDED = tuple((f"model.{k}", v) for k, v in MODEL_ADDED_KEYS)
+
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in (
@@ -68,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
             ("model", "pretrain", "seed"),
             "retro_toolkit.collections.retro.pretrain:run",
             "pretrain Retro (or its GPT twin); checkpoints, exact resume",
-            added_keys=(("model.cca_zero_init", False),),
+            added_keys=_MODEL_ADDED,
             gpt_depends_on=("prepare_corpus",),
         ),
         StageSpec(
@@ -84,7 +89,7 @@ STAGES: dict[str, StageSpec] = {
             ("model", "sft", "seed"),
             "retro_toolkit.collections.instruct.sft:run",
             "instruction tuning (InstructRetro): answer-only loss, checkpoints, exact resume",
-            added_keys=(("model.cca_zero_init", False),),
+            added_keys=_MODEL_ADDED,
         ),
         StageSpec(
             "eval_qa",
@@ -100,7 +105,7 @@ STAGES: dict[str, StageSpec] = {
             "retro_toolkit.checkpoint.export:run",
             "package the trained model as export/<name>.nemo (and safetensors)",
             after=("sft",),
-            added_keys=(("model.cca_zero_init", False),),
+            added_keys=_MODEL_ADDED,
         ),
     )
 }

@@ -25,6 +25,7 @@ from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
+from retro_toolkit.runner.stages import MODEL_ADDED_KEYS
 
 TWIN = "pretrain_gpt_twin"
 # pretrain keys a resumed run may change: how long to train and how to report, not what.
@@ -46,9 +47,9 @@ def model_section(recipe, arch: str) -> dict[str, Any]:
     """The recipe's model section as plain data, for `arch`, with the vocabulary filled in."""
     section = OmegaConf.to_container(recipe.model, resolve=True)
     section["arch"] = arch
-    # Added after checkpoints existed: at its default it stays out, so their resume checks still match.
-    if not section.get("cca_zero_init"):
-        section.pop("cca_zero_init", None)
+    for key, default in MODEL_ADDED_KEYS:  # at the old behaviour, older checkpoints' resume checks match
+        if section.get(key) == default:
+            del section[key]
     if not section.get("vocab_size"):
         section["vocab_size"] = Tokenizer(Path(recipe.workdir) / MODEL_FILE).vocab_size
     return section
