@@ -10,7 +10,8 @@ are timed in interleaved rounds and the best of each is kept, so the ratios comp
 like with like; CPU-time figures (process time) are reported next to the wall-clock ones
 because they move less with other load (exact at --threads 1). --compare-before adds both
 models as they were before SDPAttention (megatron-core's DotProductAttention and rotary
-embedding, torch's default Adam).
+embedding, torch's default Adam); --compare-plain adds benchmarks/plain_gpt.py, the leanest
+PyTorch GPT of the same shapes, as the floor for any GPT on this machine.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ MALLOC_KEPT = malloc.keep_freed_memory()
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from plain_gpt import PlainGPT  # noqa: E402
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize  # noqa: E402
 
 REFERENCE = dict(
@@ -105,8 +107,12 @@ class Stepper:
 
     def __init__(self, section: dict, arch: str, batch: int, core_attention: str, fused_adam: bool):
         torch.manual_seed(0)
-        cfg, args = config_from_model_section({**section, "arch": arch}, core_attention=core_attention)
-        self.model = build_model(cfg, args).train()
+        if arch == "plain_gpt":
+            self.model = PlainGPT(section).train()
+            args = argparse.Namespace(vocab_size=section["vocab_size"])
+        else:
+            cfg, args = config_from_model_section({**section, "arch": arch}, core_attention=core_attention)
+            self.model = build_model(cfg, args).train()
         self.opt = make_optimizer(self.model, fused_adam)
         n, m = section["seq_length"], section["chunk_length"]
         k, r = section["num_neighbors"], section["num_retrieved_chunks"] * m
@@ -145,6 +151,12 @@ def main() -> None:
         help="also time both models as they were before SDPAttention: megatron-core's DotProductAttention and "
         "rotary embedding, torch's default Adam (rows gpt_before, retro_before)",
     )
+    ap.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="also time benchmarks/plain_gpt.py, the leanest PyTorch GPT of the same shapes (row plain_gpt): "
+        "what any GPT of this config reaches on this machine",
+    )
     ap.add_argument("--no-fused-adam", action="store_true", help="torch's foreach Adam instead of the fused one")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -166,6 +178,8 @@ def main() -> None:
         variants = {"gpt": ("gpt", a.core_attention, fused), "retro": ("retro", a.core_attention, fused)}
         if a.compare_before:
             variants.update(gpt_before=("gpt", "unfused", False), retro_before=("retro", "unfused", False))
+        if a.compare_plain:
+            variants["plain_gpt"] = ("plain_gpt", "sdpa", fused)
         steppers = {key: Stepper(s, arch, a.batch, attn, fa) for key, (arch, attn, fa) in variants.items()}
         times: dict[str, list[float]] = {key: [] for key in steppers}
         cpu_times: dict[str, list[float]] = {key: [] for key in steppers}
@@ -185,7 +199,7 @@ def main() -> None:
         row: dict = {"matmul_2048_flops_per_s": limit, "matmul_2048_flops_per_cpu_s": cpu_limit}
         for key, (arch, attn, fa) in variants.items():
             step = min(times[key])  # best of: other work on a shared box only ever adds time
-            flops = 3 * forward_flops(s, arch == "retro", a.batch)
+            flops = 3 * forward_flops(s, arch == "retro", a.batch)  # plain_gpt: the GPT's
             row[key] = {
                 "core_attention": attn,
                 "fused_adam": fa,
@@ -223,6 +237,12 @@ def main() -> None:
                 f"gpt {row['gpt_before']['fraction_of_matmul_limit_cpu']:.0%}, "
                 f"retro {row['retro_before']['fraction_of_matmul_limit_cpu']:.0%}, "
                 f"ratio {row['before_retro_gpt_cpu_ratio']:.2f}"
+            )
+        if a.compare_plain:
+            row["gpt_over_plain_step_ratio"] = row["gpt"]["step_s"] / row["plain_gpt"]["step_s"]
+            line += (
+                f"; plain PyTorch GPT {row['plain_gpt']['fraction_of_matmul_limit']:.0%} "
+                f"(CPU time {row['plain_gpt']['fraction_of_matmul_limit_cpu']:.0%})"
             )
         print(line, flush=True)
         del steppers

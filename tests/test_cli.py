@@ -17,6 +17,23 @@ def test_ls_lists_recipes_and_pieces(run_cli):
         assert piece in p.stdout
 
 
+def test_ls_into_a_closed_pipe_stops_quietly():
+    """`retro-run ls | head -1`: the reader leaves early; no traceback, SIGPIPE's exit status."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        p = subprocess.run([sys.executable, "-m", "retro_toolkit", "ls"], stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert p.returncode == 141, p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipeError" not in p.stderr
+
+
 def test_show_prints_resolved_yaml(run_cli, tmp_path):
     p = run_cli("show", SMOKE, "executor=torchrun", f"workdir={tmp_path}/w")
     assert p.returncode == 0, p.stderr

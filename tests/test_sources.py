@@ -81,6 +81,20 @@ def test_builtin_wiki_sample_has_real_articles():
     assert all("[[" not in t[:2000] for t, _ in docs[:10])  # wiki markup filtered
 
 
+def test_builtin_python_stdlib_is_this_pythons_modules_in_name_order():
+    import sysconfig
+    from pathlib import Path
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(p.name for p in lib.glob("*.py"))
+    docs, _ = _read(OmegaConf.create([{"path": "builtin:python-stdlib", "text_key": "text", "max_docs": None}]))
+    assert [o for _, o in docs] == [f"builtin:python-stdlib#{n}" for n in names]
+    assert len(docs) > 100
+    by_name = dict(zip(names, (t for t, _ in docs)))
+    assert by_name["argparse.py"] == (lib / "argparse.py").read_text(encoding="utf-8")
+    assert "class ArgumentParser" in by_name["argparse.py"]
+
+
 def test_unknown_builtin():
     with pytest.raises(UserError, match="builtin:nope' is not a builtin corpus"):
         _read(OmegaConf.create([{"path": "builtin:nope", "text_key": "text", "max_docs": None}]))

@@ -2,8 +2,9 @@
 
 Formats: .jsonl (one JSON object per line, text under `text_key`), a .txt file (one
 document), a folder of .txt files (one document each, sorted by path), and builtins:
-`builtin:pydoc` (CPython's pydoc topics) and `builtin:wiki-sample` (gensim's sample of
-Wikipedia, from the [demo] extra).
+`builtin:pydoc` (CPython's pydoc topics), `builtin:python-stdlib` (the running Python's
+standard-library modules, Lib/*.py: source code, no install) and `builtin:wiki-sample`
+(gensim's sample of Wikipedia, from the [demo] extra).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 from retro_toolkit.collections.text.splits import cut_passages
 from retro_toolkit.errors import UserError
 
-BUILTINS = ("builtin:pydoc", "builtin:wiki-sample")
+BUILTINS = ("builtin:pydoc", "builtin:python-stdlib", "builtin:wiki-sample")
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -49,6 +50,8 @@ def check_source(src: Any, key: str) -> None:
             raise UserError(f"{key}.path = '{path}' is not a builtin corpus; builtins: {', '.join(BUILTINS)}.")
         if path == "builtin:wiki-sample":
             _wiki_path()
+        if path == "builtin:python-stdlib":
+            _stdlib_dir()
         return
     p = Path(path)
     if not p.exists():
@@ -108,6 +111,25 @@ def _pydoc() -> Iterator[tuple[str, str]]:
         yield topics[name], f"builtin:pydoc#{name}"
 
 
+def _stdlib_dir() -> Path:
+    import sysconfig
+
+    p = Path(sysconfig.get_paths()["stdlib"])
+    if not any(p.glob("*.py")):
+        raise UserError(
+            f"builtin:python-stdlib: {p} holds no .py files (this Python ships its standard library compiled "
+            "only); use another Python or a folder source."
+        )
+    return p
+
+
+def _python_stdlib() -> Iterator[tuple[str, str]]:
+    # Top-level modules only: the packages under Lib/ (test/, idlelib/, ...) would make the
+    # corpus 30 times larger and mostly tests.
+    for p in sorted(_stdlib_dir().glob("*.py")):
+        yield p.read_text(encoding="utf-8"), f"builtin:python-stdlib#{p.name}"
+
+
 def _wiki_sample() -> Iterator[tuple[str, str]]:
     import xml.etree.ElementTree as ET
 
@@ -146,6 +168,8 @@ def iter_documents(
             docs = _pydoc()
         elif src.path == "builtin:wiki-sample":
             docs = _wiki_sample()
+        elif src.path == "builtin:python-stdlib":
+            docs = _python_stdlib()
         elif src.path.endswith(".jsonl"):
             docs = _jsonl(Path(src.path), src.text_key, key, on_invalid_utf8, stats)
         else:
