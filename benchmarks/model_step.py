@@ -109,15 +109,14 @@ class Stepper:
         torch.manual_seed(0)
         if arch == "plain_gpt":
             self.model = PlainGPT(section).train()
-            args = argparse.Namespace(vocab_size=section["vocab_size"])
         else:
             cfg, args = config_from_model_section({**section, "arch": arch}, core_attention=core_attention)
             self.model = build_model(cfg, args).train()
         self.opt = make_optimizer(self.model, fused_adam)
-        n, m = section["seq_length"], section["chunk_length"]
+        n, m, vocab = section["seq_length"], section["chunk_length"], section["vocab_size"]
         k, r = section["num_neighbors"], section["num_retrieved_chunks"] * m
-        self.tokens = torch.randint(0, args.vocab_size, (batch, n))
-        self.neighbors = torch.randint(0, args.vocab_size, (batch, n // m, k, r)) if arch == "retro" else None
+        self.tokens = torch.randint(0, vocab, (batch, n))
+        self.neighbors = torch.randint(0, vocab, (batch, n // m, k, r)) if arch == "retro" else None
 
     def step(self) -> tuple[float, float]:
         """(wall seconds, CPU seconds of this process) of one training step."""
@@ -199,7 +198,7 @@ def main() -> None:
         row: dict = {"matmul_2048_flops_per_s": limit, "matmul_2048_flops_per_cpu_s": cpu_limit}
         for key, (arch, attn, fa) in variants.items():
             step = min(times[key])  # best of: other work on a shared box only ever adds time
-            flops = 3 * forward_flops(s, arch == "retro", a.batch)  # plain_gpt: the GPT's
+            flops = 3 * forward_flops(s, arch == "retro", a.batch)  # plain_gpt has the twin's FLOPs
             row[key] = {
                 "core_attention": attn,
                 "fused_adam": fa,

@@ -123,11 +123,11 @@ def _stdlib_dir() -> Path:
     return p
 
 
-def _python_stdlib() -> Iterator[tuple[str, str]]:
+def _python_stdlib(policy: str, stats: ReadStats) -> Iterator[tuple[str, str]]:
     # Top-level modules only: the packages under Lib/ (test/, idlelib/, ...) would make the
     # corpus 30 times larger and mostly tests.
     for p in sorted(_stdlib_dir().glob("*.py")):
-        yield p.read_text(encoding="utf-8"), f"builtin:python-stdlib#{p.name}"
+        yield _decode(p.read_bytes(), str(p), policy, stats), f"builtin:python-stdlib#{p.name}"
 
 
 def _wiki_sample() -> Iterator[tuple[str, str]]:
@@ -169,7 +169,7 @@ def iter_documents(
         elif src.path == "builtin:wiki-sample":
             docs = _wiki_sample()
         elif src.path == "builtin:python-stdlib":
-            docs = _python_stdlib()
+            docs = _python_stdlib(on_invalid_utf8, stats)
         elif src.path.endswith(".jsonl"):
             docs = _jsonl(Path(src.path), src.text_key, key, on_invalid_utf8, stats)
         else:
