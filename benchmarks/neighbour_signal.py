@@ -12,13 +12,13 @@ another sample is the chance level. Reads a work directory after build_db.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model_step import write_result  # noqa: E402
 from retro_toolkit.collections.retro.pretrain import dataset  # noqa: E402
 from retro_toolkit.recipe import load_recipe  # noqa: E402
 
@@ -71,10 +71,7 @@ def main() -> None:
     a = ap.parse_args()
     recipe = load_recipe(str(a.workdir / "recipe.resolved.yaml"))
     result = {"workdir": str(a.workdir), **{s: split_signal(recipe, s, a.samples) for s in a.splits}}
-    text = json.dumps(result, indent=2)
-    if a.out:
-        a.out.write_text(text + "\n")
-    print(text)
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":
