@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_step import write_result  # noqa: E402
 from retro_toolkit.collections.retro.pretrain import dataset  # noqa: E402
+from retro_toolkit.errors import UserError  # noqa: E402
 from retro_toolkit.recipe import load_recipe  # noqa: E402
 
 RARE_BELOW = 20
@@ -75,4 +76,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a work directory without build_db, a missing recipe: say so, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
