@@ -95,6 +95,20 @@ def test_builtin_python_stdlib_is_this_pythons_modules_in_name_order():
     assert "class ArgumentParser" in by_name["argparse.py"]
 
 
+def test_builtin_transformers_modeling_is_the_installed_modeling_files_in_path_order():
+    from pathlib import Path
+
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models"
+    files = sorted(p for p in root.glob("*/modeling_*.py") if not p.name.startswith(("modeling_tf_", "modeling_flax_")))
+    docs, _ = _read(OmegaConf.create([{"path": "builtin:transformers-modeling", "text_key": "text", "max_docs": 50}]))
+    assert [o for _, o in docs] == [f"builtin:transformers-modeling#{p.parent.name}/{p.name}" for p in files[:50]]
+    assert docs[7][0] == files[7].read_text(encoding="utf-8")
+    bert = root / "bert" / "modeling_bert.py"
+    assert bert in files and "class BertSelfAttention" in bert.read_text(encoding="utf-8")
+
+
 def test_unknown_builtin():
     with pytest.raises(UserError, match="builtin:nope' is not a builtin corpus"):
         _read(OmegaConf.create([{"path": "builtin:nope", "text_key": "text", "max_docs": None}]))

@@ -28,7 +28,8 @@ STAGE_NAMES = (
 class SourceConfig:
     # A .jsonl file (one JSON object per line), a .txt file (one document), a folder of
     # .txt files (one document each), or a builtin: builtin:pydoc (CPython's pydoc topics),
-    # builtin:python-stdlib (this Python's standard-library modules, Lib/*.py, as source code)
+    # builtin:python-stdlib (this Python's standard-library modules, Lib/*.py, as source code),
+    # builtin:transformers-modeling (the installed transformers' models/*/modeling_*.py)
     # or builtin:wiki-sample (gensim's 105 Wikipedia articles; install retro-toolkit[demo]).
     path: str = MISSING
     # Field holding the document text in .jsonl sources.

@@ -3,8 +3,9 @@
 Formats: .jsonl (one JSON object per line, text under `text_key`), a .txt file (one
 document), a folder of .txt files (one document each, sorted by path), and builtins:
 `builtin:pydoc` (CPython's pydoc topics), `builtin:python-stdlib` (the running Python's
-standard-library modules, Lib/*.py: source code, no install) and `builtin:wiki-sample`
-(gensim's sample of Wikipedia, from the [demo] extra).
+standard-library modules, Lib/*.py: source code, no install), `builtin:transformers-modeling`
+(the PyTorch modeling files of the installed transformers, a dependency) and
+`builtin:wiki-sample` (gensim's sample of Wikipedia, from the [demo] extra).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 from retro_toolkit.collections.text.splits import cut_passages
 from retro_toolkit.errors import UserError
 
-BUILTINS = ("builtin:pydoc", "builtin:python-stdlib", "builtin:wiki-sample")
+BUILTINS = ("builtin:pydoc", "builtin:python-stdlib", "builtin:transformers-modeling", "builtin:wiki-sample")
 _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -52,6 +53,8 @@ def check_source(src: Any, key: str) -> None:
             _wiki_path()
         if path == "builtin:python-stdlib":
             _stdlib_dir()
+        if path == "builtin:transformers-modeling":
+            _modeling_files()
         return
     p = Path(path)
     if not p.exists():
@@ -130,6 +133,25 @@ def _python_stdlib(policy: str, stats: ReadStats) -> Iterator[tuple[str, str]]:
         yield _decode(p.read_bytes(), str(p), policy, stats), f"builtin:python-stdlib#{p.name}"
 
 
+def _modeling_files() -> list[Path]:
+    import transformers
+
+    root = Path(transformers.__file__).parent / "models"
+    # TensorFlow and Flax ports (transformers < 5) would repeat each model in another framework.
+    files = [p for p in sorted(root.glob("*/modeling_*.py")) if not p.name.startswith(("modeling_tf_", "modeling_flax_"))]
+    if not files:
+        raise UserError(
+            f"builtin:transformers-modeling: no models/*/modeling_*.py under {root.parent} (transformers "
+            f"{transformers.__version__}); reinstall transformers, or use a folder source."
+        )
+    return files
+
+
+def _transformers_modeling(policy: str, stats: ReadStats) -> Iterator[tuple[str, str]]:
+    for p in _modeling_files():
+        yield _decode(p.read_bytes(), str(p), policy, stats), f"builtin:transformers-modeling#{p.parent.name}/{p.name}"
+
+
 def _wiki_sample() -> Iterator[tuple[str, str]]:
     import xml.etree.ElementTree as ET
 
@@ -170,6 +192,8 @@ def iter_documents(
             docs = _wiki_sample()
         elif src.path == "builtin:python-stdlib":
             docs = _python_stdlib(on_invalid_utf8, stats)
+        elif src.path == "builtin:transformers-modeling":
+            docs = _transformers_modeling(on_invalid_utf8, stats)
         elif src.path.endswith(".jsonl"):
             docs = _jsonl(Path(src.path), src.text_key, key, on_invalid_utf8, stats)
         else:
