@@ -299,3 +299,38 @@ def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, ru
     assert p.returncode == 2, p.stdout + p.stderr
     assert "is a 'retro' checkpoint; init_from starts Retro from a GPT (twin) checkpoint" in p.stderr
     assert not (w / "checkpoints" / "pretrain").exists()
+
+
+def test_retrieval_lr_mult_scales_only_cross_attention_and_encoder(trained):
+    from retro_toolkit.collections.retro import pretrain as pt
+    from retro_toolkit.collections.retro import training
+    from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
+    from retro_toolkit.recipe import load_recipe
+    from retro_toolkit.runner.manifest import stage_config
+
+    recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
+    assert "retrieval_lr_mult" not in stage_config(recipe, "pretrain")["pretrain"]  # old work dirs stay current
+    assert not any("retrieval_lr_mult" in k for k in pt.resume_settings(recipe, {}))  # and old checkpoints resume
+    recipe = load_recipe(str(trained / "recipe.resolved.yaml"), ["pretrain.retrieval_lr_mult=10"])
+    assert stage_config(recipe, "pretrain")["pretrain"]["retrieval_lr_mult"] == 10.0
+    assert pt.resume_settings(recipe, {})["pretrain.retrieval_lr_mult"] == 10.0
+
+    model, config, _ = pt.build(recipe, "retro", training.precision_overrides(False, False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
+    for _ in range(3):
+        sched.step(1)
+    groups = [g for o in getattr(opt, "chained_optimizers", [opt]) for g in o.optimizer.param_groups if g["params"]]
+    base = sched.get_lr({})  # the schedule's rate at step 3 for a group without overrides
+    assert recipe.pretrain.min_lr < base < recipe.pretrain.lr
+    seen = {"retrieval": 0, "decoder": 0}
+    for g in groups:
+        kinds = {is_retrieval_param(names[id(p)]) for p in g["params"]}
+        assert len(kinds) == 1, "a group mixes retrieval and decoder parameters"
+        retrieval = kinds.pop()
+        assert g["lr"] == pytest.approx(base * (10 if retrieval else 1), rel=1e-9)
+        for p in g["params"]:  # megatron-core's standard rule still holds: no decay on biases and norms
+            assert (g["weight_decay"] == 0) == (p.dim() == 1), names[id(p)]
+            seen["retrieval" if retrieval else "decoder"] += 1
+    assert seen["retrieval"] > 0 and seen["decoder"] > 0
+    assert seen["retrieval"] == sum(is_retrieval_param(n) for n in names.values())

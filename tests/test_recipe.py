@@ -81,6 +81,8 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["pretrain.lr_decay_style=cosin"], "'pretrain.lr_decay_style' = 'cosin' is not one of cosine, linear, constant. Did you mean 'cosine'?"),
         (["pretrain.lr_warmup_iters=200"], "pretrain.lr_warmup_iters (200) must be below the decay length (200"),
         (["pretrain.freeze_decoder=true"], "set pretrain.init_from to a GPT checkpoint"),
+        (["pretrain.retrieval_lr_mult=0"], "recipe key 'pretrain.retrieval_lr_mult' must be positive (got 0"),
+        (["pretrain.retrieval_lr_mult=10", "model.arch=gpt"], "pretrain.retrieval_lr_mult needs model.arch retro"),
         (["pretrain.init_from=/no/such/ckpt"], "'pretrain.init_from' points to /no/such/ckpt, which does not exist"),
         (["pretrain.min_lr=1.0"], "pretrain.min_lr (1.0) is above pretrain.lr"),
         (["pretrain.gpt_twin=true", "model.arch=gpt"], "pretrain.gpt_twin needs model.arch retro"),

@@ -226,6 +226,9 @@ class PretrainConfig(TrainingConfig):
     init_from: Optional[str] = None
     # Retro-fitting: train only chunked cross-attention and the encoder.
     freeze_decoder: bool = False
+    # Learning rate (and min_lr) of chunked cross-attention and the encoder, as a multiple of
+    # lr: new parameters next to a trained decoder, or a retrieval path that learns slowly.
+    retrieval_lr_mult: float = 1.0
     # Also train the GPT twin (same decoder without retrieval, same data and steps) into
     # checkpoints/pretrain_gpt_twin/, so eval_ppl compares the two.
     gpt_twin: bool = False

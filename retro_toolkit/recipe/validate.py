@@ -379,6 +379,10 @@ def _check_training(r: dict[str, Any]) -> None:
     for key in ("freeze_decoder", "gpt_twin"):
         if p[key] and m["arch"] != "retro":
             raise UserError(f"pretrain.{key} needs model.arch retro (it is '{m['arch']}').")
+    if p["retrieval_lr_mult"] <= 0:
+        raise UserError(f"recipe key 'pretrain.retrieval_lr_mult' must be positive (got {p['retrieval_lr_mult']}).")
+    if p["retrieval_lr_mult"] != 1.0 and m["arch"] != "retro":
+        raise UserError(f"pretrain.retrieval_lr_mult needs model.arch retro (it is '{m['arch']}').")
     if p["freeze_decoder"] and not p["init_from"]:
         raise UserError(
             "pretrain.freeze_decoder trains only chunked cross-attention and the encoder, so the decoder "

@@ -40,6 +40,8 @@ class StageSpec:
 # stages that build the model leave them out of fingerprints and resume checks at that value.
 MODEL_ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False),)
 _MODEL_ADDED = tuple((f"model.{k}", v) for k, v in MODEL_ADDED_KEYS)
+# The same for pretrain keys.
+PRETRAIN_ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0),)
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
@@ -73,7 +75,7 @@ STAGES: dict[str, StageSpec] = {
             ("model", "pretrain", "seed"),
             "retro_toolkit.collections.retro.pretrain:run",
             "pretrain Retro (or its GPT twin); checkpoints, exact resume",
-            added_keys=_MODEL_ADDED,
+            added_keys=_MODEL_ADDED + tuple((f"pretrain.{k}", v) for k, v in PRETRAIN_ADDED_KEYS),
             gpt_depends_on=("prepare_corpus",),
         ),
         StageSpec(

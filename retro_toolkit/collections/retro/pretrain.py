@@ -25,7 +25,7 @@ from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
-from retro_toolkit.runner.stages import MODEL_ADDED_KEYS
+from retro_toolkit.runner.stages import MODEL_ADDED_KEYS, PRETRAIN_ADDED_KEYS
 
 TWIN = "pretrain_gpt_twin"
 # pretrain keys a resumed run may change: how long to train and how to report, not what.
@@ -38,7 +38,9 @@ def resume_settings(recipe, section: dict[str, Any], stage: str = "pretrain",
     messages: the model section, the stage's section less the `free` keys, the seed."""
     p = OmegaConf.to_container(recipe[stage], resolve=True)
     out = {f"model.{k}": v for k, v in section.items()}
-    out.update({f"{stage}.{k}": v for k, v in p.items() if k not in free})
+    added = dict(PRETRAIN_ADDED_KEYS) if stage == "pretrain" else {}
+    out.update({f"{stage}.{k}": v for k, v in p.items()
+                if k not in free and not (k in added and v == added[k])})
     out["seed"] = recipe.seed
     return out
 

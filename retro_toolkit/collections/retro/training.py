@@ -59,6 +59,23 @@ def grad_accumulation(global_batch: int, micro_batch: int, dp_size: int) -> int:
     return global_batch // (micro_batch * dp_size)
 
 
+def param_group_overrides(p) -> dict | None:
+    """megatron-core's per-parameter overrides: its standard ones (no weight decay on biases and
+    norms), plus `retrieval_lr_mult` times the learning rates for cross-attention + encoder."""
+    mult = p.get("retrieval_lr_mult", 1.0)
+    if mult == 1.0:
+        return None  # megatron-core's defaults, exactly as before the option existed
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
+
+    overrides = get_standard_config_overrides(OptimizerConfig(lr=p.lr, min_lr=p.min_lr))
+    retrieval = ParamWithNamePredicate(name="retrieval", fn=lambda param, name: is_retrieval_param(name))
+    overrides[ParamKey(with_name_predicate=retrieval)] = {"max_lr": p.lr * mult, "min_lr": p.min_lr * mult}
+    return overrides
+
+
 def wrap_and_optimizer(model, p, config) -> tuple[DistributedDataParallel, Any, OptimizerParamScheduler]:
     """megatron-core DDP around the model, its optimizer and the LR schedule, from a pretrain section."""
     cuda = torch.cuda.is_available()
@@ -82,6 +99,7 @@ def wrap_and_optimizer(model, p, config) -> tuple[DistributedDataParallel, Any, 
             params_dtype=config.params_dtype, use_distributed_optimizer=use_dist,
         ),
         [ddp],
+        config_overrides=param_group_overrides(p),
     )
     _use_fused_adam(opt)
     sched = OptimizerParamScheduler(
