@@ -1,6 +1,6 @@
 """Can Retro learn to copy real text from its neighbours within a CPU budget?
 
-    python benchmarks/oracle_neighbours.py WORKDIR [key=value ...] [--iters 200] [--out FILE.json]
+    python benchmarks/oracle_neighbours.py WORKDIR [key=value ...] [--iters 200] [--max-shift 0] [--out FILE.json]
 
 Trains the work directory's Retro model from its initial weights on the train split, with
 every chunk's neighbours replaced by the oracle: the chunk itself plus the text that follows
@@ -9,7 +9,10 @@ can be copied exactly. Its GPT twin trains beside it on the same batches and sch
 A loss that falls far below the twin's says chunked cross-attention learns to copy real
 text at this size and learning rate, so whatever limits a run on the database's neighbours
 is in those neighbours; a loss that stays with the twin's says the model or its
-optimisation is the limit. Reads a work directory after build_db; writes only under
+optimisation is the limit. With --max-shift S each chunk's oracle starts a random 0..S-1
+tokens later (seeded per sample): the continuation is all there but no longer at a fixed
+offset, so copying it needs finding the place by content, as with a retrieved near-copy.
+Reads a work directory after build_db; writes only under
 WORKDIR/oracle_neighbours/.
 """
 
@@ -35,9 +38,10 @@ from retro_toolkit.recipe import load_recipe  # noqa: E402
 class OracleNeighbours:
     """The train samples with neighbours [l, k, r] cut from the stream at each chunk's start."""
 
-    def __init__(self, data):
+    def __init__(self, data, max_shift: int = 0):
         self.data = data
         self.windows = data.windows
+        self.max_shift = max_shift
 
     def __len__(self) -> int:
         return len(self.data)
@@ -47,8 +51,9 @@ class OracleNeighbours:
         sample = dict(d[i])
         start = d.window(i) * d.seq_length
         rows = []
+        rng = np.random.default_rng([d.seed, i])
         for c in range(d.seq_length // d.m):
-            a = start + c * d.m
+            a = start + c * d.m + (int(rng.integers(self.max_shift)) if self.max_shift > 0 else 0)
             row = np.asarray(d.stream.tokens[a:a + d.r], dtype=np.int64)
             rows.append(np.pad(row, (0, d.r - len(row)), constant_values=d.pad_id))
         sample["neighbor_tokens"] = np.repeat(np.stack(rows)[:, None, :], d.k, axis=1)
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("overrides", nargs="*", help="recipe overrides on top of the resolved recipe (pretrain.lr=2e-3)")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--max-shift", type=int, default=0, help="start each oracle 0..N-1 tokens late (random)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     resolved = a.workdir / "recipe.resolved.yaml"
@@ -88,7 +94,9 @@ def main() -> None:
             raise UserError(f"{resolved} is missing: run retro-run on this work directory first.")
         recipe = load_recipe(str(resolved), [*a.overrides, f"pretrain.train_iters={a.iters}"])
         n = a.iters * recipe.pretrain.global_batch_size
-        oracle_data = OracleNeighbours(pt.dataset(recipe, "train", "retro", n))
+        if not 0 <= a.max_shift <= recipe.model.chunk_length:
+            raise UserError(f"--max-shift must be 0..{recipe.model.chunk_length} (the chunk length), not {a.max_shift}.")
+        oracle_data = OracleNeighbours(pt.dataset(recipe, "train", "retro", n), a.max_shift)
         twin_data = pt.dataset(recipe, "train", "gpt", n)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -103,6 +111,7 @@ def main() -> None:
         "iters": a.iters,
         "seconds": round(time.perf_counter() - t0, 1),
         "window": width,
+        "max_shift": a.max_shift,
         "retro_oracle_loss": window_means(oracle, width),
         "gpt_twin_loss": window_means(twin, width),
     }, a.out)
