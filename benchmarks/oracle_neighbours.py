@@ -69,11 +69,10 @@ def train(recipe, arch: str, data, iters: int, scratch: Path) -> list[float]:
     overrides = training.precision_overrides(False, False)
     model, config, _ = pt.build(recipe, arch, overrides)
     if arch == "gpt":  # the twin starts from the Retro model's decoder, as in the pretrain stage
-        model.load_state_dict(pt.build(recipe, "retro", overrides)[0].state_dict(), strict=False)
+        pt.start_twin_like_retro(recipe, model, overrides)
     ddp, opt, sched = training.wrap_and_optimizer(model, p, config)
     batches = training.Batches(data, p.global_batch_size, p.micro_batch_size, 0, 1)
-    (scratch / "metrics" / f"{arch}.jsonl").unlink(missing_ok=True)
-    metrics = training.MetricsLog(scratch, arch, 0, False, True)
+    metrics = training.MetricsLog(scratch, arch, 0, False, True)  # starts the file afresh
     training.train(ddp, opt, sched, batches, 0, iters, recipe.model.seq_length, metrics,
                    lambda msg: print(f"{arch}: {msg}", flush=True), max(1, iters // 20))
     metrics.close()

@@ -81,6 +81,12 @@ def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: boo
                         source_weights=list(weights) if weights is not None else None)
 
 
+def start_twin_like_retro(recipe, twin, overrides: dict[str, Any]) -> None:
+    """Give a fresh GPT twin the decoder weights a fresh Retro model of the recipe starts with."""
+    retro, _, _ = build(recipe, "retro", overrides)
+    twin.load_state_dict(retro.state_dict(), strict=False)
+
+
 def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any], overrides: dict[str, Any],
                     log: Callable[[str], None]) -> None:
     """Weights a fresh run starts from: random, the GPT checkpoint of pretrain.init_from, and for
@@ -92,8 +98,7 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
         ckpt.load_model(source, model, section, ctx.workdir)
         log(f"init_from {source}: the whole GPT twin")
     elif name == TWIN:
-        retro, _, _ = build(r, "retro", overrides)
-        model.load_state_dict(retro.state_dict(), strict=False)
+        start_twin_like_retro(r, model, overrides)
     elif p.init_from and section["arch"] == "retro":
         source = ckpt.resolve(p.init_from, "pretrain.init_from")
         new, loaded = ckpt.init_from_gpt(source, model, section, ctx.workdir)
