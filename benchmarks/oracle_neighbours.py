@@ -12,7 +12,7 @@ is in those neighbours; a loss that stays with the twin's says the model or its
 optimisation is the limit. With --max-shift S each chunk's oracle starts a random 0..S-1
 tokens later (seeded per sample): the continuation is all there but no longer at a fixed
 offset, so copying it needs finding the place by content, as with a retrieved near-copy.
-Reads a work directory after build_db; writes only under
+Reads a work directory after prepare_corpus (the database is not used); writes only under
 WORKDIR/oracle_neighbours/.
 """
 
@@ -95,8 +95,10 @@ def main() -> None:
         n = a.iters * recipe.pretrain.global_batch_size
         if not 0 <= a.max_shift <= recipe.model.chunk_length:
             raise UserError(f"--max-shift must be 0..{recipe.model.chunk_length} (the chunk length), not {a.max_shift}.")
-        oracle_data = OracleNeighbours(pt.dataset(recipe, "train", "retro", n), a.max_shift)
+        # The oracle is cut from the stream, so the database's neighbours are never read and
+        # model.chunk_length / num_neighbors / num_retrieved_chunks may differ from build_db's.
         twin_data = pt.dataset(recipe, "train", "gpt", n)
+        oracle_data = OracleNeighbours(twin_data, a.max_shift)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
