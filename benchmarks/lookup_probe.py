@@ -45,7 +45,7 @@ def neighbours(seq: torch.Tensor, chunks: int, m: int, r: int, k: int, max_shift
     b = seq.shape[0]
     rows = []
     for c in range(chunks):
-        shift = torch.randint(0, max_shift, (b, 1), generator=g) if max_shift > 0 else torch.zeros(b, 1, dtype=torch.long)
+        shift = torch.randint(0, max(max_shift, 1), (b, 1), generator=g)
         rows.append(torch.gather(seq, 1, c * m + shift + torch.arange(r)))
     return torch.stack(rows, 1)[:, :, None, :].expand(-1, -1, k, -1)
 
