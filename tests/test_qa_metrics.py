@@ -69,7 +69,8 @@ def test_normalize_keeps_non_ascii_punctuation():
     # ASCII punctuation only. « », the em dash and "…" stay; the ASCII hyphen goes.
     assert normalize("«Bonjour» \u2014 dit-il\u2026") == "«bonjour» \u2014 ditil\u2026"
     # curly quotes and inverted marks stay; the ASCII "?" and "!" go
-    assert normalize("\u201cQu\u00e9?\u201d \u00bfS\u00ed! \u00a1Vale!") == "\u201cqu\u00e9\u201d \u00bfs\u00ed \u00a1vale"
+    assert normalize("\u201cQu\u00e9?\u201d \u00bfS\u00ed! \u00a1Vale!") == (
+        "\u201cqu\u00e9\u201d \u00bfs\u00ed \u00a1vale")
     assert normalize("\u00abParis\u00bb") == "\u00abparis\u00bb"
     assert normalize("1990\u20131995") == "1990\u20131995"  # en dash kept
     assert normalize("1990-1995") == "19901995"  # ASCII hyphen deleted
@@ -81,8 +82,9 @@ def test_normalize_keeps_accented_letters():
 
 
 def test_normalize_handles_non_latin_scripts():
+    # Russian; the em dash stays
     assert normalize("\u041c\u043e\u0441\u043a\u0432\u0430 \u2014 \u0441\u0442\u043e\u043b\u0438\u0446\u0430!") == (
-        "\u043c\u043e\u0441\u043a\u0432\u0430 \u2014 \u0441\u0442\u043e\u043b\u0438\u0446\u0430")  # Russian; the em dash stays
+        "\u043c\u043e\u0441\u043a\u0432\u0430 \u2014 \u0441\u0442\u043e\u043b\u0438\u0446\u0430")
     assert normalize("\u6771\u4eac\u3002") == "\u6771\u4eac\u3002"  # Japanese full stop U+3002 is not ASCII
     assert normalize("\u0645\u0631\u062d\u0628\u0627\u060c \u0639\u0627\u0644\u0645") == (
         "\u0645\u0631\u062d\u0628\u0627\u060c \u0639\u0627\u0644\u0645")  # nor is the Arabic comma U+060C

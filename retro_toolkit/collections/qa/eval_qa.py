@@ -3,12 +3,13 @@
     retro-run RECIPE --stages eval_qa
     from retro_toolkit.collections.qa.eval_qa import evaluate_task
 
-For each task in eval_qa.tasks: every question goes through the InstructRetro prompt
-(top-1 context in the prompt, the next k contexts as every chunk's neighbours, or live
-retrieval at chunk boundaries), greedy decoding to the end-of-document token, a stop
-string or eval_qa.max_new_tokens, then exact match and F1 (in %) against all gold
-answers. Writes eval/qa/<task>.jsonl (one prediction per question) and eval/qa/scores.json
-({task: {"em", "f1", "n"}}), and prints a table.
+For each task in eval_qa.tasks (its file in any format qa/readers.py reads): every
+question goes through the InstructRetro prompt (top-1 context in the prompt, the next k
+contexts as every chunk's neighbours, or live retrieval at chunk boundaries), greedy
+decoding to the end-of-document token, a stop string or eval_qa.max_new_tokens, then
+exact match and F1 (in %) against all gold answers. Writes eval/qa/<task>.jsonl (one
+prediction per question) and eval/qa/scores.json ({task: {"em", "f1", "n"}}), and prints
+a table.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run(ctx: StageContext) -> StageResult:
     scores: dict[str, dict[str, float]] = {}
     outputs = []
     for task in q.tasks:
-        questions = load_task(task.name, task.path, task.max_samples)
+        questions = load_task(task.name, task.path, task.max_samples, lambda m: ctx.log(f"eval_qa: {m}"))
         rows, score = evaluate_task(model, tokenizer, questions, params, q.batch_size, q.contexts, q.live_retrieval,
                                     retriever, r.sft.system_prompt)
         scores[task.name] = score
