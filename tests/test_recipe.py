@@ -95,6 +95,14 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["model.num_attention_heads=3"], "model.hidden_size (64) must be a multiple of model.num_attention_heads (3)"),
         (["model.tensor_model_parallel_size=8"], "model.num_attention_heads (4) must be a multiple of "
                                                  "model.tensor_model_parallel_size (8)"),
+        (["model.flavor=megatron_cor"], "'model.flavor' = 'megatron_cor' is not one of megatron_legacy, "
+                                        "megatron_core. Did you mean 'megatron_core'?"),
+        (["model.position_embedding_type=alibi"], "'model.position_embedding_type' = 'alibi' is not one of rope, "
+                                                  "learned_absolute"),
+        (["model.position_embedding_type=learned_absolute", "model.encoder_rotary=true"],
+         "model.encoder_rotary needs model.position_embedding_type rope"),
+        (["model.position_embedding_type=learned_absolute", "model.seq_length=64"],
+         "r = num_retrieved_chunks * chunk_length (128) must not exceed it"),
         (["executor=torchrun", "executor.nproc_per_node=3", "model.tensor_model_parallel_size=2"],
          "stage 'pretrain' starts 3 process(es)"),
         (["executor=torchrun", "executor.stages={pretrain: {nproc_per_node: 4}}"],

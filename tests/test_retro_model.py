@@ -25,6 +25,14 @@ from tests.retro_small import SMALL_SECTION  # noqa: E402
 
 M, K, VOCAB = 8, 2, 97
 SMALL = {**SMALL_SECTION, "chunk_length": M, "num_neighbors": K}
+# Every upstream flavour and position scheme the model can take; the invariants hold for each.
+VARIANTS = {
+    "legacy": {},
+    "core": {"flavor": "megatron_core"},
+    "learned_absolute": {"flavor": "megatron_core", "position_embedding_type": "learned_absolute"},
+    "encoder_rotary": {"encoder_rotary": True},
+}
+variants = pytest.mark.parametrize("variant", list(VARIANTS))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,9 +62,10 @@ def inputs(b=2, n=32, seed=1):
 
 
 @torch.no_grad()
+@variants
 @pytest.mark.parametrize("cca_rotary", [False, True])
-def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_1(cca_rotary):
-    model = make(cca_rotary=cca_rotary)
+def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_1(cca_rotary, variant):
+    model = make(cca_rotary=cca_rotary, **VARIANTS[variant])
     tokens, nb = inputs()
     base = model(tokens, nb)
     assert torch.isfinite(base).all()
@@ -70,8 +79,9 @@ def test_neighbours_of_chunk_j_only_reach_positions_from_j_plus_1_times_m_minus_
 
 
 @torch.no_grad()
-def test_token_t_does_not_reach_earlier_positions():
-    model = make()
+@variants
+def test_token_t_does_not_reach_earlier_positions(variant):
+    model = make(**VARIANTS[variant])
     tokens, nb = inputs()
     base = model(tokens, nb)
     for t in (0, M - 1, M, 2 * M + 3, 31):
@@ -83,9 +93,10 @@ def test_token_t_does_not_reach_earlier_positions():
 
 
 @torch.no_grad()
-def test_gate_zero_equals_gpt_twin_with_same_decoder_weights():
-    model = make()
-    twin = make(arch="gpt")
+@variants
+def test_gate_zero_equals_gpt_twin_with_same_decoder_weights(variant):
+    model = make(**VARIANTS[variant])
+    twin = make(arch="gpt", **VARIANTS[variant])
     assert isinstance(twin, GPTTwinModel)
     missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")]
@@ -102,8 +113,9 @@ def test_gate_zero_equals_gpt_twin_with_same_decoder_weights():
 
 
 @torch.no_grad()
-def test_all_missing_neighbours_equal_gate_zero():
-    model = make()
+@variants
+def test_all_missing_neighbours_equal_gate_zero(variant):
+    model = make(**VARIANTS[variant])
     tokens, nb = inputs()
     none = model(tokens, None)
     assert torch.equal(model(tokens, torch.full_like(nb, -1)), none)

@@ -59,3 +59,29 @@ def test_dist_checkpoint_round_trip_gives_identical_logits(tmp_path):
     twin.load_state_dict(loaded, strict=False)
     with torch.no_grad():
         assert torch.equal(twin(tokens), want_plain)
+
+
+def test_sections_stored_before_flavor_and_encoder_rotary_keep_their_behaviour(tmp_path):
+    """A checkpoint or package written before model.flavor and model.encoder_rotary existed was a
+    megatron_legacy model whose encoder rotated under RoPE: it loads that way, and a recipe at the
+    new defaults is refused naming the key to set."""
+    from retro_toolkit.checkpoint.nemo import section_of
+    from retro_toolkit.collections.retro.checkpointing import check_model_section
+    from retro_toolkit.errors import UserError
+
+    old = {k: v for k, v in SECTION.items()}
+    assert "encoder_rotary" not in old and "flavor" not in old
+    package = section_of({**old, "target": "retro", "weights": "w", "tokenizer": "t"})
+    assert package["encoder_rotary"] is True and package["flavor"] == "megatron_legacy"
+    learned = section_of({**old, "position_embedding_type": "learned_absolute", "weights": "w"})
+    assert learned["encoder_rotary"] is False
+
+    current = {**SECTION, "encoder_rotary": False}
+    with pytest.raises(UserError, match=r"encoder_rotary: checkpoint True vs recipe False"):
+        check_model_section(tmp_path, old, current, free=set())
+    check_model_section(tmp_path, old, {**SECTION, "encoder_rotary": True}, free=set())
+    # flavor at its default is left out of new sections; both sides read it as megatron_legacy.
+    check_model_section(tmp_path, {**old, "encoder_rotary": False}, current, free=set())
+    with pytest.raises(UserError, match=r"flavor: checkpoint 'megatron_legacy' vs recipe 'megatron_core'"):
+        check_model_section(tmp_path, {**old, "encoder_rotary": False}, {**current, "flavor": "megatron_core"},
+                            free=set())

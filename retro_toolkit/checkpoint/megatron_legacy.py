@@ -148,6 +148,10 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
                         "supported by this importer; Retro's released models use full multi-head attention.")
     if int(args.get("num_experts") or 0) > 1:
         raise UserError(f"{where}: mixture-of-experts checkpoints are not supported.")
+    if args.get("apply_residual_connection_post_layernorm"):
+        raise UserError(f"{where}: the checkpoint was trained with apply_residual_connection_post_layernorm, "
+                        "whose residuals are the normalised states in every layer; this toolkit's layers "
+                        "add to the un-normalised stream (Megatron-LM's default), so it cannot be imported.")
     retro = bool(args.get("retro_add_retriever"))
     chunk = args.get("retro_chunk_length") or args.get("retro_gpt_chunk_length") or 64
     section = {
@@ -174,6 +178,9 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         "untie_embeddings_and_output_weights": bool(args.get("untie_embeddings_and_output_weights", False)),
         "retrieval_gate": 1.0,
         "cca_rotary": False,
+        # The legacy model: a final norm after the decoder, no positions inside the encoder.
+        "flavor": "megatron_legacy",
+        "encoder_rotary": False,
     }
     if section["seq_length"] % section["chunk_length"]:
         raise UserError(f"{where}: seq_length {section['seq_length']} is not a multiple of the Retro chunk length "

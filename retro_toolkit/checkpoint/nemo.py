@@ -104,8 +104,10 @@ def _parse_config(data: bytes, path: Path) -> dict[str, Any]:
 
 def section_of(cfg: dict[str, Any]) -> dict[str, Any]:
     """The model section a package's config describes (what config_from_model_section reads)."""
+    from retro_toolkit.collections.retro.config import stored_model_section
+
     drop = {"target", "retro_toolkit_package_version", "weights", "tokenizer", "retrieval"}
-    return {k: v for k, v in cfg.items() if k not in drop}
+    return stored_model_section({k: v for k, v in cfg.items() if k not in drop})
 
 
 def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] = None,

@@ -68,6 +68,11 @@ class TokenizerConfig:
     byte_fallback: bool = True
 
 
+# Choices of model keys (OmegaConf's structured configs take no Literal types).
+MODEL_FLAVORS = ("megatron_legacy", "megatron_core")
+POSITION_TYPES = ("rope", "learned_absolute")
+
+
 @dataclass
 class ModelConfig:
     # "retro" (decoder with chunked cross-attention + neighbour encoder) or "gpt" (its twin).
@@ -102,6 +107,14 @@ class ModelConfig:
     # InstructRetro's checkpoints); on, copying from neighbours is learned far faster
     # (tests/test_retro_model.py's copy task).
     encoder_final_norm: bool = False
+    # Rotary positions (the decoder's settings, 0..r-1 within each neighbour) in the encoder's
+    # self-attention. Off = both upstreams: their encoder sees no positions under RoPE.
+    encoder_rotary: bool = False
+    # Which upstream's layer math where the two differ: "megatron_legacy" (Megatron-LM's
+    # InstructRetro model: a final norm after the decoder; the encoder's cross-attention adds
+    # to the un-normalised neighbour stream) or "megatron_core" (megatron-core <= 0.15's
+    # RetroModel: no decoder final norm; that residual is the normalised stream).
+    flavor: str = "megatron_legacy"
     # Start chunked cross-attention's output projection at zero, so a fresh Retro (or one
     # started from a GPT checkpoint) computes exactly its GPT twin until retrieval pays off.
     cca_zero_init: bool = False

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from retro_toolkit.collections.text.splits import SPLIT_BY
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.executors import EXECUTOR_SCHEMAS, MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, processes
-from retro_toolkit.recipe.schema import STAGE_NAMES, Recipe
+from retro_toolkit.recipe.schema import MODEL_FLAVORS, POSITION_TYPES, STAGE_NAMES, Recipe
 
 _MISSING = "???"
 
@@ -252,6 +252,17 @@ def _semantic(r: dict[str, Any]) -> None:
 
 
 def _check_model_layout(m: dict[str, Any]) -> None:
+    _check_choice(m["flavor"], MODEL_FLAVORS, "model.flavor")
+    _check_choice(m["position_embedding_type"], POSITION_TYPES, "model.position_embedding_type")
+    if m["encoder_rotary"] and m["position_embedding_type"] != "rope":
+        raise UserError("model.encoder_rotary needs model.position_embedding_type rope (it is "
+                        f"'{m['position_embedding_type']}'); set model.encoder_rotary false.")
+    r = m["num_retrieved_chunks"] * m["chunk_length"]
+    if m["position_embedding_type"] == "learned_absolute" and m["arch"] == "retro" and r > m["seq_length"]:
+        raise UserError(
+            f"model.position_embedding_type learned_absolute numbers each neighbour's tokens 0..r-1 in the "
+            f"decoder's table of model.seq_length ({m['seq_length']}) positions, so r = num_retrieved_chunks * "
+            f"chunk_length ({r}) must not exceed it. Lower model.num_retrieved_chunks or raise model.seq_length.")
     """Shape checks a job would otherwise hit only after it queued for hours."""
     from retro_toolkit.core.cca import default_cca_layers
 

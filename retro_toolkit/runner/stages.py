@@ -38,7 +38,7 @@ class StageSpec:
 
 # Model keys added after work directories and checkpoints existed, at their old behaviour:
 # stages that build the model leave them out of fingerprints and resume checks at that value.
-MODEL_ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False),)
+MODEL_ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"))
 _MODEL_ADDED = tuple((f"model.{k}", v) for k, v in MODEL_ADDED_KEYS)
 # The same for pretrain keys.
 PRETRAIN_ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0),)
@@ -68,6 +68,7 @@ STAGES: dict[str, StageSpec] = {
             ("retrieval", "model.chunk_length", "model.num_neighbors"),
             "retro_toolkit.collections.retrieval.build_db:run",
             "chunk DB, BERT embeddings, faiss index, neighbours",
+            version=2,  # 2: num_candidates per query chunk, so samples can drop their own documents
         ),
         StageSpec(
             "pretrain",

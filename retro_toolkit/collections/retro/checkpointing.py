@@ -33,7 +33,7 @@ EVAL_FREE_KEYS = {
 }
 # Keys only Retro has: a GPT checkpoint that Retro starts from may differ in these.
 RETRIEVAL_KEYS = {"arch", "cca_layers", "chunk_length", "num_neighbors", "num_retrieved_chunks",
-                  "encoder_num_layers", "retrieval_gate", "cca_rotary", "encoder_final_norm"}
+                  "encoder_num_layers", "retrieval_gate", "cca_rotary", "encoder_final_norm", "encoder_rotary"}
 
 
 def iter_name(iteration: int) -> str:
@@ -137,7 +137,11 @@ def resume_point(root: Path, resume: bool, key: str, current: dict[str, Any], is
 
 
 def check_model_section(ckpt: Path, saved: dict[str, Any], current: dict[str, Any], free: set[str]) -> None:
-    """Refuse a checkpoint of another model (size, norms, rotary, gate...), naming the keys that differ."""
+    """Refuse a checkpoint of another model (size, norms, rotary, gate...), naming the keys that differ.
+    A key the checkpoint predates counts at the behaviour it was trained with."""
+    from retro_toolkit.collections.retro.config import stored_model_section
+
+    saved, current = stored_model_section(saved), stored_model_section(current)
     keys = sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
     if keys:
         diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys)

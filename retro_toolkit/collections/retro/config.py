@@ -17,6 +17,19 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from retro_toolkit.core.cca import default_cca_layers
 from retro_toolkit.errors import UserError
+from retro_toolkit.recipe.schema import MODEL_FLAVORS, POSITION_TYPES
+
+
+
+
+def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A model section read back from a checkpoint or package, with every key it predates set
+    to the behaviour its weights were trained with (before `encoder_rotary` existed, a RoPE
+    Retro rotated its encoder's self-attention; before `flavor`, it was megatron_legacy)."""
+    out = dict(section)
+    out.setdefault("flavor", "megatron_legacy")
+    out.setdefault("encoder_rotary", out.get("position_embedding_type", "rope") == "rope")
+    return out
 
 
 @dataclass
@@ -42,6 +55,15 @@ class RetroConfig(TransformerConfig):
     cca_rotary: bool = False
     # A final norm on the neighbour encoder's output (Megatron-LM's retriever has none).
     encoder_final_norm: bool = False
+    # Rotary positions in the neighbour encoder's self-attention (the decoder's settings,
+    # positions 0..r-1 within each neighbour). Off = both upstreams: neither Megatron-LM's
+    # legacy retriever nor megatron-core's Retro encoder gets a rotary embedding.
+    encoder_rotary: bool = False
+    # Where the two upstream implementations differ: "megatron_legacy" (Megatron-LM's
+    # InstructRetro model: a final norm after the decoder; the encoder's cross-attention adds
+    # to the un-normalised neighbour states) or "megatron_core" (megatron-core <= 0.15's
+    # RetroModel: no decoder final norm; that residual is the normalised neighbour states).
+    flavor: str = "megatron_legacy"
     # Start chunked cross-attention's output projection at zero (a fresh run or init_from): the
     # model then begins as exactly its GPT twin and drifts from it only as far as retrieval
     # helps the loss. Off = Megatron-LM's scaled-normal init of that projection.
@@ -69,6 +91,14 @@ class RetroConfig(TransformerConfig):
                 f"and num_layers ({self.num_layers}); null picks Retro's rule "
                 f"({default_cca_layers(self.num_layers) or 'none for fewer than 6 layers'})."
             )
+        if self.flavor not in MODEL_FLAVORS:
+            raise UserError(f"model.flavor must be one of {', '.join(MODEL_FLAVORS)} (got {self.flavor!r}).")
+        if self.position_embedding_type not in POSITION_TYPES:
+            raise UserError(f"model.position_embedding_type must be one of {', '.join(POSITION_TYPES)} "
+                            f"(got {self.position_embedding_type!r}).")
+        if self.encoder_rotary and self.position_embedding_type != "rope":
+            raise UserError("model.encoder_rotary needs model.position_embedding_type rope (it is "
+                            f"{self.position_embedding_type!r}); set encoder_rotary false.")
         if self.core_attention not in ("sdpa", "unfused"):
             raise UserError(f"model.core_attention must be 'sdpa' or 'unfused' (got {self.core_attention!r}).")
         for key in ("chunk_length", "num_neighbors", "num_retrieved_chunks", "encoder_num_layers"):
@@ -139,6 +169,14 @@ def config_from_model_section(
             f"model.seq_length ({seq}) must be a multiple of model.chunk_length ({chunk}): "
             "Retro splits every sample into whole chunks."
         )
+    position = str(get("position_embedding_type", "rope"))
+    retrieved = int(get("num_retrieved_chunks", 2)) * chunk
+    if position == "learned_absolute" and arch == "retro" and retrieved > seq:
+        raise UserError(
+            f"model.position_embedding_type learned_absolute gives each neighbour token its position 0..r-1 "
+            f"from the same table as the decoder, so r = num_retrieved_chunks * chunk_length ({retrieved}) "
+            f"must not exceed model.seq_length ({seq}). Lower num_retrieved_chunks or raise seq_length."
+        )
     num_layers = int(get("num_layers"))
     cca = get("cca_layers")
     cca = list(cca) if cca is not None else None
@@ -174,8 +212,10 @@ def config_from_model_section(
         retrieval_gate=float(get("retrieval_gate", 1.0)),
         cca_rotary=bool(get("cca_rotary", False)),
         encoder_final_norm=bool(get("encoder_final_norm", False)),
+        encoder_rotary=bool(get("encoder_rotary", False)),
+        flavor=str(get("flavor", "megatron_legacy")),
         cca_zero_init=bool(get("cca_zero_init", False)),
-        position_embedding_type=str(get("position_embedding_type", "rope")),
+        position_embedding_type=position,
         rotary_percent=float(get("rotary_percent", 1.0)),
         rotary_base=int(get("rotary_base", 10000)),
         tensor_model_parallel_size=int(get("tensor_model_parallel_size", 1)),

@@ -248,7 +248,12 @@ class EncoderCrossAttention(CrossAttention):
 
     Queries are the k neighbours of a chunk ([r, b*l*k, h]); keys/values are projected once
     per chunk ([m, b*l, h]) and shared by its k neighbours instead of being recomputed.
+    Returns (output, bias, its normalised input) for EncoderCrossAttentionBDA.
     """
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
+        out, bias = super().forward(hidden_states, *args, **kwargs)
+        return out, bias, hidden_states
 
     def get_query_key_value_tensors(self, hidden_states, key_value_states, output_gate=False, split_qkv=True):
         query, key, value = super().get_query_key_value_tensors(
@@ -342,7 +347,7 @@ class ChunkedCrossAttention(MegatronModule):
                 config=enc_config, spec=submodules.encoder, pre_process=True,
                 post_process=config.encoder_final_norm, pg_collection=pg_collection
             )
-            if config.position_embedding_type == "rope":
+            if config.encoder_rotary:
                 self.encoder_rotary = _rotary(config)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
@@ -455,6 +460,29 @@ class ChunkedCrossAttention(MegatronModule):
             has_any = ~mask.reshape(b, k * r).all(dim=-1)
             o = torch.where(has_any[None, :, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
             out[lo - start : hi - start] = o if self.config.retrieval_gate == 1 else o * self.config.retrieval_gate
+
+
+class EncoderCrossAttentionBDA(MegatronModule):
+    """Bias-dropout-add after the encoder's cross-attention, with the residual of config.flavor.
+
+    megatron_legacy adds to the un-normalised neighbour states (the layer's residual, as
+    Megatron-LM's apply_residual_connection_post_layernorm=False); megatron_core adds to the
+    normalised ones that entered the cross-attention.
+    """
+
+    def __init__(self, config: RetroConfig, **_: Any):
+        super().__init__(config=config)
+        self.post_norm_residual = config.flavor == "megatron_core"
+
+    def forward(self, training: bool, fused: bool) -> Callable[[tuple, Tensor, float], Tensor]:
+        def bda(x: tuple, residual: Tensor, prob: float) -> Tensor:
+            out, bias, normalised = x
+            if bias is not None:
+                out = out + bias
+            base = normalised if self.post_norm_residual else residual
+            return base + F.dropout(out, p=prob, training=training)
+
+        return bda
 
 
 class ChunkedCrossAttentionBDA(MegatronModule):

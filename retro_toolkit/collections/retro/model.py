@@ -138,16 +138,24 @@ class RetroModel(GPTModel):
             mask = neighbor_mask(neighbor_tokens, self.config.neighbor_pad_id)
             b, l, k, r = neighbor_tokens.shape
             ids = neighbor_tokens.clamp(min=0).reshape(b * l * k, r)
-            context = self.embedding(input_ids=ids, position_ids=None)  # [r, b*l*k, h]
+            context = self.embedding(input_ids=ids, position_ids=self._positions(ids))  # [r, b*l*k, h]
             extra = {"context": context, "context_mask": mask}
         return super().forward(
             input_ids=tokens,
-            position_ids=None,
+            position_ids=self._positions(tokens),
             attention_mask=None,
             labels=labels,
             extra_block_kwargs=extra,
             runtime_gather_output=runtime_gather_output,
         )
+
+    def _positions(self, ids: Tensor, start: int = 0) -> Optional[Tensor]:
+        """Position ids start.. for each row of ids [b, n] under learned absolute positions
+        (a neighbour's tokens are 0..r-1, as both upstreams number them); None under RoPE."""
+        if self.position_embedding_type != "learned_absolute":
+            return None
+        b, n = ids.shape
+        return torch.arange(start, start + n, device=ids.device).expand(b, n)
 
     def _forward_cached(self, tokens: Tensor, ctx: RetroInferenceContext, gather: Optional[bool]) -> Tensor:
         if self.training:
@@ -166,7 +174,8 @@ class RetroModel(GPTModel):
                 nb = ctx.neighbor_tokens[:b, i]  # [b, k, r]
                 mask = neighbor_mask(nb, self.config.neighbor_pad_id)
                 k, r = nb.shape[1:]
-                emb = self.embedding(input_ids=nb.clamp(min=0).reshape(b * k, r), position_ids=None)
+                ids = nb.clamp(min=0).reshape(b * k, r)
+                emb = self.embedding(input_ids=ids, position_ids=self._positions(ids))
                 ctx.new_neighbors[i] = (emb, mask[:, None])
         positions = torch.arange(start, start + n, device=tokens.device).expand(b, n)
         return super().forward(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import CrossAttentionSubmodules
@@ -26,6 +25,7 @@ from retro_toolkit.collections.retro.layers import (
     ChunkedCrossAttentionBDA,
     ChunkedCrossAttentionSubmodules,
     EncoderCrossAttention,
+    EncoderCrossAttentionBDA,
     NeighbourCrossAttention,
     Norm,
     RetroSelfAttention,
@@ -86,7 +86,7 @@ def encoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
             plain.submodules,
             pre_cross_attn_layernorm=Norm,
             cross_attention=_cross_attention_spec(config, EncoderCrossAttention),
-            cross_attn_bda=get_bias_dropout_add,
+            cross_attn_bda=EncoderCrossAttentionBDA,
         ),
     )
     layers = [first] + [plain] * (config.encoder_num_layers - 1)
@@ -114,11 +114,13 @@ def cca_layer_spec(config: RetroConfig, with_encoder: bool) -> ModuleSpec:
 
 
 def decoder_block_spec(config: RetroConfig) -> TransformerBlockSubmodules:
-    """One spec per decoder layer: CCA layers at config.cca_layers, GPT layers elsewhere."""
+    """One spec per decoder layer: CCA layers at config.cca_layers, GPT layers elsewhere; a final
+    norm in the megatron_legacy flavor only (megatron-core's Retro decoder block has none)."""
     gpt = gpt_layer_spec(config)
     cca = set(config.cca_layers)
     first = min(cca) if cca else None
     layers = [
         cca_layer_spec(config, with_encoder=(i == first)) if i in cca else gpt for i in range(1, config.num_layers + 1)
     ]
-    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=Norm)
+    final_norm = Norm if config.flavor == "megatron_legacy" else None
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=final_norm)
