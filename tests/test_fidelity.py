@@ -1,0 +1,110 @@
+"""Our Retro computes what megatron-core 0.15.3's RetroModel computes, at equal weights.
+
+tests/fidelity/data/<config>.pt were written by tests/fidelity/make_mcore_reference.py in a
+virtual environment with megatron-core 0.15.3 (its usage line says how): weights under
+megatron-core's names, random tokens and neighbours, and the float32 logits megatron-core
+computed. Each is loaded through the importer's mapping (checkpoint.megatron_core) into a
+model of flavour megatron_core and must give the same logits under both attention backends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from retro_toolkit.checkpoint import megatron_core
+from retro_toolkit.checkpoint.nemo import load_full
+from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+
+DATA = Path(__file__).parent / "fidelity" / "data"
+CONFIGS = ("instructretro", "nine_layers", "classic")
+TOLERANCE = 1e-5  # max |ours - reference| / max |reference|, float32
+
+
+def section_of(c: dict, **over) -> dict:
+    """Our model section for a reference config (the script's own keys)."""
+    return {
+        "arch": "retro", "num_layers": c["num_layers"], "hidden_size": c["hidden_size"],
+        "num_attention_heads": c["num_attention_heads"], "ffn_hidden_size": c["ffn_hidden_size"],
+        "seq_length": c["seq"], "chunk_length": c["chunk"], "num_neighbors": c["k"],
+        "num_retrieved_chunks": c["retrieved_chunks"], "encoder_num_layers": 2, "cca_layers": None,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "encoder_hidden_dropout": 0.0,
+        "encoder_attention_dropout": 0.0, "swiglu": c["swiglu"], "add_bias_linear": c["add_bias_linear"],
+        "apply_layernorm_1p": c["layernorm_1p"], "untie_embeddings_and_output_weights": c["untie"],
+        "position_embedding_type": c["position"], "rotary_percent": c["rotary_percent"],
+        "flavor": megatron_core.FLAVOR, **over,
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel():
+    initialize(1, seed=5)
+
+
+def reference(name: str) -> dict:
+    return torch.load(DATA / f"{name}.pt", weights_only=True)
+
+
+def ours(ref: dict, core_attention: str = "sdpa", **over):
+    cfg, args = config_from_model_section(section_of(ref["config"], **over), vocab_size=ref["vocab_size"],
+                                          core_attention=core_attention)
+    model = build_model(cfg, args).eval()
+    load_full(model, megatron_core.to_toolkit(ref["state_dict"]), f"{ref['config']} reference")
+    return model
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("core_attention", ["sdpa", "unfused"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_megatron_core_0_15_3_at_equal_weights(name, core_attention):
+    ref = reference(name)
+    assert ref["versions"]["megatron-core"] == "0.15.3"
+    model = ours(ref, core_attention=core_attention)
+    assert model.config.core_attention == core_attention
+    logits = model(ref["tokens"], ref["neighbor_tokens"])
+    assert logits.shape == ref["logits"].shape
+    assert rel_diff(logits, ref["logits"]) < TOLERANCE
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", CONFIGS)
+def test_each_upstream_difference_moves_the_logits(name):
+    """The reference tells the flavours apart: the legacy flavour (final norm, un-normalised
+    encoder residual) and encoder rotary positions are each far outside the tolerance. The legacy
+    model has a final norm the reference lacks, so it gets the identity norm (weight 1, bias 0)."""
+    ref = reference(name)
+    legacy = {**ref["state_dict"]}
+    one = 0.0 if ref["config"]["layernorm_1p"] else 1.0
+    h = ref["config"]["hidden_size"]
+    legacy["decoder.final_layernorm.weight"] = torch.full((h,), one)
+    legacy["decoder.final_layernorm.bias"] = torch.zeros(h)
+    cfg, args = config_from_model_section(section_of(ref["config"], flavor="megatron_legacy"),
+                                          vocab_size=ref["vocab_size"])
+    model = build_model(cfg, args).eval()
+    load_full(model, megatron_core.to_toolkit(legacy), "legacy")
+    assert rel_diff(model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) > 100 * TOLERANCE
+    if ref["config"]["position"] == "rope":
+        rotary = ours(ref, encoder_rotary=True)
+        assert rel_diff(rotary(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) > 100 * TOLERANCE
+
+
+def test_mapping_errors_name_the_tensor():
+    from retro_toolkit.errors import UserError
+
+    ref = reference("nine_layers")
+    cfg, args = config_from_model_section(section_of(ref["config"]), vocab_size=ref["vocab_size"])
+    model = build_model(cfg, args)
+    state = megatron_core.to_toolkit(ref["state_dict"])
+    lost = "decoder.layers.5.cross_attention.encoder.layers.0.cross_attention.linear_kv.weight"
+    with pytest.raises(UserError, match=rf"missing 1: {lost.replace('.', '[.]')}"):
+        load_full(model, {k: v for k, v in state.items() if k != lost}, "x")
+    with pytest.raises(UserError, match=r"unexpected 1: decoder[.]final_layernorm[.]weight"):
+        load_full(model, {**state, "decoder.final_layernorm.weight": torch.ones(32)}, "x")
