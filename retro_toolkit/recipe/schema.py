@@ -301,7 +301,8 @@ class QaTaskConfig:
     # nq, tqa, squad1.1, squad2.0, newsqa, quoref, narrativeqa, drop (short answers),
     # boolq (yes/no), or smoke (this project's questions about the smoke corpus).
     name: str = MISSING
-    # The task's QA file (JSON list or JSONL of {"question", "answers", "ctxs"}), or builtin:smoke-qa.
+    # The task's QA file: SQuAD v1.1/v2.0 or TriviaQA JSON, NQ-open JSONL, InstructRetro's
+    # {"question", "answers", "ctxs"} records (JSON list or JSONL), or builtin:smoke-qa.
     path: str = MISSING
     # Evaluate only the first N questions (null = all).
     max_samples: Optional[int] = None
