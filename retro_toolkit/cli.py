@@ -141,7 +141,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     es.add_argument("--out", required=True, help="output folder (replaced atomically)")
     from retro_toolkit.checkpoint.megatron_legacy import IMPORT_DESCRIPTION
 
-    im = sub.add_parser("import-megatron", help="a Megatron-LM legacy Retro checkpoint as a .nemo package",
+    im = sub.add_parser("import-megatron", help="a Megatron-LM Retro checkpoint (legacy or torch_dist) as a .nemo package",
                         description=IMPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     im.add_argument("checkpoint", help="the folder holding latest_checkpointed_iteration.txt")
     im.add_argument("--tokenizer", required=True, help="the model's SentencePiece .model file")

@@ -17,6 +17,7 @@ import torch
 from retro_toolkit.checkpoint import megatron_core
 from retro_toolkit.checkpoint.nemo import load_full
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
+from tests.test_export import tokenizer_file  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -108,3 +109,39 @@ def test_mapping_errors_name_the_tensor():
         load_full(model, {k: v for k, v in state.items() if k != lost}, "x")
     with pytest.raises(UserError, match=r"unexpected 1: decoder[.]final_layernorm[.]weight"):
         load_full(model, {**state, "decoder.final_layernorm.weight": torch.ones(32)}, "x")
+
+
+@torch.no_grad()
+def test_megatron_core_dist_checkpoint_imports_to_a_package_with_equal_logits(tmp_path, tokenizer_file):  # noqa: F811
+    """import-megatron reads a Megatron-LM training checkpoint in megatron-core's torch_dist format
+    (written by megatron-core 0.15.3 itself), takes the shape from its args, and the package gives
+    the reference logits."""
+    from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
+    from retro_toolkit.checkpoint.nemo import restore
+
+    ref = reference("nine_layers")
+    lines = []
+    out = import_checkpoint(DATA / "nine_layers_torch_dist", tokenizer_file, tmp_path / "m.nemo", log=lines.append)
+    assert "megatron-core dist checkpoint" in lines[0]
+    pkg = restore(out, device="cpu")
+    assert pkg.config["flavor"] == "megatron_core" and pkg.config["encoder_rotary"] is False
+    assert pkg.model.config.cca_layers == [6, 9]
+    pkg.model.config.neighbor_pad_id = None  # upstream attends to pad tokens; the random neighbours hold some
+    assert rel_diff(pkg.model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) < TOLERANCE
+
+
+def test_a_dist_checkpoint_missing_a_tensor_is_refused_naming_it(tmp_path, tokenizer_file):  # noqa: F811
+    import shutil
+
+    from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
+    from retro_toolkit.errors import UserError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(DATA / "nine_layers_torch_dist", ckpt)
+    (ckpt / "iter_0000001" / "metadata.json").write_text('{"sharded_backend": "zarr"}')
+    with pytest.raises(UserError, match=r"only megatron-core's torch_dist format is read"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "m.nemo")
+    (ckpt / "iter_0000001" / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    (ckpt / "iter_0000001" / "common.pt").unlink()
+    with pytest.raises(UserError, match=r"has no common.pt"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "m.nemo")

@@ -25,11 +25,15 @@ from typing import Any, Callable
 from retro_toolkit.errors import UserError
 
 IMPORT_DESCRIPTION = """\
-Convert a Megatron-LM legacy Retro or GPT checkpoint (the layout of NVIDIA's released
-Retro / InstructRetro checkpoints: latest_checkpointed_iteration.txt, then
-release/mp_rank_00/model_optim_rng.pt, mp_rank_01/... for tensor-parallel shards) into a
-.nemo package that `retro-run generate --nemo` and `restore()` load at any
-tensor-parallel size.
+Convert a Megatron-LM Retro or GPT checkpoint into a .nemo package that
+`retro-run generate --nemo` and `restore()` load at any tensor-parallel size. Two layouts
+are read, both under latest_checkpointed_iteration.txt:
+  legacy (NVIDIA's released Retro / InstructRetro checkpoints): release/mp_rank_00/
+    model_optim_rng.pt, mp_rank_01/... for tensor-parallel shards; model.flavor
+    megatron_legacy;
+  megatron-core torch_dist (megatron-core <= 0.15 RetroModel runs): iter_NNNNNNN/ with
+    metadata.json, common.pt and *.distcp, written at any tensor-parallel size; model.flavor
+    megatron_core.
 
 The model's shape comes from the checkpoint's own `args`: layers, hidden size, heads,
 FFN size, SwiGLU, norms, rotary settings, padded vocabulary, and Retro's chunk length,
@@ -73,8 +77,8 @@ LAYER_NAMES = {
 }
 
 
-def shard_files(folder: str | os.PathLike) -> list[Path]:
-    """The model_optim_rng.pt of every tensor-parallel rank, in rank order."""
+def iteration_folder(folder: str | os.PathLike) -> Path:
+    """The release/ or iter_NNNNNNN/ folder that latest_checkpointed_iteration.txt names."""
     folder = Path(folder)
     pointer = folder / ITERATION_FILE
     if not pointer.is_file():
@@ -84,6 +88,11 @@ def shard_files(folder: str | os.PathLike) -> list[Path]:
     sub = folder / ("release" if tag == "release" else f"iter_{int(tag):07d}" if tag.isdigit() else tag)
     if not sub.is_dir():
         raise UserError(f"{pointer} says {tag!r} but {sub} does not exist.")
+    return sub
+
+
+def shard_files(sub: Path) -> list[Path]:
+    """The model_optim_rng.pt of every tensor-parallel rank of an iteration folder, in rank order."""
     ranks = sorted(p for p in sub.iterdir() if p.is_dir() and p.name.startswith("mp_rank_"))
     if not ranks:
         raise UserError(f"{sub} holds no mp_rank_NN folders.")
@@ -297,7 +306,38 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     if not tokenizer_file.is_file():
         raise UserError(f"--tokenizer {tokenizer_file} does not exist; give the model's SentencePiece .model file.")
     tokenizer = Tokenizer(tokenizer_file)
-    paths = shard_files(folder)
+    sub = iteration_folder(folder)
+    if (sub / "metadata.json").is_file():
+        from retro_toolkit.checkpoint import megatron_core
+
+        args, ours = megatron_core.read_dist(sub, trust)
+        section = section_from_args(args, sub)
+        section["flavor"] = megatron_core.FLAVOR
+        kind = "megatron-core dist checkpoint"
+    else:
+        args, section, ours = _read_legacy(sub, trust)
+        kind = f"{int(args.get('tensor_model_parallel_size') or 1)} tensor-parallel shard(s)"
+    if tokenizer.vocab_size > section["vocab_size"]:
+        raise UserError(f"--tokenizer {tokenizer_file} has {tokenizer.vocab_size} pieces but the checkpoint's "
+                        f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
+    log(f"import-megatron: {section['arch']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
+        f"{kind}")
+    model = build_for(section, tokenizer, 1)
+    load_full(model, ours, folder)
+    retrieval = None
+    if section["arch"] == "retro":
+        retrieval = {k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}
+        # What the checkpoint recorded about its database (embedder, index string...), as it spelled it.
+        retrieval["megatron_args"] = {k: v for k, v in sorted(args.items())
+                                      if k.startswith("retro_") and isinstance(v, (str, int, float, bool))}
+        retrieval["source"] = f"Megatron-LM checkpoint {folder.resolve()}"
+    return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
+
+
+def _read_legacy(sub: Path, trust: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(args, model section, tensors under our names) of a legacy iteration folder."""
+    paths = shard_files(sub)
+    folder = sub.parent
     shards, args = [], None
     for p in paths:
         sd = load_shard(p, trust)
@@ -318,24 +358,10 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     if int(args.get("pipeline_model_parallel_size") or 1) != 1:
         raise UserError(f"{folder}: pipeline_model_parallel_size is {args['pipeline_model_parallel_size']}; "
                         "only tensor-parallel checkpoints are supported.")
-    if tokenizer.vocab_size > section["vocab_size"]:
-        raise UserError(f"--tokenizer {tokenizer_file} has {tokenizer.vocab_size} pieces but the checkpoint's "
-                        f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
-    log(f"import-megatron: {section['arch']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
-        f"{len(paths)} tensor-parallel shard(s)")
     full = merge_shards(shards, section["swiglu"], folder)
     del shards
     ours, unknown = rename(full, section, folder)
     if unknown:
         raise UserError(f"{folder}: {len(unknown)} checkpoint tensors map to nothing in the model: "
                         f"{', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else ""))
-    model = build_for(section, tokenizer, 1)
-    load_full(model, ours, folder)
-    retrieval = None
-    if section["arch"] == "retro":
-        retrieval = {k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}
-        # What the checkpoint recorded about its database (embedder, index string...), as it spelled it.
-        retrieval["megatron_args"] = {k: v for k, v in sorted(args.items())
-                                      if k.startswith("retro_") and isinstance(v, (str, int, float, bool))}
-        retrieval["source"] = f"Megatron-LM checkpoint {folder.resolve()}"
-    return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
+    return args, section, ours

@@ -11,6 +11,8 @@ forward pass in float32 on random tokens and random neighbours, and saves
 <name>.pt = {"config", "state_dict" (megatron-core names), "tokens", "neighbor_tokens"
 [b, l, k, r], "logits" [b, n, vocab], "versions"}. tests/test_fidelity.py loads each file
 into retro_toolkit's model through the importer's name mapping and compares logits.
+DIST_CONFIG is also saved as a Megatron-LM training checkpoint in torch_dist format
+(<name>_torch_dist/), the input of `retro-run import-megatron`.
 
 Only device placement is patched (megatron-core 0.15.3 asks torch.cuda for a device in its
 rotary embedding and attention scratch buffer, and for an RNG tracker around eval-mode
@@ -130,6 +132,39 @@ def one_p(state: dict, c: dict) -> dict:
     return {k: (v - 1 if "norm" in k and k.endswith("weight") else v) for k, v in state.items()}
 
 
+# The config also written as a Megatron-LM training checkpoint (torch_dist), for import-megatron.
+DIST_CONFIG = "nine_layers"
+
+
+def megatron_args(c: dict):
+    """The training args Megatron-LM would record for config c (its argument names)."""
+    return argparse.Namespace(
+        num_layers=c["num_layers"], hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
+        ffn_hidden_size=c["ffn_hidden_size"], seq_length=c["seq"], max_position_embeddings=c["seq"],
+        padded_vocab_size=VOCAB, swiglu=c["swiglu"], add_bias_linear=c["add_bias_linear"],
+        normalization="LayerNorm", apply_layernorm_1p=False, norm_epsilon=1e-5,
+        position_embedding_type=c["position"], rotary_percent=c["rotary_percent"], rotary_base=10000,
+        untie_embeddings_and_output_weights=c["untie"], tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1, retro_add_retriever=True, retro_gpt_chunk_length=c["chunk"],
+        retro_num_neighbors=c["k"], retro_num_retrieved_chunks=c["retrieved_chunks"], retro_encoder_layers=2,
+        use_mcore_models=True, ckpt_format="torch_dist",
+    )
+
+
+def save_dist(model, c: dict, root: Path) -> None:
+    """root/latest_checkpointed_iteration.txt + root/iter_0000001/, as Megatron-LM's save_checkpoint lays them."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    torch.cuda.synchronize = lambda *a, **k: None
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "iter_0000001").mkdir(parents=True)
+    state = {"model": model.sharded_state_dict(), "args": megatron_args(c), "checkpoint_version": 3.0, "iteration": 1}
+    dist_checkpointing.save(state, str(root / "iter_0000001"))
+    (root / "latest_checkpointed_iteration.txt").write_text("1")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for <config>.pt files")
@@ -151,6 +186,8 @@ def main() -> None:
                     "neighbor_tokens": neighbors, "logits": logits,
                     "versions": {"megatron-core": megatron.core.__version__, "torch": str(torch.__version__)}},
                    a.out / f"{name}.pt")
+        if name == DIST_CONFIG:
+            save_dist(model, c, a.out / f"{name}_torch_dist")
         print(f"{name}: {sum(v.numel() for v in state.values())} parameters, logits {tuple(logits.shape)}, "
               f"max |logit| {logits.abs().max():.4f}")
 
