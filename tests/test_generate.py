@@ -38,11 +38,16 @@ def rand(shape, seed, low=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch,cca_rotary", [("retro", False), ("retro", True), ("gpt", False)])
-def test_cached_logits_equal_the_full_forward_at_every_position(arch, cca_rotary):
+@pytest.mark.parametrize("arch,over", [
+    ("retro", {}), ("retro", {"cca_rotary": True}), ("gpt", {}),
+    ("retro", {"flavor": "megatron_core", "encoder_rotary": True}),
+    ("retro", {"position_embedding_type": "learned_absolute"}),
+    ("gpt", {"position_embedding_type": "learned_absolute"}),
+])
+def test_cached_logits_equal_the_full_forward_at_every_position(arch, over):
     # float64: the wide init makes float32 rounding alone reach 1.5e-5 relative, which would
     # hide a real mismatch; in float64 the two paths agree to about 1e-14.
-    model = make(arch, cca_rotary=cca_rotary).double()
+    model = make(arch, **over).double()
     tokens, nb = rand((2, 32), 1), rand((2, 4, K, R), 2)
     nb[0, 1, 0, 5:] = -1
     nb[1, 2] = -1  # a chunk with no neighbours at all

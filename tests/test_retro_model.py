@@ -140,8 +140,9 @@ def test_pad_id_is_masked_like_minus_one():
         model.config.neighbor_pad_id = None
 
 
-def test_backward_reaches_encoder_and_cca():
-    model = make()
+@variants
+def test_backward_reaches_encoder_and_cca(variant):
+    model = make(**VARIANTS[variant])
     model.train()
     tokens, nb = inputs()
     loss = model(tokens, nb, labels=tokens).float().mean()
@@ -150,6 +151,10 @@ def test_backward_reaches_encoder_and_cca():
     enc = [g for n, g in grads.items() if ".encoder." in n]
     assert enc and all(g is not None and torch.isfinite(g).all() for g in enc)
     assert any(g.abs().sum() > 0 for g in enc)
+    if VARIANTS[variant].get("position_embedding_type") == "learned_absolute":
+        # Every row of the table (positions 0..31) trains.
+        g = grads["embedding.position_embeddings.weight"]
+        assert (g.abs().sum(dim=1) > 0).all()
 
 
 def test_cca_zero_init_starts_as_the_gpt_twin_and_then_learns_to_use_neighbours():
