@@ -88,6 +88,8 @@ def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
         shutil.copyfile(tokenizer_file, staging / TOKENIZER_FILE)
         if retrieval is not None:
             write_yaml(staging / RETRIEVAL_FILE, retrieval)
+        # Stated, not left to defaults: a package without them reads as one from before they existed.
+        section = {**section, "flavor": model.config.flavor, "encoder_rotary": model.config.encoder_rotary}
         cfg = model_config(section, WEIGHTS_FILE if weights == "file" else WEIGHTS_DIR, retrieval is not None,
                            files.sha256_file(tokenizer_file))
         write_yaml(staging / MODEL_CONFIG, cfg)
@@ -102,6 +104,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
                       log: Callable[[str], None] = print) -> Path:
     """Package a training checkpoint (checkpoints/<stage>[/iter_NNNNNNN], any tensor-parallel size)."""
     from retro_toolkit.collections.retro import checkpointing as ckpt
+    from retro_toolkit.collections.retro.config import stored_model_section
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
     source = ckpt.resolve(checkpoint, "export.checkpoint")
@@ -110,6 +113,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
     if section is None:
         raise UserError(f"{source} records no model section (an older retro_toolkit wrote it), so the package "
                         "could not say which model it holds. Retrain, or re-save it with this version.")
+    section = stored_model_section(section)
     tokenizer_file = Path(tokenizer_file)
     saved_sha = common.get("tokenizer_sha256")
     if saved_sha is not None and saved_sha != files.sha256_file(tokenizer_file):
