@@ -145,3 +145,18 @@ def test_a_dist_checkpoint_missing_a_tensor_is_refused_naming_it(tmp_path, token
     (ckpt / "iter_0000001" / "common.pt").unlink()
     with pytest.raises(UserError, match=r"has no common.pt"):
         import_checkpoint(ckpt, tokenizer_file, tmp_path / "m.nemo")
+
+
+@torch.no_grad()
+def test_a_tensor_parallel_2_dist_checkpoint_imports_with_its_logits(tmp_path, tokenizer_file):  # noqa: F811
+    """Written by megatron-core 0.15.3 under torchrun at TP 2 (SwiGLU halves and q/k/v split per
+    rank); the package, at TP 1, gives the logits the sharded upstream model computed."""
+    from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
+    from retro_toolkit.checkpoint.nemo import restore
+
+    ref = torch.load(DATA / "nine_layers_tp2.pt", weights_only=True)
+    out = import_checkpoint(DATA / "nine_layers_tp2_torch_dist", tokenizer_file, tmp_path / "m.nemo",
+                            log=lambda s: None)
+    pkg = restore(out, device="cpu")
+    pkg.model.config.neighbor_pad_id = None
+    assert rel_diff(pkg.model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) < TOLERANCE

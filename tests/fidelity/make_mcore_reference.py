@@ -3,6 +3,7 @@
 usage (its own virtual environment, CPU; nothing else of this project is imported):
     python -m venv /tmp/mcore015 && /tmp/mcore015/bin/pip install torch==2.13.0 megatron-core==0.15.3 psutil
     /tmp/mcore015/bin/python tests/fidelity/make_mcore_reference.py --out tests/fidelity/data
+    /tmp/mcore015/bin/torchrun --nproc-per-node 2 tests/fidelity/make_mcore_reference.py --out tests/fidelity/data
 
 For each config in CONFIGS it builds megatron-core's RetroModel from its own local spec
 (get_retro_decoder_block_spec, use_transformer_engine=False), gives every parameter seeded
@@ -12,7 +13,9 @@ forward pass in float32 on random tokens and random neighbours, and saves
 [b, l, k, r], "logits" [b, n, vocab], "versions"}. tests/test_fidelity.py loads each file
 into retro_toolkit's model through the importer's name mapping and compares logits.
 DIST_CONFIG is also saved as a Megatron-LM training checkpoint in torch_dist format
-(<name>_torch_dist/), the input of `retro-run import-megatron`.
+(<name>_torch_dist/), the input of `retro-run import-megatron`. Under torchrun with N ranks
+the script writes only DIST_CONFIG at tensor-parallel size N (<name>_tpN_torch_dist/, each
+rank's shards randomised apart) and the logits that sharded model computes (<name>_tpN.pt).
 
 Only device placement is patched (megatron-core 0.15.3 asks torch.cuda for a device in its
 rotary embedding and attention scratch buffer, and for an RNG tracker around eval-mode
@@ -70,12 +73,15 @@ def _init_parallel() -> None:
     from megatron.core import parallel_state
 
     if not td.is_initialized():
-        store = tempfile.mktemp(prefix="mcore_ref_")
-        td.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
+        if "WORLD_SIZE" in os.environ:  # torchrun
+            td.init_process_group("gloo")
+        else:
+            store = tempfile.mktemp(prefix="mcore_ref_")
+            td.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(td.get_world_size(), 1)
 
 
-def build(c: dict):
+def build(c: dict, tp: int = 1):
     from megatron.core.models.retro import RetroConfig, get_retro_decoder_block_spec
     from megatron.core.models.retro.model import RetroModel
 
@@ -90,22 +96,27 @@ def build(c: dict):
         retro_split_preprocessing="98,2,0", use_cpu_initialization=True, bias_dropout_fusion=False,
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         gradient_accumulation_fusion=False, apply_rope_fusion=False, init_method_std=0.02,
+        tensor_model_parallel_size=tp,
     )
     spec = get_retro_decoder_block_spec(config, use_transformer_engine=False)
     model = RetroModel(
         config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=c["seq"],
         share_embeddings_and_output_weights=not c["untie"], position_embedding_type=c["position"],
-        rotary_percent=c["rotary_percent"], parallel_output=True,
+        rotary_percent=c["rotary_percent"], parallel_output=False,
     )
     return model.eval()
 
 
-def randomise(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+def randomise(model, seed: int, rank: int = 0) -> None:
+    """Seeded values for every parameter; a tensor-parallel shard also draws from its rank, a
+    replicated tensor (norms, row-parallel biases) is the same on every rank."""
+    shared = torch.Generator().manual_seed(seed)
+    own = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = 0.1 if name.endswith("bias") else (0.2 if p.dim() == 1 else 0.08)
             mean = 1.0 if p.dim() == 1 and "norm" in name and name.endswith("weight") else 0.0
+            g = own if getattr(p, "tensor_model_parallel", False) else shared
             p.copy_(mean + std * torch.randn(p.shape, generator=g))
 
 
@@ -136,7 +147,7 @@ def one_p(state: dict, c: dict) -> dict:
 DIST_CONFIG = "nine_layers"
 
 
-def megatron_args(c: dict):
+def megatron_args(c: dict, tp: int = 1):
     """The training args Megatron-LM would record for config c (its argument names)."""
     return argparse.Namespace(
         num_layers=c["num_layers"], hidden_size=c["hidden_size"], num_attention_heads=c["num_attention_heads"],
@@ -144,25 +155,31 @@ def megatron_args(c: dict):
         padded_vocab_size=VOCAB, swiglu=c["swiglu"], add_bias_linear=c["add_bias_linear"],
         normalization="LayerNorm", apply_layernorm_1p=False, norm_epsilon=1e-5,
         position_embedding_type=c["position"], rotary_percent=c["rotary_percent"], rotary_base=10000,
-        untie_embeddings_and_output_weights=c["untie"], tensor_model_parallel_size=1,
+        untie_embeddings_and_output_weights=c["untie"], tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1, retro_add_retriever=True, retro_gpt_chunk_length=c["chunk"],
         retro_num_neighbors=c["k"], retro_num_retrieved_chunks=c["retrieved_chunks"], retro_encoder_layers=2,
         use_mcore_models=True, ckpt_format="torch_dist",
     )
 
 
-def save_dist(model, c: dict, root: Path) -> None:
+def save_dist(model, c: dict, root: Path, tp: int = 1) -> None:
     """root/latest_checkpointed_iteration.txt + root/iter_0000001/, as Megatron-LM's save_checkpoint lays them."""
     import shutil
 
     from megatron.core import dist_checkpointing
 
     torch.cuda.synchronize = lambda *a, **k: None
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "iter_0000001").mkdir(parents=True)
-    state = {"model": model.sharded_state_dict(), "args": megatron_args(c), "checkpoint_version": 3.0, "iteration": 1}
+    import torch.distributed as td
+
+    if td.get_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "iter_0000001").mkdir(parents=True)
+    td.barrier()
+    state = {"model": model.sharded_state_dict(), "args": megatron_args(c, tp), "checkpoint_version": 3.0,
+             "iteration": 1}
     dist_checkpointing.save(state, str(root / "iter_0000001"))
-    (root / "latest_checkpointed_iteration.txt").write_text("1")
+    if td.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text("1")
 
 
 def main() -> None:
@@ -175,6 +192,26 @@ def main() -> None:
     _cpu_only()
     _init_parallel()
     a.out.mkdir(parents=True, exist_ok=True)
+    import torch.distributed as td
+
+    tp = td.get_world_size()
+    if tp > 1:
+        # Under torchrun: DIST_CONFIG at this tensor-parallel size, as a training checkpoint
+        # plus the logits this sharded model computes (its shards are random, not the TP-1 ones).
+        i = list(CONFIGS).index(DIST_CONFIG)
+        c = CONFIGS[DIST_CONFIG]
+        torch.manual_seed(a.seed + i)
+        model = build(c, tp)
+        randomise(model, a.seed + i, td.get_rank())
+        tokens, neighbors, logits = forward(model, c, a.seed + i)
+        save_dist(model, c, a.out / f"{DIST_CONFIG}_tp{tp}_torch_dist", tp)
+        if td.get_rank() == 0:
+            torch.save({"config": c, "vocab_size": VOCAB, "tokens": tokens, "neighbor_tokens": neighbors,
+                        "logits": logits, "versions": {"megatron-core": megatron.core.__version__,
+                                                       "torch": str(torch.__version__)}},
+                       a.out / f"{DIST_CONFIG}_tp{tp}.pt")
+            print(f"{DIST_CONFIG} at TP {tp}: logits {tuple(logits.shape)}, max |logit| {logits.abs().max():.4f}")
+        return
     for i, (name, c) in enumerate(CONFIGS.items()):
         torch.manual_seed(a.seed + i)
         model = build(c)
