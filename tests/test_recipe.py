@@ -89,6 +89,9 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["eval_ppl.splits=[vaild]"], "'eval_ppl.splits[0]' = 'vaild' is not one of train, valid, test. Did you mean 'valid'?"),
         (["pretrain.source_weights=[1.0,2.0]"], "pretrain.source_weights = [1.0, 2.0] must give one non-negative weight per data.sources entry (1)"),
         (["eval_ppl.splits=[]"], "recipe key 'eval_ppl.splits' is empty"),
+        (["retrieval.num_candidates=1"], "retrieval.num_candidates (1) must be between model.num_neighbors (2) and "
+                                         "retrieval.k_query (100)"),
+        (["retrieval.num_candidates=101"], "retrieval.num_candidates (101) must be between"),
         (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
         (["model.num_layers=4", "model.cca_layers=null"], "model.num_layers is 4: Retro's rule puts chunked"),
         (["model.cca_layers=[0,2]"], "model.cca_layers [0, 2] names layers outside 1..2"),

@@ -88,6 +88,25 @@ def test_filter_without_overlap_keeps_rank_order():
     assert kept.tolist() == [[5, 3], [2, 7]]
 
 
+def test_sample_filter_keeps_the_first_k_outside_the_sample_documents_in_rank_order():
+    offsets = np.array([0, 100, 150, 400, 1000])  # documents 0..3
+    assert neighbors.sample_doc_range(offsets, 0, 100) == (0, 0)
+    assert neighbors.sample_doc_range(offsets, 0, 101) == (0, 1)  # seq_length + 1 tokens reach document 1
+    assert neighbors.sample_doc_range(offsets, 128, 129) == (1, 2)
+    chunk_doc = np.array([0, 0, 1, 1, 2, 2, 3, 3, 3, 3])
+    cand = np.array([[7, 3, 9, 4, 1], [2, -1, 8, 6, 5], [3, 9, -1, -1, -1], [5, 4, 2, 3, -1]])
+    kept = neighbors.filter_candidates(cand, chunk_doc[np.clip(cand, 0, None)], 1, 2, 2)
+    assert kept.tolist() == [[7, 9], [8, 6], [9, -1], [-1, -1]]
+    assert neighbors.filter_candidates(cand, chunk_doc[np.clip(cand, 0, None)], None, None, 2).tolist() == [
+        [7, 3], [2, 8], [3, 9], [5, 4]]
+
+
+def test_default_candidates_are_a_few_times_k_within_k_query():
+    assert neighbors.num_candidates(None, 2, 200) == 8
+    assert neighbors.num_candidates(None, 2, 5) == 5
+    assert neighbors.num_candidates(3, 2, 200) == 3
+
+
 @pytest.mark.parametrize(
     "string, need", [("Flat", 1), ("IVF4096,Flat", 4096), ("OPQ32_64,IVF65536_HNSW8,PQ32", 65536), ("PQ16x4", 16), ("HNSW32", 1)]
 )

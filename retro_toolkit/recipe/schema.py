@@ -173,6 +173,10 @@ class RetrievalConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     # Candidates fetched per query chunk before same-document filtering keeps model.num_neighbors.
     k_query: int = 200
+    # Candidates stored per query chunk (null = 4 x model.num_neighbors, at most k_query).
+    # A training sample drops those from any of its own documents and keeps the first
+    # model.num_neighbors of the rest, so one build serves every model.seq_length.
+    num_candidates: Optional[int] = None
     # Chunks per embedding / neighbour block file (the unit of resume and of work per rank).
     block_size: int = 10000
     # Splits whose query chunks get neighbours.

@@ -235,6 +235,12 @@ def _semantic(r: dict[str, Any]) -> None:
             f"retrieval.k_query ({q['k_query']}) must be at least model.num_neighbors "
             f"({r['model']['num_neighbors']}): candidates are filtered down to the neighbours kept."
         )
+    c = q["num_candidates"]
+    if c is not None and not r["model"]["num_neighbors"] <= c <= q["k_query"]:
+        raise UserError(
+            f"retrieval.num_candidates ({c}) must be between model.num_neighbors ({r['model']['num_neighbors']}) "
+            f"and retrieval.k_query ({q['k_query']}): samples keep num_neighbors of the candidates stored."
+        )
 
     m = r["model"]
     _check_choice(m["arch"], ("retro", "gpt"), "model.arch")

@@ -6,6 +6,8 @@ index they searched), so a rerun reuses exactly what is still valid: after a kil
 missing blocks are computed; after extra corpora are added (`retrieval.extra_sources`),
 only the new chunks are embedded, the trained index is reused (not retrained), and every
 query is searched again. The index is trained and filled by rank 0, then read by all.
+Each query chunk keeps `retrieval.num_candidates` neighbour candidates, more than k, so
+that a training sample can drop those from its own documents (collections/retrieval/neighbors.py).
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
 def run(ctx: StageContext) -> StageResult:
     r, env = ctx.recipe, ctx.env
     cfg, m, k = r.retrieval, r.model.chunk_length, r.model.num_neighbors
+    c = neighbors.num_candidates(cfg.num_candidates, k, cfg.k_query)
     w = ctx.workdir
     tok = Tokenizer(w / MODEL_FILE)
     train = ts.TokenStream(w / ts.CORPUS_DIR, "train")
@@ -192,9 +195,10 @@ def run(ctx: StageContext) -> StageResult:
             lo = hi = None
             if split == db.split:  # the database holds this split's documents
                 lo, hi = neighbors.banned_doc_range(stream.doc_offsets, len(stream), start, end, m)
-            return neighbors.filter_candidates(cand, db.chunk_doc[np.clip(cand, 0, n - 1)], lo, hi, k)
+            # more than k: the dataset drops those from its sample's other documents
+            return neighbors.filter_candidates(cand, db.chunk_doc[np.clip(cand, 0, n - 1)], lo, hi, c)
 
-        nb_key = lambda s, e, q_key=q_key: _sha(q_key(s, e), fill_key, k, cfg.k_query, cfg.index.nprobe)  # noqa: E731
+        nb_key = lambda s, e, q_key=q_key: _sha(q_key(s, e), fill_key, c, cfg.k_query, cfg.index.nprobe)  # noqa: E731
         dist.barrier()  # every rank's query embeddings are on disk before anyone searches
         blocks.compute_missing(nb_dir, nq, q_spans, search, nb_key, env.rank, env.world_size)
         progress.close()
@@ -210,8 +214,8 @@ def run(ctx: StageContext) -> StageResult:
         summary.update(_validate(spans, cfg.validate_fraction, cfg.seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx))
     if env.is_main:
         files.write_json(w / NEIGHBORS_META, {
-            "chunk_length": m, "num_neighbors": k, "k_query": cfg.k_query, "index": string, "db_chunks": n,
-            "tokenizer_sha256": train.meta["tokenizer_sha256"], "block_size": cfg.block_size, "splits": splits_meta,
+            "chunk_length": m, "num_neighbors": k, "num_candidates": c, "k_query": cfg.k_query, "index": string,
+            "db_chunks": n, "tokenizer_sha256": train.meta["tokenizer_sha256"], "block_size": cfg.block_size, "splits": splits_meta,
         })
     outputs = [chunk_db.CHUNKS_FILE, f"index/{faiss_index.folder_name(string)}/added.faissindex", NEIGHBORS_META]
     return StageResult(outputs=outputs, summary=summary)
@@ -285,7 +289,7 @@ def database_tokens(workdir: Path, db: chunk_db.ChunkDB) -> chunk_db.PartTokens:
 
 
 def load_neighbors(workdir: Path, split: str) -> np.ndarray:
-    """All neighbour ids of a split's query chunks, [query chunks, k]; checks every block."""
+    """All neighbour candidates of a split's query chunks, [query chunks, num_candidates]; checks every block."""
     meta = files.read_json(workdir / NEIGHBORS_META)
     s = meta["splits"][split]
     spans = blocks.ranges(s["query_chunks"], meta["block_size"])

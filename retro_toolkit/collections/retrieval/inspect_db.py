@@ -59,7 +59,9 @@ class Inspector:
             raise UserError(f"the neighbour block holding {split} chunk {n} is missing or damaged: rerun build_db.")
         stream = TokenStream(self.w / CORPUS_DIR, split)
         out = [f"{split} query chunk {n} (tokens {n * m}..{min((n + 1) * m, len(stream))}):",
-               _indent(chunk_text(self.tok, stream.tokens[n * m:(n + 1) * m]))]
+               _indent(chunk_text(self.tok, stream.tokens[n * m:(n + 1) * m])),
+               f"its neighbour candidates in rank order (a training sample drops those from its own documents "
+               f"and keeps the first {self.meta['num_neighbors']}):"]
         r = 2 * m
         toks = chunk_db.neighbor_tokens(self.db, self.tokens, block[n - start], r, self.tok.pad_id)
         for j, (cid, t) in enumerate(zip(block[n - start], toks)):
@@ -83,6 +85,6 @@ class Inspector:
         lines.append(f"index: {self.meta['index']}, {size / 2**20:.1f} MiB")
         for split, s in self.meta["splits"].items():
             nb = load_neighbors(self.w, split)
-            lines.append(f"neighbours {split}: {s['query_chunks']} query chunks x {nb.shape[1]}, "
+            lines.append(f"neighbours {split}: {s['query_chunks']} query chunks x {nb.shape[1]} candidates, "
                          f"{(nb < 0).mean() * 100:.1f}% missing (-1)")
         return "\n".join(lines)

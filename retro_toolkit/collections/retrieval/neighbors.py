@@ -1,19 +1,31 @@
-"""Neighbours of every query chunk: the aligned m-token windows of a split's stream.
+"""Neighbour candidates of every query chunk: the aligned m-token windows of a split's stream.
 
-A query chunk's candidates exclude every database chunk from a document that overlaps
-the query chunk or the chunk after it (the tokens those neighbours help predict), so
-nothing leaks the text being predicted. The first k survivors are kept; -1 pads.
+Retro excludes neighbours from every document of the training sequence, but a neighbour
+build must serve any sequence length, so the exclusion happens in two steps. Here, at
+build time, a query chunk's candidates lose every database chunk from a document that
+overlaps the query chunk or the chunk after it (the tokens those neighbours help
+predict), and the first `retrieval.num_candidates` survivors are stored in rank order,
+-1 padding. The dataset then drops the candidates from any document its sample's token
+window touches and keeps the first k (`sample_doc_range`, `filter_candidates`).
 
-    neighbors/<split>/NNNNNN-NNNNNN.h5   dataset `data` int64 [query chunks, k]
+    neighbors/<split>/NNNNNN-NNNNNN.h5   dataset `data` int64 [query chunks, num_candidates]
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+# Candidates stored per query chunk when retrieval.num_candidates is null, as a multiple of k.
+CANDIDATES_PER_NEIGHBOUR = 4
+
 
 def num_query_chunks(num_tokens: int, m: int) -> int:
     return -(-num_tokens // m)
+
+
+def num_candidates(setting: int | None, k: int, k_query: int) -> int:
+    """Candidates stored per query chunk: the recipe's setting, else a few times k (at most k_query)."""
+    return setting if setting is not None else min(CANDIDATES_PER_NEIGHBOUR * k, k_query)
 
 
 def query_windows(tokens: np.ndarray, start: int, end: int, m: int) -> list[np.ndarray]:
@@ -21,23 +33,38 @@ def query_windows(tokens: np.ndarray, start: int, end: int, m: int) -> list[np.n
     return [np.asarray(tokens[i * m : (i + 1) * m]) for i in range(start, end)]
 
 
-def banned_doc_range(doc_offsets: np.ndarray, num_tokens: int, start: int, end: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per query chunk i in [start, end): the first and last document touching tokens [i*m, (i+2)*m)."""
-    i = np.arange(start, end, dtype=np.int64)
-    first_tok = i * m
-    last_tok = np.minimum((i + 2) * m, num_tokens) - 1
+def doc_range(
+    doc_offsets: np.ndarray, first_tok: np.ndarray | int, last_tok: np.ndarray | int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first and last document holding tokens first_tok..last_tok (inclusive)."""
     lo = np.searchsorted(doc_offsets, first_tok, side="right") - 1
     hi = np.searchsorted(doc_offsets, last_tok, side="right") - 1
     return lo, hi
 
 
+def banned_doc_range(doc_offsets: np.ndarray, num_tokens: int, start: int, end: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query chunk i in [start, end): the first and last document touching tokens [i*m, (i+2)*m)."""
+    i = np.arange(start, end, dtype=np.int64)
+    return doc_range(doc_offsets, i * m, np.minimum((i + 2) * m, num_tokens) - 1)
+
+
+def sample_doc_range(doc_offsets: np.ndarray, start: int, length: int) -> tuple[int, int]:
+    """The first and last document touching a sample's tokens [start, start + length)."""
+    lo, hi = doc_range(doc_offsets, start, start + length - 1)
+    return int(lo), int(hi)
+
+
 def filter_candidates(
-    candidates: np.ndarray, candidate_doc: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None, k: int
+    candidates: np.ndarray, candidate_doc: np.ndarray, lo: np.ndarray | int | None, hi: np.ndarray | int | None, k: int
 ) -> np.ndarray:
-    """Keep the first k candidates (in rank order) outside [lo, hi]; pad with -1."""
+    """Keep the first k candidates (in rank order) whose document is outside [lo, hi]; pad with -1.
+
+    lo and hi are per row ([rows] arrays), one range for all rows (ints), or None (no ban).
+    """
     valid = candidates >= 0
     if lo is not None:
-        valid &= ~((candidate_doc >= lo[:, None]) & (candidate_doc <= hi[:, None]))
+        lo, hi = np.reshape(lo, (-1, 1)), np.reshape(hi, (-1, 1))
+        valid &= ~((candidate_doc >= lo) & (candidate_doc <= hi))
     # stable sort puts valid candidates first while keeping their rank order
     order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
     kept = np.take_along_axis(np.where(valid, candidates, -1), order, axis=1)

@@ -2,10 +2,14 @@
 
 A sample is seq_length + 1 tokens starting at a multiple of seq_length (itself a
 multiple of the chunk length m), so sample chunk c is stream chunk start/m + c and its
-neighbours are row start/m + c of neighbors/<split>: one neighbour build serves any
-sequence length, seed, sample count or epoch count. Windows are shuffled per epoch from
-the seed. Neighbour ids are read once into memory (8*k bytes per chunk), never one file
-per sample; neighbour tokens come from the database's memory-mapped streams.
+neighbours come from row start/m + c of neighbors/<split>: one neighbour build serves any
+sequence length, seed, sample count or epoch count. As in Retro, no sample sees a
+neighbour from one of its own documents: each row holds more candidates than k, and a
+train sample drops those from the documents its window touches (the database holds the
+train documents only, so valid/test samples drop nothing), then keeps the first k in
+rank order, -1 when fewer remain. Windows are shuffled per epoch from the seed.
+Candidate ids are read once into memory (8 bytes per candidate and chunk), never one
+file per sample; neighbour tokens come from the database's memory-mapped streams.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_toolkit.collections.retrieval import chunk_db
+from retro_toolkit.collections.retrieval import chunk_db, neighbors
 from retro_toolkit.collections.retro import blend
 from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens, load_neighbors
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
@@ -29,6 +33,9 @@ def check_neighbors(meta: dict, split: str, stream: TokenStream, chunk_length: i
     if meta["chunk_length"] != chunk_length:
         raise UserError(f"{where}: neighbours were built with chunk length {meta['chunk_length']}, "
                         f"model.chunk_length is {chunk_length}; {fix}")
+    if "num_candidates" not in meta:
+        raise UserError(f"{where}: neighbours were built before samples dropped neighbours from their own "
+                        f"documents (no extra candidates per chunk); {fix}")
     if meta["num_neighbors"] < k:
         raise UserError(f"{where}: neighbours were built with k = {meta['num_neighbors']}, "
                         f"model.num_neighbors is {k}; {fix}")
@@ -89,8 +96,10 @@ class RetroDataset:
             if not meta_file.is_file():
                 raise UserError(f"{meta_file} is missing: run the build_db stage before training Retro.")
             check_neighbors(files.read_json(meta_file), split, self.stream, chunk_length, num_neighbors, meta_file)
-            self.neighbors = load_neighbors(w, split)[:, :num_neighbors]
+            self.neighbors = load_neighbors(w, split)
             self.db = chunk_db.load(w / chunk_db.CHUNKS_FILE)
+            # Doc ids of the database's first part are the stream's own (build_db bans the same way).
+            self.own_docs = split == self.db.split
             self.db_tokens = database_tokens(w, self.db)
 
     def __len__(self) -> int:
@@ -116,7 +125,12 @@ class RetroDataset:
         sample = {"tokens": tokens[:-1], "labels": tokens[1:]}
         if self.with_neighbors:
             first = start // self.m
-            ids = self.neighbors[first:first + self.seq_length // self.m]
+            cand = self.neighbors[first:first + self.seq_length // self.m]
+            lo = hi = None
+            if self.own_docs:
+                lo, hi = neighbors.sample_doc_range(self.stream.doc_offsets, start, self.seq_length + 1)
+            doc = self.db.chunk_doc[np.clip(cand, 0, len(self.db) - 1)]
+            ids = neighbors.filter_candidates(cand, doc, lo, hi, self.k)
             sample["neighbor_ids"] = ids
             sample["neighbor_tokens"] = chunk_db.neighbor_tokens(self.db, self.db_tokens, ids, self.r, self.pad_id)
         return sample
