@@ -148,6 +148,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     im.add_argument("--out", required=True, help="the .nemo file to write")
     im.add_argument("--trust-checkpoint", action="store_true",
                     help="allow full pickle loading (runs code from the file); only for checkpoints you trust")
+    im.add_argument("--retro-args", metavar="ARGS_JSON",
+                    help="the Retro workdir's args.json the run read its chunk length from (legacy training args "
+                         "do not record it; without this file it is taken as 64, Retro's, and said so)")
     return p, {"run": r, "status": st, "validate": v, "show": s, "ls": ls, "inspect": i, "show-model": sm, "generate": g,
                "export-safetensors": es, "import-megatron": im}
 
@@ -247,7 +250,7 @@ def _import_megatron(a: argparse.Namespace) -> int:
     quiet_warnings()
     from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
 
-    out = import_checkpoint(a.checkpoint, a.tokenizer, a.out, trust=a.trust_checkpoint)
+    out = import_checkpoint(a.checkpoint, a.tokenizer, a.out, trust=a.trust_checkpoint, retro_args=a.retro_args)
     print(f"wrote {out}")
     return 0
 

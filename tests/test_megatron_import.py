@@ -5,6 +5,7 @@ legacy ParallelTransformer names, two tensor-parallel shards (SwiGLU halves per 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path, PurePosixPath
 
@@ -180,3 +181,33 @@ def test_layouts_it_cannot_read_are_refused(tmp_path, tokenizer_file):  # noqa: 
     ckpt = write_legacy(tmp_path / "tp", model, args={"tensor_model_parallel_size": 4})
     with pytest.raises(UserError, match="tensor_model_parallel_size 4 but there are 2 shards"):
         import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
+    ckpt = write_legacy(tmp_path / "pi", model, args={"rotary_seq_len_interpolation_factor": 4})
+    with pytest.raises(UserError, match="rotary_seq_len_interpolation_factor 4"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
+    ckpt = write_legacy(tmp_path / "post", model, args={"apply_residual_connection_post_layernorm": True})
+    with pytest.raises(UserError, match="apply_residual_connection_post_layernorm"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
+
+
+def test_the_chunk_length_comes_from_the_args_or_the_retro_workdir_args_json(tmp_path, tokenizer_file):  # noqa: F811
+    """Legacy training args do not record the chunk length (Megatron-LM read it from the Retro
+    workdir's args.json): 64 is taken and said so, or --retro-args supplies it."""
+    model = random_model(6, SECTION)
+    bare = {k: v for k, v in ARGS.items() if k not in ("retro_gpt_chunk_length", "retro_chunk_length")}
+    ckpt = tmp_path / "c"
+    write_legacy(ckpt, model, args={})
+    for r in (0, 1):  # args without the chunk length, as legacy runs saved them
+        f = ckpt / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt"
+        sd = torch.load(f, weights_only=False)
+        sd["args"] = argparse.Namespace(**{**bare, "tensor_model_parallel_size": 2, "retro_workdir": "/w"})
+        torch.save(sd, f)
+    lines = []
+    with pytest.raises(UserError, match=r"chunk length 64 \(64: the args do not record the chunk length; pass"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "a.nemo", log=lines.append)
+    (tmp_path / "args.json").write_text(json.dumps({"retro_gpt_chunk_length": SECTION["chunk_length"]}))
+    out = import_checkpoint(ckpt, tokenizer_file, tmp_path / "b.nemo", log=lines.append,
+                            retro_args=tmp_path / "args.json")
+    assert nemo.restore(out).model.config.chunk_length == SECTION["chunk_length"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="records no chunk length"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "c.nemo", retro_args=tmp_path / "bad.json")

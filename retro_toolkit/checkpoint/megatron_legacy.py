@@ -111,6 +111,23 @@ def shard_files(sub: Path) -> list[Path]:
     return files
 
 
+class UpstreamEnum:
+    """What an enum member of Megatron-LM's args (args.model_type = ModelType.retro_decoder...)
+    loads as: its value only. The enums changed between releases (megatron-core 0.16 has no
+    ModelType 4), and nothing here reads them."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"UpstreamEnum({self.value!r})"
+
+
+UPSTREAM_ENUMS = ("megatron.core.enums.ModelType", "megatron.core.transformer.enums.AttnBackend",
+                  "megatron.core.transformer.enums.AttnMaskType", "megatron.model.enums.AttnMaskType",
+                  "megatron.model.enums.LayerType", "megatron.model.enums.AttnType")
+
+
 def load_shard(path: Path, trust: bool) -> dict[str, Any]:
     import pickle
 
@@ -118,8 +135,9 @@ def load_shard(path: Path, trust: bool) -> dict[str, Any]:
 
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
+    allowed = [argparse.Namespace] + [(UpstreamEnum, name) for name in UPSTREAM_ENUMS]
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -144,6 +162,32 @@ def normalise_name(name: str) -> str:
     return re.sub(r"(input|post_attention|post_inter_attention|final)_layernorm\b", r"\1_norm", name)
 
 
+CHUNK_KEYS = ("retro_chunk_length", "retro_gpt_chunk_length")
+
+
+def chunk_length(args: dict[str, Any]) -> int | None:
+    """The Retro chunk length args record (megatron-core runs do; legacy training args do not:
+    legacy Megatron-LM read it from <retro_workdir>/args.json)."""
+    return next((int(args[k]) for k in CHUNK_KEYS if args.get(k)), None)
+
+
+def read_retro_args(path: str | os.PathLike) -> dict[str, Any]:
+    """A Retro workdir's args.json (what legacy Megatron-LM's validate_args read its Retro settings from)."""
+    import json
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--retro-args {p} does not exist; give the Retro workdir's args.json.") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--retro-args {p} is not a JSON file ({e}).") from None
+    if not isinstance(data, dict) or chunk_length(data) is None:
+        raise UserError(f"--retro-args {p} records no chunk length ({' or '.join(CHUNK_KEYS)}); it is not a "
+                        "Retro workdir's args.json.")
+    return data
+
+
 def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
     """Our model section from Megatron-LM's training arguments."""
     def need(key: str) -> Any:
@@ -161,8 +205,13 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         raise UserError(f"{where}: the checkpoint was trained with apply_residual_connection_post_layernorm, "
                         "whose residuals are the normalised states in every layer; this toolkit's layers "
                         "add to the un-normalised stream (Megatron-LM's default), so it cannot be imported.")
+    factor = args.get("rotary_seq_len_interpolation_factor")
+    if factor not in (None, 1, 1.0):
+        raise UserError(f"{where}: the checkpoint was trained with rotary_seq_len_interpolation_factor {factor} "
+                        "(position interpolation), which this toolkit's rotary embedding does not apply; "
+                        "it cannot be imported without changing what it computes.")
     retro = bool(args.get("retro_add_retriever"))
-    chunk = args.get("retro_chunk_length") or args.get("retro_gpt_chunk_length") or 64
+    chunk = chunk_length(args) or 64
     section = {
         "arch": "retro" if retro else "gpt",
         "num_layers": int(need("num_layers")),
@@ -185,15 +234,18 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         "rotary_percent": float(args.get("rotary_percent") or 1.0),
         "rotary_base": int(args.get("rotary_base") or 10000),
         "untie_embeddings_and_output_weights": bool(args.get("untie_embeddings_and_output_weights", False)),
-        "retrieval_gate": 1.0,
+        # Legacy's --retro-attention-gate scales the CCA output as retrieval_gate does.
+        "retrieval_gate": float(1.0 if args.get("retro_attention_gate") is None else args["retro_attention_gate"]),
         "cca_rotary": False,
         # The legacy model: a final norm after the decoder, no positions inside the encoder.
         "flavor": "megatron_legacy",
         "encoder_rotary": False,
     }
     if section["seq_length"] % section["chunk_length"]:
+        hint = "" if chunk_length(args) else (" (64: the args do not record the chunk length; pass the Retro "
+                                              "workdir's args.json as --retro-args)")
         raise UserError(f"{where}: seq_length {section['seq_length']} is not a multiple of the Retro chunk length "
-                        f"{section['chunk_length']}.")
+                        f"{section['chunk_length']}{hint}.")
     return section
 
 
@@ -296,8 +348,11 @@ def _in_layer(rest: str, prefix: str, has_cross: bool, cross: str) -> str | None
 
 
 def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLike, out: str | os.PathLike,
-                      trust: bool = False, weights: str = "file", log: Callable[[str], None] = print) -> Path:
-    """Write `out` (.nemo) from a legacy Megatron-LM checkpoint folder and its SentencePiece model."""
+                      trust: bool = False, weights: str = "file", log: Callable[[str], None] = print,
+                      retro_args: str | os.PathLike | None = None) -> Path:
+    """Write `out` (.nemo) from a Megatron-LM checkpoint folder (legacy or megatron-core
+    torch_dist) and its SentencePiece model. `retro_args`: the Retro workdir's args.json, whose
+    settings (the chunk length) complete the checkpoint's args."""
     from retro_toolkit.checkpoint.export import write_model
     from retro_toolkit.checkpoint.nemo import build_for, load_full
     from retro_toolkit.collections.text.tokenizer import Tokenizer
@@ -306,17 +361,23 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     if not tokenizer_file.is_file():
         raise UserError(f"--tokenizer {tokenizer_file} does not exist; give the model's SentencePiece .model file.")
     tokenizer = Tokenizer(tokenizer_file)
+    extra = read_retro_args(retro_args) if retro_args is not None else {}
     sub = iteration_folder(folder)
     if (sub / "metadata.json").is_file():
         from retro_toolkit.checkpoint import megatron_core
 
         args, ours = megatron_core.read_dist(sub, trust)
+        args = {**args, **extra}
         section = section_from_args(args, sub)
         section["flavor"] = megatron_core.FLAVOR
         kind = "megatron-core dist checkpoint"
     else:
-        args, section, ours = _read_legacy(sub, trust)
+        args, section, ours = _read_legacy(sub, trust, extra)
         kind = f"{int(args.get('tensor_model_parallel_size') or 1)} tensor-parallel shard(s)"
+    if section["arch"] == "retro" and chunk_length(args) is None:
+        log(f"import-megatron: the checkpoint's args do not record the chunk length (legacy Megatron-LM read it "
+            f"from {args.get('retro_workdir') or '<retro_workdir>'}/args.json); taking Retro's 64. If the run used "
+            "another, pass that file as --retro-args.")
     if tokenizer.vocab_size > section["vocab_size"]:
         raise UserError(f"--tokenizer {tokenizer_file} has {tokenizer.vocab_size} pieces but the checkpoint's "
                         f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
@@ -334,8 +395,8 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
 
 
-def _read_legacy(sub: Path, trust: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(args, model section, tensors under our names) of a legacy iteration folder."""
+def _read_legacy(sub: Path, trust: bool, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(args completed by `extra`, model section, tensors under our names) of a legacy iteration folder."""
     paths = shard_files(sub)
     folder = sub.parent
     shards, args = [], None
@@ -348,7 +409,7 @@ def _read_legacy(sub: Path, trust: bool) -> tuple[dict[str, Any], dict[str, Any]
             raise UserError(f"{p} has checkpoint_version {version}; only 2.0 and later (query/key/value rows "
                             "grouped per head) are supported. Re-save it with a recent legacy Megatron-LM.")
         if args is None:
-            args = dict(sd["args"]) if isinstance(sd["args"], dict) else vars(sd["args"])
+            args = {**(dict(sd["args"]) if isinstance(sd["args"], dict) else vars(sd["args"])), **extra}
         shards.append(flatten(sd["model"]))
         del sd
     section = section_from_args(args, paths[0])
