@@ -1,10 +1,12 @@
-"""Our Retro computes what megatron-core 0.15.3's RetroModel computes, at equal weights.
+"""Our Retro computes what both upstream Retros compute, at equal weights.
 
 tests/fidelity/data/<config>.pt were written by tests/fidelity/make_mcore_reference.py in a
-virtual environment with megatron-core 0.15.3 (its usage line says how): weights under
-megatron-core's names, random tokens and neighbours, and the float32 logits megatron-core
-computed. Each is loaded through the importer's mapping (checkpoint.megatron_core) into a
-model of flavour megatron_core and must give the same logits under both attention backends.
+virtual environment with megatron-core 0.15.3, and legacy_<config>.pt by
+tests/fidelity/make_legacy_reference.py running legacy Megatron-LM (the InstructRetro tag);
+their usage lines say how. Each holds weights under upstream's names, random tokens and
+neighbours, and the float32 logits upstream computed. Each is loaded through the importer's
+mapping (checkpoint.megatron_core, checkpoint.megatron_legacy) into a model of the matching
+flavour and must give the same logits under both attention backends.
 """
 
 from __future__ import annotations
@@ -158,5 +160,57 @@ def test_a_tensor_parallel_2_dist_checkpoint_imports_with_its_logits(tmp_path, t
     out = import_checkpoint(DATA / "nine_layers_tp2_torch_dist", tokenizer_file, tmp_path / "m.nemo",
                             log=lambda s: None)
     pkg = restore(out, device="cpu")
+    pkg.model.config.neighbor_pad_id = None
+    assert rel_diff(pkg.model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) < TOLERANCE
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("core_attention", ["sdpa", "unfused"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_legacy_megatron_lm_at_equal_weights(name, core_attention):
+    """The importer's legacy path: the model section from the run's args (completed by the Retro
+    workdir's args.json, where legacy Megatron-LM kept the chunk length), legacy tensor names
+    through its rename, flavour megatron_legacy."""
+    from retro_toolkit.checkpoint.megatron_legacy import rename, section_from_args
+
+    ref = torch.load(DATA / f"legacy_{name}.pt", weights_only=True)
+    section = section_from_args({**ref["args"], **ref["retro_args"]}, name)
+    assert section["flavor"] == "megatron_legacy"
+    state, unknown = rename(ref["state_dict"], section, name)
+    assert not unknown
+    cfg, args = config_from_model_section(section, vocab_size=ref["vocab_size"], core_attention=core_attention)
+    model = build_model(cfg, args).eval()
+    load_full(model, state, name)
+    model.config.neighbor_pad_id = None  # upstream attends to every neighbour token
+    assert rel_diff(model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) < TOLERANCE
+    if core_attention == "sdpa":  # the reference tells the flavours apart
+        cfg, args = config_from_model_section({**section, "flavor": "megatron_core"}, vocab_size=ref["vocab_size"])
+        core = build_model(cfg, args).eval()
+        load_full(core, {k: v for k, v in state.items() if not k.startswith("decoder.final_layernorm.")}, name)
+        core.config.neighbor_pad_id = None
+        assert rel_diff(core(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) > 100 * TOLERANCE
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("ckpt,ref_file", [("legacy_nine_layers_checkpoint", "legacy_nine_layers.pt"),
+                                           ("legacy_nine_layers_tp2_checkpoint", "legacy_nine_layers_tp2.pt")])
+def test_a_checkpoint_saved_by_legacy_megatron_lm_imports_with_its_logits(tmp_path, tokenizer_file, ckpt, ref_file,  # noqa: F811
+                                                                          trust):
+    """Saved by the InstructRetro tag's own save_checkpoint (release/mp_rank_NN/model_optim_rng.pt,
+    the full args with ModelType.retro_decoder, a member megatron-core 0.16 no longer has), at TP
+    1 and 2: `retro-run import-megatron --retro-args` gives a package with upstream's logits,
+    with weights_only loading and with --trust-checkpoint."""
+    import json
+
+    from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
+    from retro_toolkit.checkpoint.nemo import restore
+
+    ref = torch.load(DATA / ref_file, weights_only=True)
+    (tmp_path / "args.json").write_text(json.dumps(ref["retro_args"]))
+    out = import_checkpoint(DATA / ckpt, tokenizer_file, tmp_path / "m.nemo", log=lambda s: None,
+                            retro_args=tmp_path / "args.json", trust=trust)
+    pkg = restore(out, device="cpu")
+    assert pkg.config["flavor"] == "megatron_legacy"
     pkg.model.config.neighbor_pad_id = None
     assert rel_diff(pkg.model(ref["tokens"], ref["neighbor_tokens"]), ref["logits"]) < TOLERANCE

@@ -17,10 +17,13 @@ nothing, or a model tensor nothing maps to, is an error listing them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pickle
 import re
+import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from retro_toolkit.errors import UserError
 
@@ -128,16 +131,43 @@ UPSTREAM_ENUMS = ("megatron.core.enums.ModelType", "megatron.core.transformer.en
                   "megatron.model.enums.LayerType", "megatron.model.enums.AttnType")
 
 
-def load_shard(path: Path, trust: bool) -> dict[str, Any]:
-    import pickle
+class _UpstreamUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return UpstreamEnum if f"{module}.{name}" in UPSTREAM_ENUMS else super().find_class(module, name)
 
+
+# torch.load(pickle_module=...) for full pickle: the upstream enums load as UpstreamEnum.
+_upstream_pickle = types.SimpleNamespace(**{**vars(pickle), "Unpickler": _UpstreamUnpickler})
+
+
+def _name(g: Any) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+
+
+@contextlib.contextmanager
+def _upstream_safe_globals(allowed: list) -> Iterator[None]:
+    """weights_only loading with `allowed` added and, while it runs, without the real classes of
+    the names UpstreamEnum stands for (megatron-core registers its own enums, which would win)."""
+    import torch
+
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals([g for g in before if _name(g) not in UPSTREAM_ENUMS] + allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def load_shard(path: Path, trust: bool) -> dict[str, Any]:
     import torch
 
     if trust:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_upstream_pickle)
     allowed = [argparse.Namespace] + [(UpstreamEnum, name) for name in UPSTREAM_ENUMS]
     try:
-        with torch.serialization.safe_globals(allowed):
+        with _upstream_safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
