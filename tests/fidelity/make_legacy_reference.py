@@ -187,22 +187,6 @@ def _after_import_shims() -> None:
     tp_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
 
 
-def _init_parallel() -> int:
-    """gloo process group (torchrun's, or a single-rank one) and model parallelism over all ranks."""
-    import torch.distributed as td
-    from megatron.core import parallel_state
-
-    if not td.is_initialized():
-        if "WORLD_SIZE" in os.environ:  # torchrun
-            td.init_process_group("gloo")
-        else:
-            store = tempfile.mktemp(prefix="legacy_ref_")
-            td.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(td.get_world_size(), 1)
-    return td.get_world_size()
-
-
 def set_args(c: dict, workdir: Path, tp: int = 1, extra: tuple[str, ...] = ()):
     """Megatron-LM's global args (and Retro args from the workdir) for config c; `extra` flags
     are appended to flags(c)."""
@@ -354,7 +338,8 @@ def main() -> None:
 
     assert Path(megatron.__file__).resolve().is_relative_to(a.megatron.resolve()), megatron.__file__
     _after_import_shims()
-    tp = _init_parallel()
+    _MCORE._init_parallel()  # resolves megatron.core from the legacy tree, first on sys.path
+    tp = td.get_world_size()
     rank = td.get_rank()
     a.out.mkdir(parents=True, exist_ok=True)
     commit = (a.megatron / ".commit").read_text().strip() if (a.megatron / ".commit").is_file() else "unknown"

@@ -78,7 +78,8 @@ def _init_parallel() -> None:
         else:
             store = tempfile.mktemp(prefix="mcore_ref_")
             td.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(td.get_world_size(), 1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(td.get_world_size(), 1)
 
 
 def build(c: dict, tp: int = 1):
