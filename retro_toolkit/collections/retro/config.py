@@ -20,8 +20,6 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.schema import MODEL_FLAVORS, POSITION_TYPES
 
 
-
-
 def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
     """A model section read back from a checkpoint or package, with every key it predates set
     to the behaviour its weights were trained with (before `encoder_rotary` existed, a RoPE

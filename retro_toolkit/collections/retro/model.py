@@ -149,13 +149,13 @@ class RetroModel(GPTModel):
             runtime_gather_output=runtime_gather_output,
         )
 
-    def _positions(self, ids: Tensor, start: int = 0) -> Optional[Tensor]:
-        """Position ids start.. for each row of ids [b, n] under learned absolute positions
-        (a neighbour's tokens are 0..r-1, as both upstreams number them); None under RoPE."""
+    def _positions(self, ids: Tensor) -> Optional[Tensor]:
+        """Position ids 0..n-1 for each row of ids [b, n] under learned absolute positions (a
+        neighbour's tokens are 0..r-1, as both upstreams number them); None under RoPE."""
         if self.position_embedding_type != "learned_absolute":
             return None
         b, n = ids.shape
-        return torch.arange(start, start + n, device=ids.device).expand(b, n)
+        return torch.arange(n, device=ids.device).expand(b, n)
 
     def _forward_cached(self, tokens: Tensor, ctx: RetroInferenceContext, gather: Optional[bool]) -> Tensor:
         if self.training:
