@@ -22,7 +22,8 @@ from retro_toolkit.errors import UserError
 FORMATS = ("conversation", "qa", "prompt_response")
 
 
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
+def records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a JSON list or JSONL file, where = "PATH:record N" or "PATH:line N"."""
     if not path.is_file():
         raise UserError(f"instruction data file {path} does not exist: check the path in the recipe.")
     try:
@@ -118,7 +119,7 @@ def read_dataset(path: str | os.PathLike, fmt: str) -> list[Conversation]:
     read = {"conversation": _conversation, "qa": _qa, "prompt_response": _prompt_response}.get(fmt)
     if read is None:
         raise UserError(f"unknown instruction data format {fmt!r}: use one of {', '.join(FORMATS)}.")
-    out = [read(record, where) for where, record in _records(Path(path))]
+    out = [read(record, where) for where, record in records(Path(path))]
     if not out:
         raise UserError(f"{path} holds no records.")
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from retro_toolkit.collections.instruct.format import Context, Conversation
-from retro_toolkit.collections.instruct.readers import _records, read_dataset
+from retro_toolkit.collections.instruct.readers import read_dataset, records
 from retro_toolkit.errors import UserError
 
 
@@ -137,8 +137,8 @@ def read_qa_file(path: str | os.PathLike) -> QaFile:
             raise UserError(f"{path} is one JSON object with neither 'data' (SQuAD) nor 'Data' (TriviaQA), "
                             f"keys: {', '.join(list(obj)[:8])}; write a SQuAD or TriviaQA file, or JSONL of "
                             '{"question", "answers"} or {"question", "answer"} records.')
-    records = _records(path)
-    first = next(records, None)
+    rows = records(path)
+    first = next(rows, None)
     if first is not None and isinstance(first[1], dict) and "answer" in first[1] and "answers" not in first[1]:
-        return _nq_open(path, itertools.chain([first], records))
+        return _nq_open(path, itertools.chain([first], rows))
     return QaFile("qa", read_dataset(path, "qa"))
