@@ -13,7 +13,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 MODELS = Path(__file__).resolve().parents[1] / "yaml" / "model"
 
-# name: (published, exact count: DESIGN.md's derivation less the encoder's final norm, which
+# name: (published, exact count: docs/model_sizes.md's derivation, with no encoder final norm, which
 # Megatron-LM's retriever does not have)
 PUBLISHED = {
     "gpt_843m": (823e6, 823_232_512),
@@ -37,7 +37,7 @@ def test_parameter_count_matches_published(name):
     assert counts["total"] == derived
     # The GPT "22B" comes out at 21.27B (3.3% under) by the derivation that puts the other
     # nine within 1.2%, its Retro twin (24B) included; the published figure looks rounded up.
-    # The 22b shape is inferred (DESIGN.md): check it against a released checkpoint.
+    # The 22b shape is inferred (docs/model_sizes.md): check it against a released checkpoint.
     tolerance = 0.035 if name == "gpt_22b" else 0.03
     assert abs(counts["total"] - published) / published < tolerance
     if name.startswith("gpt_"):

@@ -17,7 +17,7 @@ import yaml
 
 from retro_toolkit.errors import UserError
 
-# InstructRetro's published parameter counts (DESIGN.md "Model sizes"), by file stem.
+# InstructRetro's published parameter counts (docs/model_sizes.md), by file stem.
 PUBLISHED = {
     "gpt_843m": (823e6, "823M"),
     "gpt_2b": (2.25e9, "2.25B"),
