@@ -329,3 +329,46 @@ def test_retro_learns_to_copy_its_neighbours_with_cca_rotary():
         loss.backward()
         opt.step()
     assert loss.item() < 0.25 * math.log(V), loss.item()
+
+
+def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch):
+    """A missing neighbour masks whole rows of the encoder's self-attention, a chunk with none
+    whole rows of CCA. Kernels disagree on such rows (CUDA's memory-efficient SDPA has returned
+    NaN); with a kernel that returns NaN there, logits and gradients stay those of the default."""
+    import torch.nn.functional as F
+
+    from retro_toolkit.collections.retro import layers
+
+    cfg, args = config_from_model_section(SMALL, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = build_model(cfg, args).train()
+    tokens, nb = inputs()
+    nb[0, 2] = -1  # a chunk with no neighbour at all, besides inputs()'s missing one
+
+    def run():
+        model.zero_grad()
+        logits = model(tokens, nb, runtime_gather_output=True)
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
+    sdpa = F.scaled_dot_product_attention
+
+    def nan_on_fully_masked(q, k, v, attn_mask=None, **kw):
+        out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None:
+            full = ~attn_mask.any(dim=-1, keepdim=True)  # torch's mask: True = attend
+            out = out.masked_fill(full, float("nan"))
+        return out
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", nan_on_fully_masked)
+    got, got_grads = run()
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+    for name, g in want_grads.items():
+        assert torch.isfinite(got_grads[name]).all(), name
+        assert torch.equal(got_grads[name], g), name
+    # Without the guard the same kernel poisons the logits.
+    monkeypatch.setattr(layers, "attendable", lambda mask: mask)
+    bad, _ = run()
+    assert not torch.isfinite(bad).all()

@@ -173,8 +173,8 @@ class SDPAttention(MegatronModule):
     contribute exact zeros, so logits never depend on later tokens); a given mask is used
     as is (padding). Differences: scores are not materialised, so results agree with
     DotProductAttention to float rounding, not bit for bit; a query row whose keys are
-    all masked gives 0 here (DotProductAttention gives the mean of the values); Retro
-    masks such rows out afterwards either way.
+    all masked gives 0 here (DotProductAttention gives the mean of the values), but Retro's
+    masks never hold one (`attendable`).
     """
 
     def __init__(
@@ -292,6 +292,21 @@ class NeighbourCrossAttention(CrossAttention):
         return query, key, value
 
 
+def attendable(mask: Tensor) -> Tensor:
+    """An attention mask [..., keys] (True = masked) whose rows masked throughout get key 0 back.
+
+    What a kernel returns for a fully masked row is its own convention: torch's CPU kernels
+    give 0, megatron-core's unfused softmax the mean of the values, CUDA's memory-efficient
+    SDPA has given NaN, and 0 x NaN poisons whatever reads it. Such rows here are a missing
+    neighbour in the encoder (its keys are masked again in CCA) or a chunk with no neighbour
+    at all in CCA (its output is set to 0 after), so key 0 only has to be finite.
+    """
+    full = mask.all(dim=-1, keepdim=True)
+    first = torch.zeros_like(mask)
+    first[..., 0] = True
+    return mask & ~(full & first)
+
+
 @dataclass
 class ChunkedCrossAttentionSubmodules:
     attention: Union[ModuleSpec, type]
@@ -364,7 +379,7 @@ class ChunkedCrossAttention(MegatronModule):
     def encode(self, chunks: Tensor, neighbors: Tensor, mask: Tensor) -> Tensor:
         """chunks [m, b*l, h] (decoder), neighbors [r, b*l*k, h], mask [b, l, k, r] -> [k*r, b*l, h]."""
         b, l, k, r = mask.shape
-        self_mask = mask.reshape(b * l * k, 1, 1, r)
+        self_mask = attendable(mask.reshape(b * l * k, 1, 1, r))
         rope = self.encoder_rotary(r) if self.encoder_rotary is not None else None
         out = self.encoder(
             hidden_states=neighbors, attention_mask=self_mask, context=chunks, context_mask=None, rotary_pos_emb=rope
@@ -404,7 +419,8 @@ class ChunkedCrossAttention(MegatronModule):
             q_pos = self.cca_rotary(max(2 * m - 1, r))
             rope = (q_pos[m - 1 : 2 * m - 1], q_pos[:r].repeat(kr // r, 1, 1, 1))
         out, bias = self.attention(
-            queries, attention_mask=mask.reshape(b * l, 1, 1, kr), key_value_states=key_value_states, rotary_pos_emb=rope
+            queries, attention_mask=attendable(mask.reshape(b * l, 1, 1, kr)), key_value_states=key_value_states,
+            rotary_pos_emb=rope,
         )
         if bias is not None:
             out = out + bias
@@ -453,7 +469,8 @@ class ChunkedCrossAttention(MegatronModule):
                 rope = (pos[lo - i * m : hi - i * m], pos[:r].repeat(k, 1, 1, 1))
             if isinstance(self.attention, NeighbourCrossAttention):
                 self.attention.kv_cache = ctx.cca_kv.setdefault((id(self), i), {})
-            o, bias = self.attention(hidden_states[lo - start : hi - start], attention_mask=mask.reshape(b, 1, 1, k * r),
+            o, bias = self.attention(hidden_states[lo - start : hi - start],
+                                     attention_mask=attendable(mask.reshape(b, 1, 1, k * r)),
                                      key_value_states=ctx.encoded[i], rotary_pos_emb=rope)
             if bias is not None:
                 o = o + bias
