@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SMALL, SMOKE, retro_run
+from tests.in_process import check_bf16_result, compare_bf16_with_fp32, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +111,49 @@ def test_torchrun_data_parallel_matches_one_process(trained, small_db, tmp_path,
     assert "dp 2, tp 1, micro 2, accumulation 1" in (w / "logs" / "pretrain.rank0.log").read_text()
     # 2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: the same global batches
     assert losses(w) == pytest.approx(losses(trained), rel=1e-5)
+
+
+@pytest.mark.parametrize("parallel", ["dp2_distributed_optimizer", "tp2"])
+def test_torchrun_bf16_trains_like_fp32(trained, tmp_path, parallel):
+    """The bf16 checks of test_bf16_mixed_precision_trains_like_fp32_on_cpu in every rank of
+    two: data parallel with megatron-core's distributed optimizer (bf16 reduce-scatter and
+    all-gather on gloo), and tensor parallel."""
+    overrides = {"dp2_distributed_optimizer": ["pretrain.use_distributed_optimizer=true",
+                                               "sft.use_distributed_optimizer=true"],
+                 "tp2": ["model.tensor_model_parallel_size=2"]}[parallel]
+    overrides += ["executor.type=torchrun", "executor.nproc_per_node=2"]  # as the recipe of such a run says
+    script = REPO / "tests" / "dist_scripts" / "bf16_train.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(trained / "recipe.resolved.yaml"), str(tmp_path), *overrides],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    optimizer = "DistributedOptimizer" if parallel.startswith("dp2") else "Float16OptimizerWithFloat16Params"
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        check_bf16_result(result["pretrain"], 20, optimizer)
+        check_bf16_result(result["sft"], 10, optimizer)
+
+
+def test_torchrun_bf16_distributed_optimizer_resumes_exactly(small_db, tmp_path, run_cli):
+    """bf16 + distributed optimizer on two ranks through the stage: a run resumed from its
+    iteration-4 checkpoint (optimizer shards, Adam's step) repeats the uninterrupted losses."""
+    w = copy_db(small_db, tmp_path / "dp_bf16")
+    args = [SMOKE, f"workdir={w}", *SMALL, *TRAIN, "stages=[tokenizer,prepare_corpus,build_db,pretrain]",
+            "pretrain.bf16=true", "pretrain.use_distributed_optimizer=true", "executor=torchrun",
+            "executor.nproc_per_node=2"]
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    whole = losses(w)
+    assert len(whole) == 8 and all(math.isfinite(x) for x in whole)
+    root = w / "checkpoints" / "pretrain"
+    shutil.rmtree(root / "iter_0000008")
+    (root / "latest").write_text("iter_0000004\n")
+    (w / "stages" / "pretrain.json").unlink()
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"resuming from {root / 'iter_0000004'}" in (w / "logs" / "pretrain.rank0.log").read_text()
+    assert losses(w) == whole
 
 
 def test_torchrun_tensor_parallel_trains(trained, small_db, tmp_path, run_cli):
@@ -249,20 +293,13 @@ def test_bad_init_from_and_other_model_size_are_clear_errors(trained, small_db, 
 
 
 def test_activation_recompute_gives_the_same_losses(trained, tmp_path):
-    from retro_toolkit.collections.retro import pretrain as pt
-    from retro_toolkit.collections.retro import training
     from retro_toolkit.recipe import load_recipe
 
-    recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
     runs = {}
     for recompute in (False, True):
-        model, config, _ = pt.build(recipe, "retro", training.precision_overrides(False, recompute))
-        assert config.recompute_granularity == ("full" if recompute else None)
-        ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
-        batches = training.Batches(pt.dataset(recipe, "train", "retro", 12), 4, 2, 0, 1)
-        metrics = training.MetricsLog(tmp_path / str(recompute), "run", 0, False, True)
-        training.train(ddp, opt, sched, batches, 0, 3, 128, metrics, lambda _: None, 10)
-        runs[recompute] = [json.loads(line)["loss"] for line in metrics.path.read_text().splitlines()]
+        recipe = load_recipe(str(trained / "recipe.resolved.yaml"), [f"pretrain.recompute_activations={recompute}"])
+        model, _, runs[recompute] = train_in_process(recipe, tmp_path / str(recompute), 3)
+        assert model.config.recompute_granularity == ("full" if recompute else None)
     assert len(runs[True]) == 3 and runs[True] == runs[False]
 
 
@@ -270,26 +307,28 @@ def test_weight_gradients_accumulated_in_the_ddp_buffer_train_alike(trained, tmp
     """gradient_accumulation_fusion (wgrad.py's torch GEMM on CPU) against the backward hook's add."""
     import torch
 
-    from retro_toolkit.collections.retro import pretrain as pt
-    from retro_toolkit.collections.retro import training
     from retro_toolkit.recipe import load_recipe
 
     recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
     runs, grads = {}, {}
     for fused in (False, True):
-        overrides = {**training.precision_overrides(False, False), "gradient_accumulation_fusion": fused}
-        model, config, _ = pt.build(recipe, "retro", overrides)
-        ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
-        batches = training.Batches(pt.dataset(recipe, "train", "retro", 12), 4, 2, 0, 1)  # 2 micro-batches a step
-        metrics = training.MetricsLog(tmp_path / str(fused), "run", 0, False, True)
-        training.train(ddp, opt, sched, batches, 0, 3, 128, metrics, lambda _: None, 10)
-        runs[fused] = [json.loads(line)["loss"] for line in metrics.path.read_text().splitlines()]
+        model, _, runs[fused] = train_in_process(recipe, tmp_path / str(fused), 3,
+                                                 {"gradient_accumulation_fusion": fused})
         grads[fused] = {n: p.main_grad.clone() for n, p in model.named_parameters()}
     assert runs[True][0] == runs[False][0] and runs[True] == pytest.approx(runs[False], rel=1e-5)
     fc1 = next(n for n in grads[True] if n.endswith("mlp.linear_fc1.weight"))
     assert grads[True][fc1].abs().sum() > 0  # the buffer holds the layer's gradient, counted once
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("stage,iters", [("pretrain", 20), ("sft", 10)])
+def test_bf16_mixed_precision_trains_like_fp32_on_cpu(trained, tmp_path, stage, iters):
+    """megatron-core's bf16 path (bf16 weights and activations, fp32 main grads in the DDP
+    buffer, fp32 main weights in the optimizer), with the weight-gradient GEMM accumulating
+    into the buffer (apex's kernel on GPUs, wgrad.py here) and without it."""
+    result = compare_bf16_with_fp32(str(trained / "recipe.resolved.yaml"), tmp_path, stage, iters)
+    check_bf16_result(result, iters)
 
 
 def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, run_cli):

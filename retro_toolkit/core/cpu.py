@@ -31,6 +31,7 @@ def apply() -> bool:
     _patch_tensor_parallel_buffers()
     _patch_dist_checkpointing_devices()
     _patch_ddp_and_optimizer()
+    _patch_mixed_precision_optimizers()
     _patch_kv_cache()
     _applied = True
     return True
@@ -241,6 +242,53 @@ def _patch_ddp_and_optimizer() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     moptimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While inside, a CPU parameter's type() answers with the CUDA name of its dtype."""
+    import torch
+
+    own = torch.nn.Parameter.__dict__.get("type")
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not self.is_cuda:
+            return torch.Tensor.type(self).replace("torch.", "torch.cuda.", 1)
+        return torch.Tensor.type(self, dtype, non_blocking, **kwargs)
+
+    torch.nn.Parameter.type = type_
+    try:
+        yield
+    finally:
+        if own is None:
+            del torch.nn.Parameter.type
+        else:
+            torch.nn.Parameter.type = own
+
+
+def _patch_mixed_precision_optimizers() -> None:
+    # megatron/core/optimizer/optimizer.py Float16OptimizerWithFloat16Params.__init__ (bf16
+    # training) and distrib_optimizer.py DistributedOptimizer.__init__ (through
+    # _build_model_and_main_param_groups) sort the parameters by param.type() against
+    # 'torch.cuda.{BFloat16,Half,Float}Tensor' and raise TypeError on anything else, so a CPU
+    # parameter is refused. Their constructors run with CUDA type names for CPU parameters;
+    # nothing else changes (main params are still CPU fp32 clones). distrib_optimizer's
+    # module-level `torch` becomes the CPU view (its state-dict shards use current_device()).
+    import functools
+
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    for cls in (moptimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, _init=init, **kwargs):
+            with _cuda_type_names():
+                _init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+    distrib_optimizer.torch = _cpu_torch_view()
 
 
 def _patch_dist_checkpointing_devices() -> None:

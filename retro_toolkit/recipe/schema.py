@@ -216,12 +216,13 @@ class TrainingConfig:
     adam_eps: float = 1.0e-8
     # Gradient-norm clipping (0 = off).
     clip_grad: float = 1.0
-    # bf16 weights and activations with fp32 master weights (GPU only; CPU trains in fp32).
+    # megatron-core's mixed precision: bf16 weights and activations, fp32 main grads and main
+    # weights. On GPUs; CPUs compute bf16 too (slowly), which is how the tests run this path.
     bf16: bool = False
     # Recompute every layer's activations in the backward pass (memory for time).
     recompute_activations: bool = False
-    # Shard optimizer state over data-parallel ranks (megatron-core's distributed optimizer);
-    # null = on when there is a GPU and more than one data-parallel rank.
+    # Shard optimizer state over data-parallel ranks (megatron-core's distributed optimizer;
+    # runs on gloo too); null = on when there is a GPU and more than one data-parallel rank.
     use_distributed_optimizer: Optional[bool] = None
     # Write a checkpoint every N iterations (0 = only at the end); the last one is always written.
     save_interval: int = 0

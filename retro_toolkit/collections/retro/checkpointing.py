@@ -10,8 +10,10 @@ A checkpoint is written to iter_NNNNNNN.tmp and renamed when every rank has fini
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,11 +86,17 @@ def _restore_rng(state: dict[str, Any]) -> None:
     mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+# The distributed optimizer's state as one tensor per buffer and rank, saved and loaded by every
+# rank at once (megatron-core's default layout is deprecated and fails to build); it reshards
+# across data-parallel sizes. The regular optimizer ignores the key.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
 def _state(model, optimizer, is_loading: bool) -> dict[str, Any]:
     model_sd = model.sharded_state_dict()
     sd: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return sd
 
 
@@ -182,18 +190,53 @@ def load_resume(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
     saved = common_state(ckpt)
     # RNG streams are per rank and per device kind: another world size or device starts them afresh.
     same_world = saved.get("world_size") == td.get_world_size() and saved.get("device", "cpu") == _device_kind()
-    sd = _state(model, optimizer, is_loading=True)
-    if same_world:
-        sd["rng"] = _rng_object()
-    loaded = dist_checkpointing.load(sd, str(ckpt))
-    model.load_state_dict(loaded.pop("model"))
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded.pop("optimizer"))
+    with _adam_steps_kept(optimizer):
+        sd = _state(model, optimizer, is_loading=True)
+        if same_world:
+            sd["rng"] = _rng_object()
+        loaded = dist_checkpointing.load(sd, str(ckpt))
+        model.load_state_dict(loaded.pop("model"))
+        if optimizer is not None:
+            with torch.no_grad():  # the distributed optimizer copies into fp32 parameters' views in place
+                optimizer.load_state_dict(loaded.pop("optimizer"))
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_world:
         _restore_rng(loaded["rng"])
     return loaded
+
+
+@contextlib.contextmanager
+def _adam_steps_kept(optimizer):
+    """Load a checkpoint into torch Adam(W) under megatron-core's distributed optimizer, step included.
+
+    Without apex or Transformer Engine, megatron-core 0.16.1 keeps Adam's step in each
+    parameter's state (GPU or CPU alike), and two things break a resume:
+    - DistributedOptimizer.state_dict() asserts that the per-parameter states hold one step, and a
+      fresh optimizer holds none: before loading, each shard gets the state of step 0;
+    - the dp_reshardable load copies every state tensor from the checkpoint's shards, where the
+      step is a local placeholder (the real one travels in the param groups), so the restored
+      step is overwritten with that placeholder: after loading, each state takes its group's step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    adams = [inner.optimizer for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+             if isinstance(inner, DistributedOptimizer) and isinstance(inner.optimizer, torch.optim.Adam)]
+    for adam in adams:  # AdamW subclasses Adam
+        for group in adam.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p] = {
+                        "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+    yield
+    for adam in adams:
+        for group in adam.param_groups:
+            for p in group["params"]:
+                adam.state[p]["step"] = torch.full_like(adam.state[p]["step"], group["step"])
 
 
 def common_state(ckpt: Path) -> dict[str, Any]:
@@ -222,6 +265,14 @@ def load_model(ckpt: Path, model, section: dict[str, Any], workdir: Path) -> Non
         check_model_section(ckpt, common["model_section"], section, free=free)
     check_tokenizer(ckpt, common, workdir)
     load_weights(ckpt, model)
+
+
+def saved_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype a dist checkpoint holds its model weights in (bf16 for a bf16 run): evaluation
+    builds the model in it, so a bf16 model is never materialised in fp32."""
+    meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    counts = Counter(v.dtype for k, v in meta.items() if not k.startswith("optimizer.") and hasattr(v, "dtype"))
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def _sharded_tensors(sd: dict[str, Any]) -> list[ShardedTensor]:

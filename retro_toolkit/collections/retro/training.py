@@ -32,13 +32,15 @@ def device() -> torch.device:
 
 def precision_overrides(bf16: bool, recompute: bool) -> dict[str, Any]:
     """TransformerConfig fields of a model that trains under `wrap_and_optimizer`: the section's
-    bf16 and recompute_activations, and weight gradients accumulated in the DDP buffer (wgrad)."""
+    bf16 and recompute_activations, and weight gradients accumulated in the DDP buffer (wgrad).
+
+    bf16 is megatron-core's mixed precision on any device: bf16 weights and activations, fp32
+    main grads (the DDP buffer) and fp32 main weights in the optimizer. CPUs compute bf16 too
+    (slowly), which is how the path is tested without a GPU.
+    """
     wgrad.install()
     out: dict[str, Any] = {"gradient_accumulation_fusion": True}
     if bf16:
-        if not torch.cuda.is_available():
-            raise UserError("pretrain.bf16 is true but this job has no GPU (CPU training runs in fp32): "
-                            "set pretrain.bf16=false, or run on GPU nodes.")
         out.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     if recompute:
         out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -83,9 +85,6 @@ def wrap_and_optimizer(model, p, config) -> tuple[DistributedDataParallel, Any, 
     use_dist = p.use_distributed_optimizer
     if use_dist is None:
         use_dist = cuda and dp_size > 1
-    if use_dist and not cuda:
-        raise UserError("pretrain.use_distributed_optimizer needs GPUs: it reduce-scatters gradients, which "
-                        "gloo (the CPU backend) cannot do. Set pretrain.use_distributed_optimizer=false.")
     ddp = DistributedDataParallel(
         config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

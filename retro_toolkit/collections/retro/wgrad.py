@@ -20,7 +20,14 @@ import torch
 
 
 def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """main_grad += grad_output^T @ total_input, all fp32 ([tokens, out], [tokens, in], [out, in])."""
+    """main_grad += grad_output^T @ total_input into an fp32 main_grad ([out, in]); the activations
+    ([tokens, in], [tokens, out]) are fp32, or bf16/fp16 under mixed precision, as apex accepts.
+
+    16-bit inputs are widened first (exactly): the product is then summed in fp32, as apex's
+    kernel does, rather than rounded to 16 bits before it reaches the buffer.
+    """
+    if total_input.dtype != main_grad.dtype:
+        total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
     main_grad.addmm_(grad_output.t(), total_input)
 
 
