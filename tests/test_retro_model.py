@@ -331,30 +331,44 @@ def test_retro_learns_to_copy_its_neighbours_with_cca_rotary():
     assert loss.item() < 0.25 * math.log(V), loss.item()
 
 
-def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch):
+CPU_SDPA_BACKENDS = ["MATH", "FLASH_ATTENTION"]  # what torch has on CPU; CUDA adds EFFICIENT_ATTENTION, CUDNN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", CPU_SDPA_BACKENDS)
+def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch, backend, dtype):
     """A missing neighbour masks whole rows of the encoder's self-attention, a chunk with none
     whole rows of CCA. Kernels disagree on such rows (CUDA's memory-efficient SDPA has returned
-    NaN); with a kernel that returns NaN there, logits and gradients stay those of the default."""
+    NaN; torch's CPU kernels return 0, so only a stand-in shows the dependence here): under each
+    CPU backend, a stand-in that returns NaN there leaves logits and gradients exactly those of
+    the real kernel, and without the guard it turns the logits NaN."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from retro_toolkit.collections.retro import layers
 
-    cfg, args = config_from_model_section(SMALL, vocab_size=VOCAB)
+    cfg, args = config_from_model_section(SMALL, vocab_size=VOCAB, params_dtype=dtype, bf16=dtype == torch.bfloat16)
     torch.manual_seed(0)
     model = build_model(cfg, args).train()
+    assert {p.dtype for p in model.parameters()} == {dtype}
     tokens, nb = inputs()
     nb[0, 2] = -1  # a chunk with no neighbour at all, besides inputs()'s missing one
+    full_nb = inputs()[1].clamp(min=0)  # every neighbour present: no row is fully masked
 
-    def run():
+    def run(neighbours):
         model.zero_grad()
-        logits = model(tokens, nb, runtime_gather_output=True)
-        logits.float().square().mean().backward()
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            logits = model(tokens, neighbours, runtime_gather_output=True)
+            logits.float().square().mean().backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    want, want_grads = run()
+    want, want_grads = run(nb)
+    want_full, _ = run(full_nb)
     sdpa = F.scaled_dot_product_attention
+    calls = []
 
     def nan_on_fully_masked(q, k, v, attn_mask=None, **kw):
+        calls.append(attn_mask is not None)
         out = sdpa(q, k, v, attn_mask=attn_mask, **kw)
         if attn_mask is not None:
             full = ~attn_mask.any(dim=-1, keepdim=True)  # torch's mask: True = attend
@@ -362,7 +376,9 @@ def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch):
         return out
 
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention", nan_on_fully_masked)
-    got, got_grads = run()
+    # Faithful where no row is fully masked: the stand-in is the real kernel.
+    assert torch.equal(run(full_nb)[0], want_full) and any(calls)
+    got, got_grads = run(nb)
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
     for name, g in want_grads.items():
@@ -370,5 +386,5 @@ def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch):
         assert torch.equal(got_grads[name], g), name
     # Without the guard the same kernel poisons the logits.
     monkeypatch.setattr(layers, "attendable", lambda mask: mask)
-    bad, _ = run()
+    bad, _ = run(nb)
     assert not torch.isfinite(bad).all()
