@@ -37,20 +37,33 @@ BARRIER_TIMEOUT = datetime.timedelta(days=7)
 _barrier_group: Any = None
 
 
-def init(timeout_minutes: int = 60) -> DistEnv:
-    """Create the default process group when launched with more than one process."""
+def backend(cuda: bool) -> str:
+    """The torch.distributed backend for a job's tensors: NCCL where CUDA is, gloo on CPUs.
+
+    Every default process group of a run takes it from here, torchrun's world and a plain
+    process's world of one alike (gloo cannot reduce CUDA tensors; NCCL cannot reduce CPU
+    ones). Only the barrier group is gloo everywhere: it waits for days, on no tensor.
+    """
+    return "nccl" if cuda else "gloo"
+
+
+def init(timeout_minutes: int = 60, world_of_one: bool = False) -> DistEnv:
+    """Create the default process group when launched with more than one process, and with
+    `world_of_one` also in a plain process (megatron-core's layers need a group at any size):
+    a world of one on an in-process store, no ports."""
     global _barrier_group
     env = env_from_os()
-    if env.world_size > 1:
+    if env.world_size > 1 or world_of_one:
         import torch
         import torch.distributed as td
 
         if not td.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
+            cuda = torch.cuda.is_available()
+            if cuda:
                 torch.cuda.set_device(env.local_rank)
-            td.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-        if _barrier_group is None:
+            alone = {} if env.world_size > 1 else dict(store=td.HashStore(), rank=0, world_size=1)
+            td.init_process_group(backend(cuda), timeout=datetime.timedelta(minutes=timeout_minutes), **alone)
+        if env.world_size > 1 and _barrier_group is None:
             _barrier_group = td.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
     return env
 

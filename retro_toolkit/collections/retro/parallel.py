@@ -1,12 +1,10 @@
 """megatron-core's parallel state for the model, from one Python process or torchrun.
 
 megatron-core layers need its process groups even at tensor-parallel size 1, so a plain
-Python session gets an in-process world of one (gloo on a HashStore, no ports).
+Python session gets an in-process world of one (no ports), on the device's backend.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as td
@@ -23,11 +21,7 @@ def initialize(tensor_model_parallel_size: int = 1, seed: int = 1234) -> None:
     Idempotent for the same tensor-parallel size.
     """
     cpu.apply()
-    if not td.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            rdist.init()
-        else:
-            td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1)
+    rdist.init(world_of_one=True)
     world = td.get_world_size()
     if world % tensor_model_parallel_size:
         raise UserError(
