@@ -75,6 +75,17 @@ def test_neighbours_are_the_exact_nearest_chunks(small_db):
     assert (got[:, 0] == expect[:, 0]).mean() == 1.0
     assert (got == expect).mean() >= 0.95  # ties between near-equal distances may swap
 
+    # The embedder as it runs on GPUs, in bf16 (here on the CPU): the same directions, and
+    # nearly always the same nearest chunk.
+    import torch
+
+    low = BertEmbedder("builtin:all-minilm-l6-v2", batch_size=64, dtype=torch.bfloat16).embed(texts)
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    cos = (low * q).sum(1) / np.linalg.norm(low, axis=1) / np.linalg.norm(q, axis=1)
+    assert cos.min() > 0.99, cos.min()
+    d2_low = ((low[:, None, :] - db_emb[None, :, :]) ** 2).sum(-1)
+    assert (d2_low.argmin(1) == expect[:, 0]).mean() >= 0.9
+
 
 def test_second_run_skips_build_db(small_db, run_cli):
     p = run_cli(SMOKE, f"workdir={small_db}", *SMALL)

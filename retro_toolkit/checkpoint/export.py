@@ -123,7 +123,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
     if retrieval is not None:  # the checkpoint's own shapes win over the recipe's
         retrieval = None if section.get("arch") != "retro" else {
             **retrieval, **{k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}}
-    model = build_for(section, Tokenizer(tokenizer_file), 1)
+    model = build_for(section, Tokenizer(tokenizer_file), 1, ckpt.saved_dtype(source))  # a bf16 run packs bf16
     ckpt.load_weights(source, model)
     log(f"export: weights from {source} (trained at tensor-parallel size {section.get('tensor_model_parallel_size', 1)})")
     return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)

@@ -384,6 +384,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     torch_dist) and its SentencePiece model. `retro_args`: the Retro workdir's args.json, whose
     settings (the chunk length) complete the checkpoint's args."""
     from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.mapped import dtype_of
     from retro_toolkit.checkpoint.nemo import build_for, load_full
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
@@ -413,7 +414,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
                         f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
     log(f"import-megatron: {section['arch']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
         f"{kind}")
-    model = build_for(section, tokenizer, 1)
+    model = build_for(section, tokenizer, 1, dtype_of(ours))
     load_full(model, ours, folder)
     retrieval = None
     if section["arch"] == "retro":

@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import yaml
 
@@ -117,9 +117,11 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
     tensor_model_parallel_size: default the size of the running job's parallel state (1 in a
     plain Python process). Under torchrun every rank calls restore and holds its shard.
     device: default cuda when available; dtype: e.g. torch.bfloat16 (default: as saved).
+    The model is built in that dtype on that device, uninitialised, and the weights are
+    copied in one tensor at a time from the memory-mapped file: peak memory is about the
+    model's size in `dtype` (an fp32 package restored as bf16 never exists in fp32).
     """
-    import torch
-
+    from retro_toolkit.checkpoint.mapped import MappedWeights
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
@@ -136,49 +138,47 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
         if cfg.get("retrieval") is not None:
             retrieval = yaml.safe_load(_artifact(root, cfg["retrieval"], "retrieval", path).read_text())
         section = section_of(cfg)
-        model = build_for(section, tokenizer, tensor_model_parallel_size)
         if cfg["weights"] == WEIGHTS_FILE:
             file = root / WEIGHTS_FILE
             if not file.is_file():
                 raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_FILE}, which is missing.")
-            load_full(model, torch.load(file, map_location="cpu", weights_only=True), path)
+            weights = MappedWeights(file)
+            model = build_for(section, tokenizer, tensor_model_parallel_size, dtype or weights.dtype(), device)
+            load_full(model, weights, path, after_copy=weights.release)
+            del weights
         elif cfg["weights"] == WEIGHTS_DIR:
             if not (root / WEIGHTS_DIR / "metadata.json").is_file():
                 raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_DIR}/, which holds no "
                                 "dist checkpoint (metadata.json).")
+            saved = ckpt.saved_dtype(root / WEIGHTS_DIR)
+            model = build_for(section, tokenizer, tensor_model_parallel_size, dtype or saved, device)
             ckpt.load_weights(root / WEIGHTS_DIR, model)
         else:
             raise UserError(f"{path}: {MODEL_CONFIG} key 'weights' is {cfg['weights']!r}; expected "
                             f"{WEIGHTS_FILE} or {WEIGHTS_DIR}.")
-    return Package(place(model, device, dtype), tokenizer, cfg, retrieval, path, section)
+    return Package(model.eval(), tokenizer, cfg, retrieval, path, section)
 
 
-def build_for(section: dict[str, Any], tokenizer, tensor_model_parallel_size: Optional[int] = None):
-    """An uninitialised-for-training model of `section` (dropout off) at the given tensor-parallel
-    size (default: the running job's, or 1)."""
+def build_for(section: dict[str, Any], tokenizer, tensor_model_parallel_size: Optional[int] = None,
+              dtype: Any = None, device: Optional[str] = None):
+    """A model of `section` to load weights into: dropout off, parameters allocated once and left
+    uninitialised, in `dtype` (default float32) on `device` (default cuda when available), at
+    the given tensor-parallel size (default: the running job's, or 1)."""
+    import torch
     from megatron.core import parallel_state
 
-    from retro_toolkit.collections.retro.config import config_from_model_section
+    from retro_toolkit.collections.retro.config import config_from_model_section, inference_overrides
     from retro_toolkit.collections.retro.model import build_model
     from retro_toolkit.collections.retro.parallel import initialize
 
     tp = tensor_model_parallel_size
     if tp is None:
         tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-    no_dropout = {k: 0.0 for k in ("hidden_dropout", "attention_dropout", "encoder_hidden_dropout",
-                                   "encoder_attention_dropout")}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config, args = config_from_model_section(section, neighbor_pad_id=tokenizer.pad_id, tensor_model_parallel_size=tp,
-                                             **no_dropout)
+                                             **inference_overrides(dtype or torch.float32, device))
     initialize(tp)
-    return build_model(config, args)
-
-
-def place(model, device: Optional[str], dtype: Any):
-    import torch
-
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return build_model(config, args).to(device)
 
 
 def full_state(model) -> dict[str, Any]:
@@ -189,12 +189,14 @@ def full_state(model) -> dict[str, Any]:
             if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
 
 
-def load_full(model, full: dict[str, Any], where: Path | str) -> None:
-    """An unsharded state dict into this rank's shards, after checking the names match exactly."""
+def load_full(model, full: Mapping[str, Any], where: Path | str,
+              after_copy: Optional[Callable[[str], None]] = None) -> None:
+    """An unsharded state dict into this rank's shards, after checking the names match exactly
+    (`after_copy(name)` runs after each tensor is in)."""
     from retro_toolkit.collections.retro.model import load_full_state_dict
 
     check_names(model, full, where)
-    load_full_state_dict(model, full)
+    load_full_state_dict(model, full, after_copy)
 
 
 def check_names(model, full: dict[str, Any], where: Path | str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from retro_toolkit.checkpoint import nemo
+from retro_toolkit.checkpoint.mapped import SafetensorsWeights
 from retro_toolkit.errors import UserError
 
 WEIGHTS = "model.safetensors"
@@ -57,8 +58,9 @@ def export_safetensors(package: str | os.PathLike, out: str | os.PathLike) -> Pa
 
 def load_safetensors(folder: str | os.PathLike, tensor_model_parallel_size: Optional[int] = None,
                      device: Optional[str] = None, dtype: Any = None) -> nemo.Package:
-    """The model of an export_safetensors folder, ready for generation."""
-    from safetensors.torch import load_file
+    """The model of an export_safetensors folder, ready for generation (built in `dtype`, default
+    as saved, on `device`, then filled one tensor at a time)."""
+    from safetensors import safe_open
 
     from retro_toolkit.collections.text.tokenizer import Tokenizer
 
@@ -70,6 +72,9 @@ def load_safetensors(folder: str | os.PathLike, tensor_model_parallel_size: Opti
     if cfg.get("format") != FORMAT:
         raise UserError(f"{cfg_file}: format is {cfg.get('format')!r}, expected {FORMAT!r}.")
     tokenizer = Tokenizer(folder / cfg["tokenizer"])
-    model = nemo.build_for(cfg["model"], tokenizer, tensor_model_parallel_size)
-    nemo.load_full(model, load_file(str(folder / cfg["weights"])), folder / cfg["weights"])
-    return nemo.Package(nemo.place(model, device, dtype), tokenizer, cfg, cfg.get("retrieval"), folder, cfg["model"])
+    with safe_open(str(folder / cfg["weights"]), framework="pt") as f:
+        weights = SafetensorsWeights(f)  # read one tensor at a time, as load_full asks
+        model = nemo.build_for(cfg["model"], tokenizer, tensor_model_parallel_size, dtype or weights.dtype(), device)
+        nemo.load_full(model, weights, folder / cfg["weights"])
+    return nemo.Package(model.eval(), tokenizer, cfg, cfg.get("retrieval"), folder, cfg["model"])
+

@@ -88,7 +88,7 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
     if nemo is not None:
         return _nemo_session(Path(nemo), workdir, checkpoint)
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro.pretrain import build
+    from retro_toolkit.collections.retro.pretrain import build_trained
     from retro_toolkit.collections.text.tokenizer import Tokenizer
     from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
     from retro_toolkit.recipe import load_recipe
@@ -109,9 +109,8 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
         raise UserError(f"{wd} has no recipe.resolved.yaml: is it a retro-run work directory?")
     recipe = load_recipe(str(recipe_file))
     arch = ckpt.common_state(source).get("model_section", {}).get("arch", recipe.model.arch)
-    model, _, section = build(recipe, arch)
-    ckpt.load_model(source, model, section, wd)
-    return Session(model.eval(), Tokenizer(wd / MODEL_FILE), wd, source)
+    model, _ = build_trained(recipe, arch, source, wd)
+    return Session(model, Tokenizer(wd / MODEL_FILE), wd, source)
 
 
 def _nemo_session(package: Path, workdir: str | os.PathLike | None, checkpoint) -> Session:

@@ -26,7 +26,7 @@ from retro_toolkit.collections.instruct.format import DEFAULT_SYSTEM, Context, C
 from retro_toolkit.collections.qa.metrics import exact_match, f1_score
 from retro_toolkit.collections.qa.tasks import load_task
 from retro_toolkit.collections.retro import checkpointing as ckpt
-from retro_toolkit.collections.retro.pretrain import build
+from retro_toolkit.collections.retro.pretrain import build_trained
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import files
@@ -86,12 +86,10 @@ def table(scores: dict[str, dict[str, float]]) -> str:
 
 def run(ctx: StageContext) -> StageResult:
     r, q = ctx.recipe, ctx.recipe.eval_qa
-    model, _, section = build(r, r.model.arch)
     where = q.checkpoint if q.checkpoint not in ("sft", "pretrain") else ctx.workdir / "checkpoints" / q.checkpoint
     source = ckpt.resolve(where, "eval_qa.checkpoint")
-    ckpt.load_model(source, model, section, ctx.workdir)
-    model.eval()
-    ctx.log(f"eval_qa: weights from {source}")
+    model, _ = build_trained(r, r.model.arch, source, ctx.workdir)
+    ctx.log(f"eval_qa: weights from {source} ({str(model.config.params_dtype)[6:]})")
     tokenizer = Tokenizer(ctx.workdir / MODEL_FILE)
     retriever = None
     if q.contexts == "retrieve" or q.live_retrieval:

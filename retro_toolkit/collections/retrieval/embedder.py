@@ -42,7 +42,10 @@ def resolve_path(path: str) -> Path:
 
 
 class BertEmbedder:
-    def __init__(self, path: str, max_tokens: int = 256, batch_size: int = 128, threads: int | None = None) -> None:
+    def __init__(self, path: str, max_tokens: int = 256, batch_size: int = 128, threads: int | None = None,
+                 dtype=None) -> None:
+        """dtype: the BERT's weights and activations; None = bf16 on a GPU, fp32 on a CPU
+        (a CPU computes bf16 too, far slower than fp32). Embeddings come out fp32."""
         import torch
         import transformers
         from transformers import AutoModel, AutoTokenizer
@@ -57,7 +60,8 @@ class BertEmbedder:
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise UserError(f"retrieval.embedder.path: cannot load a BERT from {folder}: {e}".splitlines()[0]) from None
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.device, dtype).eval().requires_grad_(False)
         self.dim: int = int(self.model.config.hidden_size)
         self.max_tokens, self.batch_size = max_tokens, batch_size

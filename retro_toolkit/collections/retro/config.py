@@ -144,6 +144,26 @@ def cpu_flags() -> dict[str, Any]:
     )
 
 
+def inference_overrides(dtype: torch.dtype, device: torch.device | str | None = None) -> dict[str, Any]:
+    """TransformerConfig fields of a model that only evaluates loaded weights: dropout off, and
+    parameters allocated once, uninitialised, in `dtype` on `device` (default: CUDA when present).
+    Loading the weights is then the only write to them, so building costs no time and the
+    model's memory is its size in `dtype` from the start (a 48B model in bf16 fits where its
+    fp32 build would not)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return dict(
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        perform_initialization=False,
+        use_cpu_initialization=device.type == "cpu",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        encoder_hidden_dropout=0.0,
+        encoder_attention_dropout=0.0,
+    )
+
+
 def config_from_model_section(
     model: Mapping[str, Any], vocab_size: Optional[int] = None, **overrides: Any
 ) -> tuple[RetroConfig, ModelArgs]:

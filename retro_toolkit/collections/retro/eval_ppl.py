@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import training
-from retro_toolkit.collections.retro.pretrain import TWIN, build, dataset
+from retro_toolkit.collections.retro.pretrain import TWIN, build_trained, dataset
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 
@@ -55,9 +55,8 @@ def run(ctx: StageContext) -> StageResult:
     results: dict[str, dict[str, Any]] = {}
     for arch_, name in models:
         source = ckpt.resolve(ctx.workdir / "checkpoints" / name, f"checkpoints/{name}")
-        model, config, section = build(r, arch_)
-        ckpt.load_model(source, model, section, ctx.workdir)
-        ctx.log(f"{name}: weights from {source.relative_to(ctx.workdir)}")
+        model, _ = build_trained(r, arch_, source, ctx.workdir)
+        ctx.log(f"{name}: weights from {source.relative_to(ctx.workdir)} ({str(model.config.params_dtype)[6:]})")
         for split in e.splits:
             data = dataset(r, split, arch_, None, shuffle=False)  # every window, in stream order
             data.num_samples = min(data.windows, e.max_samples or data.windows)

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import training
-from retro_toolkit.collections.retro.config import config_from_model_section
+from retro_toolkit.collections.retro.config import config_from_model_section, inference_overrides
 from retro_toolkit.collections.retro.dataset import RetroDataset
 from retro_toolkit.collections.retro.model import build_model
 from retro_toolkit.collections.retro.parallel import initialize
@@ -67,6 +67,14 @@ def build(recipe, arch: str, overrides: dict[str, Any] | None = None):
     if config.bf16:
         model = model.bfloat16()
     return model.to(training.device()), config, section
+
+
+def build_trained(recipe, arch: str, source: Path, workdir: Path):
+    """(model, section) of checkpoint `source` for evaluation, in eval mode: built uninitialised in
+    the dtype its weights were saved in (bf16 after a bf16 run) on this job's device, then loaded."""
+    model, _, section = build(recipe, arch, inference_overrides(ckpt.saved_dtype(source)))
+    ckpt.load_model(source, model, section, workdir)
+    return model.eval(), section
 
 
 def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: bool = True,
