@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-docs", type=int, default=120, help="transformers modeling files in the corpus")
+    ap.add_argument("--embedder", default="builtin:all-minilm-l6-v2",
+                    help="retrieval.embedder.path: a BERT folder where the bundled package is not installed")
     ap.add_argument("--cpu", action="store_true", help="everything on the CPU: checks the script itself")
     a = ap.parse_args()
 
@@ -185,7 +187,8 @@ def main() -> None:
     global_batch = a.micro_batch * procs
     common = ["recipes/single_gpu.yaml", f"workdir={w}", *executor,
               f"data.sources=[{{path: builtin:transformers-modeling, max_docs: {a.max_docs}}}, {{path: builtin:pydoc}}]",
-              "data.split=[0.9,0.05,0.05]"] + (["tokenizer.vocab_size=2000"] if a.cpu else [])
+              "data.split=[0.9,0.05,0.05]", f"retrieval.embedder.path={a.embedder}"]
+    common += ["tokenizer.vocab_size=2000"] if a.cpu else []
     db_wall = retro_run(*common, "stages=[tokenizer,prepare_corpus,build_db]", timeout=3600)
     summary = json.loads((w / "stages" / "build_db.json").read_text())["summary"]
     chunks, embed_s = summary["db_chunks"], summary["timings"]["embed_s"]
