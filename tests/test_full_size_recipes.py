@@ -52,7 +52,7 @@ def data_root(tmp_path_factory):
     for rel in ("tokenizer.model", "pretrain.jsonl", "retrieval_db.jsonl", "corpus.jsonl",
                 "bert-large-cased/config.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text("{}\n")
+        (root / rel).write_text('{"text": "stand-in"}\n' if rel.endswith(".jsonl") else "{}\n")
     for gpt in ("gpt_2b", "gpt_8b", "gpt_22b", "gpt_43b"):
         (root / gpt).mkdir()
     sft = yaml.safe_load((REPO / "yaml" / "sft" / "open_inst.yaml").read_text())["datasets"]
@@ -65,15 +65,20 @@ def data_root(tmp_path_factory):
 
 
 def _cluster(root) -> list[str]:
+    # The data root is mounted at its own path: the jobs open every path as the recipe names it.
     return [f"paths.data={root}", "executor.account=acct", "executor.partition=gpu",
-            f"executor.container_image={IMAGE}", "executor.container_mounts=[/lustre:/lustre]"]
+            f"executor.container_image={IMAGE}", f"executor.container_mounts=[/lustre:/lustre, {root}:{root}]"]
+
+
+# validate checks that this machine can submit: through an ssh tunnel, sbatch is the login node's.
+SSH = ["executor.tunnel.type=ssh", "executor.tunnel.host=login.cluster", "executor.tunnel.job_dir=/lustre/jobs"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_validate_names_every_placeholder_then_passes(name, data_root, run_cli):
     p = run_cli("validate", name)
     assert p.returncode == 2 and f"recipe keys required but not set: {PLACEHOLDERS}." in p.stderr, p.stderr
-    p = run_cli("validate", name, *_cluster(data_root))
+    p = run_cli("validate", name, *_cluster(data_root), *SSH)
     assert p.returncode == 0, p.stderr
     assert "executor slurm" in p.stdout
 
@@ -98,7 +103,7 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
     for stage, text in scripts.items():
         assert "#SBATCH --account=acct" in text and "#SBATCH --partition=gpu" in text, stage
         assert f"#SBATCH --job-name=retro-{name}-{stage}" in text
-        assert f"--container-image {IMAGE}" in text and "--container-mounts /lustre:/lustre" in text
+        assert f"--container-image {IMAGE}" in text and f"--container-mounts /lustre:/lustre,{data_root}:{data_root}" in text
         assert f"-m retro_toolkit.launch {stage} {workdir}/recipe.resolved.yaml" in text
         deps = re.findall(r"^#SBATCH --dependency='afterok:(.*)'$", text, flags=re.M)
         want = [d for d in UPSTREAM.get(stage, []) if d in shown["stages"]]

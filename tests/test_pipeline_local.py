@@ -111,11 +111,12 @@ def test_torchrun_two_processes_byte_identical(smoke_local, tmp_path, run_cli):
 
 def test_bad_document_in_a_stage_exits_2_and_keeps_earlier_outputs(smoke_copy, tmp_path, run_cli):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_bytes(b'{"text": "good"}\n{"text": "bad \xff byte"}\n')
+    # The bad byte lies past what the up-front check reads (100 records): the stage finds it.
+    corpus.write_bytes(b'{"text": "good"}\n' * 100 + b'{"text": "bad \xff byte"}\n')
     before = {n: (smoke_copy / "corpus" / n).read_bytes() for n in CORPUS_FILES}
     p = run_cli(SMOKE, CORPUS_ONLY, f"workdir={smoke_copy}", f"data.sources=[{{path: {corpus}}}]")
     assert p.returncode == 2, p.stdout + p.stderr
-    assert f"{corpus}:2: invalid UTF-8" in p.stderr and "tokenizer.rank0.log" in p.stderr
+    assert f"{corpus}:101: invalid UTF-8" in p.stderr and "tokenizer.rank0.log" in p.stderr
     assert "Traceback" not in p.stderr
     # the earlier corpus is untouched
     assert before == {n: (smoke_copy / "corpus" / n).read_bytes() for n in CORPUS_FILES}

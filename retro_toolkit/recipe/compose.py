@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe import paths
 from retro_toolkit.recipe.validate import validate
+from retro_toolkit.recipe.yaml_io import YamlProblem, load_yaml_text, read_yaml
 
 
 def find_recipe(arg: str) -> Path:
@@ -41,25 +42,16 @@ def find_recipe(arg: str) -> Path:
     )
 
 
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{what} {path} is not valid YAML ({problem} at{where}). Fix the file.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} must be a mapping of keys to values, not a {type(data).__name__}.")
-    return data
+def _check_override_values(dotted: list[str]) -> None:
+    """Bound what OmegaConf's own YAML parser will expand in `key=value` arguments."""
+    for ov in dotted:
+        key, _, value = ov.partition("=")
+        try:
+            load_yaml_text(value)
+        except YamlProblem as e:
+            raise UserError(f"override '{key}=...': {e}") from None
+        except yaml.YAMLError:
+            pass  # OmegaConf reports its own parse errors, with the override
 
 
 def _parse_overrides(overrides: list[str], group_names: set[str]) -> tuple[dict[str, str], list[str]]:
@@ -140,6 +132,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> tuple[DictConfig
             layer = {group: _load_piece(group, swaps.get(group, name), roots)}
         cfg = OmegaConf.merge(cfg, OmegaConf.create(layer))
     if dotted:
+        _check_override_values(dotted)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotted))
         except Exception as e:  # omegaconf's grammar errors

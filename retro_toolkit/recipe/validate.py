@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -178,6 +180,119 @@ def _check_choice(value: str, choices: tuple[str, ...] | list[str], key: str) ->
         )
 
 
+# Integer keys and their allowed range (lowest, highest, both inclusive), with the reason
+# a user reads for the upper one. The upper bounds are far beyond any real run, so they only catch
+# typos (an extra zero run, 1e30) here instead of as a crash or a huge allocation in a stage.
+# "[]" stands for any list index; executor keys also cover executor.stages.<stage>.<key>.
+_INT32 = 2**31 - 1
+_STEPS = 10**9
+_VOCAB = 10_000_000
+_WHY_VOCAB = (f"no real vocabulary has more than {_VOCAB:,} entries (the embedding has a row per entry; "
+              "token ids are stored as uint16/uint32)")
+_WHY_SHAPE = "far beyond any real model (check for a typo)"
+_WHY_STEPS = "a billion steps is far beyond any real run (check for a typo)"
+_WHY_BATCH = "far beyond what fits in memory (check for a typo)"
+_WHY_SEED = "seeds are 32-bit (SentencePiece, numpy and torch take them)"
+_WHY_COUNT = "far beyond any real data set (check for a typo)"
+_WHY_CLUSTER = "far beyond any real machine or cluster (check for a typo)"
+INT_BOUNDS: dict[str, tuple[int, int, str]] = {
+    "seed": (0, _INT32, _WHY_SEED),
+    "tokenizer.vocab_size": (16, _VOCAB, _WHY_VOCAB),
+    "tokenizer.train_max_lines": (1, _INT32, "far more lines than SentencePiece can hold in memory"),
+    "data.passage_chars": (1, 10**9, "a passage of a billion characters is a typo"),
+    "data.tokenize_batch_docs": (1, 10**7, _WHY_BATCH),
+    "data.sources[].max_docs": (1, 10**12, _WHY_COUNT),
+    "model.vocab_size": (16, _VOCAB, _WHY_VOCAB),
+    "model.num_layers": (1, 1024, _WHY_SHAPE),
+    "model.hidden_size": (1, 2**17, _WHY_SHAPE),
+    "model.num_attention_heads": (1, 2**14, _WHY_SHAPE),
+    "model.ffn_hidden_size": (1, 2**19, _WHY_SHAPE),
+    "model.seq_length": (1, 2**20, _WHY_SHAPE),
+    "model.chunk_length": (1, 2**16, _WHY_SHAPE),
+    "model.num_neighbors": (1, 1024, _WHY_SHAPE),
+    "model.num_retrieved_chunks": (1, 1024, _WHY_SHAPE),
+    "model.encoder_num_layers": (1, 1024, _WHY_SHAPE),
+    "model.rotary_base": (1, 10**9, _WHY_SHAPE),
+    "model.tensor_model_parallel_size": (1, 1024, _WHY_CLUSTER),
+    "retrieval.embedder.max_tokens": (1, 2**16, "BERT models take at most a few thousand tokens"),
+    "retrieval.embedder.batch_size": (1, 2**20, _WHY_BATCH),
+    "retrieval.index.ntrain": (1, _INT32, "far more vectors than an index is trained on (check for a typo)"),
+    "retrieval.index.nprobe": (1, 2**20, "more lists than any index has"),
+    "retrieval.k_query": (1, 2048, "faiss's GPU search returns at most 2048 neighbours per query"),
+    "retrieval.num_candidates": (1, 2048, "at most retrieval.k_query"),
+    "retrieval.block_size": (1, 10**7, "one block's embeddings must fit in memory"),
+    "retrieval.extra_sources[].max_docs": (1, 10**12, _WHY_COUNT),
+    "retrieval.seed": (0, _INT32, _WHY_SEED),
+    "eval_ppl.max_samples": (1, 10**12, _WHY_COUNT),
+    "eval_ppl.micro_batch_size": (1, 2**20, _WHY_BATCH),
+    "sft.seq_length": (1, 2**20, _WHY_SHAPE),
+    "eval_qa.tasks[].max_samples": (1, 10**12, _WHY_COUNT),
+    "eval_qa.max_new_tokens": (1, 2**20, _WHY_SHAPE),
+    "eval_qa.batch_size": (1, 2**20, _WHY_BATCH),
+    "executor.nproc_per_node": (1, 1024, _WHY_CLUSTER),
+    "executor.nodes": (1, 100_000, _WHY_CLUSTER),
+    "executor.ntasks_per_node": (1, 1024, _WHY_CLUSTER),
+    "executor.gpus_per_node": (0, 1024, _WHY_CLUSTER),
+    "executor.cpus_per_task": (1, 100_000, _WHY_CLUSTER),
+    "executor.num_gpus": (-1, 1024, _WHY_CLUSTER),
+}
+for _sec in ("pretrain", "sft"):
+    INT_BOUNDS |= {
+        f"{_sec}.train_iters": (1, _STEPS, _WHY_STEPS),
+        f"{_sec}.micro_batch_size": (1, 2**20, _WHY_BATCH),
+        f"{_sec}.global_batch_size": (1, 2**30, _WHY_BATCH),
+        f"{_sec}.lr_warmup_iters": (0, _STEPS, _WHY_STEPS),
+        f"{_sec}.lr_decay_iters": (1, _STEPS, _WHY_STEPS),
+        f"{_sec}.save_interval": (0, _STEPS, _WHY_STEPS),
+        f"{_sec}.log_interval": (1, _STEPS, _WHY_STEPS),
+    }
+# Every other integer is handed to numpy or torch at some point: it must fit 64 bits.
+_INT64 = (-(2**63), 2**63 - 1)
+# Sections checked only when their stage runs (as their other checks are).
+_GATED_SECTIONS = ("sft", "eval_qa")
+
+
+def _bound_pattern(key: str) -> str:
+    """`data.sources[3].max_docs` -> `data.sources[].max_docs`; per-stage executor keys -> executor.<key>."""
+    pattern = re.sub(r"\[\d+\]", "[]", key)
+    if pattern.startswith("executor.stages."):
+        parts = pattern.split(".")
+        pattern = ".".join(["executor", *parts[3:]])
+    return pattern
+
+
+def _shown(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:37]}... ({len(str(abs(value)))} digits)"
+
+
+def _check_number(value: Any, key: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"recipe key '{key}' must be a finite number (got {value}).")
+    if isinstance(value, bool) or not isinstance(value, int):
+        return
+    lo, hi, why = INT_BOUNDS.get(_bound_pattern(key), (*_INT64, "integers must fit 64 bits"))
+    if value < lo:
+        raise UserError(f"recipe key '{key}' must be at least {lo} (got {_shown(value)}).")
+    if value > hi:
+        raise UserError(f"recipe key '{key}' must be at most {hi:,} (got {_shown(value)}): {why}.")
+
+
+def _check_ranges(value: Any, key: str = "", stages: tuple[str, ...] = ()) -> None:
+    """Every number in the checked recipe against INT_BOUNDS (and finite), before the checks
+    that compute with them: a billion layers must not build a billion-entry list first."""
+    if isinstance(value, dict):
+        for name, sub in value.items():
+            if not key and name in _GATED_SECTIONS and name not in stages:
+                continue
+            _check_ranges(sub, f"{key}.{name}" if key else str(name), stages)
+    elif isinstance(value, list):
+        for i, sub in enumerate(value):
+            _check_ranges(sub, f"{key}[{i}]", stages)
+    else:
+        _check_number(value, key)
+
+
 def _abspath(p: str) -> str:
     return str(Path(os.path.expanduser(p)).resolve())
 
@@ -202,22 +317,14 @@ def _semantic(r: dict[str, Any]) -> None:
         )
     _check_choice(d["on_invalid_utf8"], ("error", "replace"), "data.on_invalid_utf8")
     _check_choice(d["split_by"], SPLIT_BY, "data.split_by")
-    if d["passage_chars"] < 1:
-        raise UserError("recipe key 'data.passage_chars' must be at least 1 (characters per passage).")
-    if d["tokenize_batch_docs"] < 1:
-        raise UserError("recipe key 'data.tokenize_batch_docs' must be at least 1.")
-    for i, src in enumerate(d["sources"]):
+    for src in d["sources"]:
         if not src["path"].startswith("builtin:"):
             src["path"] = _abspath(src["path"])
-        if src["max_docs"] is not None and src["max_docs"] < 1:
-            raise UserError(f"recipe key 'data.sources[{i}].max_docs' must be at least 1 (or null for all).")
 
     t = r["tokenizer"]
     _check_choice(t["model_type"], ("unigram", "bpe"), "tokenizer.model_type")
     if t["model"] is not None:
         t["model"] = _abspath(t["model"])
-    if t["vocab_size"] < 16:
-        raise UserError(f"recipe key 'tokenizer.vocab_size' = {t['vocab_size']} is too small (at least 16).")
 
     q = r["retrieval"]
     for i, split in enumerate(q["query_splits"]):
@@ -227,9 +334,6 @@ def _semantic(r: dict[str, Any]) -> None:
             src["path"] = _abspath(src["path"])
     if not 0.0 <= q["validate_fraction"] <= 1.0:
         raise UserError("recipe key 'retrieval.validate_fraction' must be between 0 and 1.")
-    for key in ("k_query", "block_size"):
-        if q[key] < 1:
-            raise UserError(f"recipe key 'retrieval.{key}' must be at least 1.")
     if q["k_query"] < r["model"]["num_neighbors"]:
         raise UserError(
             f"retrieval.k_query ({q['k_query']}) must be at least model.num_neighbors "
@@ -294,10 +398,7 @@ def _check_model_layout(m: dict[str, Any]) -> None:
 
 def _check_optimizer(p: dict[str, Any], sec: str) -> None:
     """The optimizer, schedule and batch keys pretrain and sft share."""
-    for key in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
-        if p[key] < 1:
-            raise UserError(f"recipe key '{sec}.{key}' must be at least 1 (got {p[key]}).")
-    for key in ("lr_warmup_iters", "save_interval", "weight_decay", "clip_grad", "min_lr"):
+    for key in ("weight_decay", "clip_grad", "min_lr"):
         if p[key] < 0:
             raise UserError(f"recipe key '{sec}.{key}' must not be negative (got {p[key]}).")
     if p["global_batch_size"] % p["micro_batch_size"]:
@@ -360,12 +461,7 @@ def _check_instruct(r: dict[str, Any]) -> None:
         for i, t in enumerate(q["tasks"]):
             _check_choice(t["name"], tuple(TASKS), f"eval_qa.tasks[{i}].name")
             t["path"] = _check_data_file(t["path"], f"eval_qa.tasks[{i}].path")
-            if t["max_samples"] is not None and t["max_samples"] < 1:
-                raise UserError(f"recipe key 'eval_qa.tasks[{i}].max_samples' must be at least 1.")
         _check_choice(q["contexts"], ("ctxs", "retrieve", "none"), "eval_qa.contexts")
-        for key in ("max_new_tokens", "batch_size"):
-            if q[key] < 1:
-                raise UserError(f"recipe key 'eval_qa.{key}' must be at least 1 (got {q[key]}).")
         if q["checkpoint"] not in ("sft", "pretrain"):
             q["checkpoint"] = _abspath(q["checkpoint"])
             if not Path(q["checkpoint"]).exists():
@@ -425,8 +521,6 @@ def _check_training(r: dict[str, Any]) -> None:
         raise UserError("recipe key 'eval_ppl.splits' is empty: list at least one split, e.g. [valid].")
     for i, split in enumerate(e["splits"]):
         _check_choice(split, ("train", "valid", "test"), f"eval_ppl.splits[{i}]")
-    if e["micro_batch_size"] < 1 or (e["max_samples"] is not None and e["max_samples"] < 1):
-        raise UserError("recipe keys 'eval_ppl.micro_batch_size' and 'eval_ppl.max_samples' must be at least 1.")
 
 
 def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:
@@ -445,12 +539,6 @@ def _check_executor(raw: Any, checker: _Checker) -> dict[str, Any]:
             )
     out = checker.check_dataclass(raw, EXECUTOR_SCHEMAS[etype], "executor")
     out["stages"] = _check_stage_overrides(out["stages"], etype, checker)
-    for stage in [None, *out["stages"]]:
-        merged = for_stage(OmegaConf.create(out), stage) if stage else out
-        where = f"executor.stages.{stage}" if stage else "executor"
-        for key in ("nproc_per_node", "nodes", "ntasks_per_node"):
-            if key in merged and merged[key] < 1:
-                raise UserError(f"recipe key '{where}.{key}' must be at least 1.")
     return out
 
 
@@ -519,6 +607,7 @@ def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
     checker = _Checker(Recipe)
     checked = checker.check_dataclass(resolved, Recipe, "")
     checked["executor"] = _check_executor(executor, checker)
+    _check_ranges(checked, stages=tuple(checked["stages"]))
     _semantic(checked)
     _check_parallel(checked)
     out = OmegaConf.create(checked)

@@ -13,9 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import yaml
-
 from retro_toolkit.errors import UserError
+from retro_toolkit.recipe.yaml_io import read_yaml
 
 # InstructRetro's published parameter counts (docs/model_sizes.md), by file stem.
 PUBLISHED = {
@@ -47,10 +46,7 @@ def load_model_section(path: str | Path) -> dict[str, Any]:
         raise UserError(
             f"model file {str(p)!r} does not exist: pass a yaml/model/*.yaml piece, e.g. yaml/model/retro_tiny.yaml."
         )
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"model file {str(p)!r} is not valid YAML: {e}") from None
+    data = read_yaml(p, "model file")
     if isinstance(data, Mapping) and "num_layers" not in data and isinstance(data.get("model"), Mapping):
         data = data["model"]
     if not isinstance(data, Mapping) or "num_layers" not in data:
