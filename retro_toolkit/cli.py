@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from retro_toolkit.core.signals import Interrupted
 from retro_toolkit.errors import RetroError
 
 EPILOG = """\
@@ -46,7 +47,10 @@ examples:
   retro-run show recipes/smoke.yaml model=retro_tiny
 
 A finished stage is skipped on the next run unless its settings (or an upstream
-stage's) changed. Exit codes: 0 ok, 1 a stage failed, 2 bad input.
+stage's) changed. SIGTERM, SIGINT or SIGHUP stop every process of the run (training
+saves a checkpoint first); the same command continues. Exit codes: 0 ok, 1 a stage
+failed, 2 bad input, 75 a training stage stopped at its exit_duration_minutes,
+128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
 """
 
 COMMANDS = ("run", "status", "validate", "show", "ls", "inspect", "show-model", "generate", "export-safetensors",
@@ -291,10 +295,11 @@ def dispatch(argv: list[str]) -> int:
         return 0
     if args.command == "validate":
         from retro_toolkit.runner.plan import check_stages
-        from retro_toolkit.runner.preflight import check_inputs
+        from retro_toolkit.runner.preflight import check_inputs, check_launch
 
         check_stages(recipe)
         check_inputs(recipe)
+        check_launch(recipe)
         print(f"{args.recipe}: ok ({', '.join(recipe.stages)}; executor {recipe.executor.type})")
         return 0
     from retro_toolkit.runner.run import execute
@@ -307,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         return dispatch(sys.argv[1:] if argv is None else argv)
     except RetroError as e:
         print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Interrupted as e:
+        print(f"retro-run: {e}; every process of the run has ended. Rerun the same command to continue "
+              "(finished stages are kept, training resumes from its last checkpoint).", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

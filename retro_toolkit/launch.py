@@ -10,6 +10,7 @@ Exit codes: 0 done, 2 bad input (message, no traceback), 1 failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -23,8 +24,8 @@ from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES
 
 
 def run_stage(stage: str, recipe_file: str) -> int:
-    from retro_toolkit.core import cpu, dist
-    from retro_toolkit.core.stage import StageContext
+    from retro_toolkit.core import cpu
+    from retro_toolkit.core.lock import worker_lock
     from retro_toolkit.recipe import load_recipe
     from retro_toolkit.runner import manifest
     from retro_toolkit.runner.stages import STAGES
@@ -42,6 +43,17 @@ def run_stage(stage: str, recipe_file: str) -> int:
             )
 
     cpu.quiet_warnings()
+    with contextlib.ExitStack() as stack:
+        if recipe.executor.type != "slurm":  # Slurm's runner checks the queue instead (core/lock.py)
+            stack.enter_context(worker_lock(Path(recipe.workdir)))
+        return _run(stage, recipe, spec)
+
+
+def _run(stage: str, recipe, spec) -> int:
+    from retro_toolkit.core import dist
+    from retro_toolkit.core.stage import StageContext
+    from retro_toolkit.runner import manifest
+
     env = dist.init()
     started = time.time()
     if env.is_main:
@@ -115,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         # The runner re-raises this in the user's terminal (bad input keeps exit code 2).
         from retro_toolkit.core import files
 
-        files.write_json(error_file, {"exit_code": e.exit_code, "message": str(e)})
+        stopped = getattr(e, "stopped_at", None)  # a training stage that saved and stopped early
+        files.write_json(error_file, {"exit_code": e.exit_code, "message": str(e),
+                                      **({"stopped_at": stopped} if stopped is not None else {})})
         return e.exit_code
     except Exception:
         traceback.print_exc()

@@ -230,6 +230,9 @@ class TrainingConfig:
     log_interval: int = 10
     # Continue from the latest checkpoint of an interrupted run of this stage (same model).
     resume: bool = True
+    # Stop at a checkpoint once the stage's processes have run this long (set it a little under
+    # a job's time limit); the rerun resumes. SIGTERM, SIGINT or SIGHUP do the same at any time.
+    exit_duration_minutes: Optional[float] = None
     # TensorBoard event files under <workdir>/tensorboard/.
     tensorboard: bool = True
 

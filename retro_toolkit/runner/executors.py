@@ -17,6 +17,10 @@ from omegaconf import DictConfig
 from retro_toolkit.recipe.executors import processes
 
 LAUNCH_MODULE = "retro_toolkit.launch"
+# How long a stopping training stage may take to save: Slurm signals the job's processes this
+# long before its time limit (sbatch --signal=TERM@N; executor.additional_parameters.signal
+# overrides it), and torchrun waits this long for its workers after SIGTERM before SIGKILL.
+STOP_WARNING_S = 600
 
 
 def logs_root(recipe: DictConfig) -> Path:
@@ -34,6 +38,7 @@ def _env(cfg: DictConfig) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("LOGLEVEL", "WARNING")  # torchrun's agent logs every rendezvous step at INFO
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_WARNING_S))
     return env
 
 
@@ -72,6 +77,9 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False) -> Any:
             tunnel = run.LocalTunnel(job_dir=str(logs_root(recipe) / "experiments"))
         torchrun = uses_torchrun(cfg)
         extra = dict(cfg.additional_parameters)
+        # Before the time limit (or preemption's SIGKILL), SIGTERM to the job's tasks (torchrun
+        # forwards it to the workers): training stages save a checkpoint and stop.
+        extra.setdefault("signal", f"TERM@{STOP_WARNING_S}")
         if waits:
             # A job whose upstream failed is cancelled, not left pending forever.
             extra.setdefault("kill_on_invalid_dep", "yes")

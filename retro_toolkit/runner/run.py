@@ -12,14 +12,15 @@ from omegaconf import DictConfig
 
 from retro_toolkit.core import files
 from retro_toolkit.core.lock import workdir_lock
-from retro_toolkit.errors import StageFailed, UserError
+from retro_toolkit.core.signals import Interrupted, stop_run_on_signal
+from retro_toolkit.errors import StageFailed, StageStopped, UserError
 from retro_toolkit.launch import error_path, log_file
 from retro_toolkit.recipe import to_yaml
 from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES, describe, for_stage, processes
 from retro_toolkit.runner import executors, manifest
 from retro_toolkit.runner.follow import LogFollower
 from retro_toolkit.runner.plan import Step, make_plan
-from retro_toolkit.runner.preflight import check_inputs
+from retro_toolkit.runner.preflight import check_inputs, check_launch
 
 RESOLVED = "recipe.resolved.yaml"
 
@@ -120,6 +121,7 @@ def execute(
         dry_run(recipe, steps)
         return 0
 
+    check_launch(recipe)
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
@@ -168,8 +170,15 @@ def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
             continue
         print(f"\n==> {step.stage} ({step.reason})", flush=True)
         t0 = time.time()
-        with LogFollower(log_file(workdir, step.stage, 0)):
-            state = _launch(recipe, step.stage, resolved)
+        try:
+            with LogFollower(log_file(workdir, step.stage, 0)), stop_run_on_signal():
+                state = _launch(recipe, step.stage, resolved)
+        except Interrupted as stop:
+            outcomes.append(Outcome(step.stage, "stopped", time.time() - t0,
+                                    f"{stop}; rerun to continue; log: {log_file(workdir, step.stage, 0)}"))
+            outcomes += [Outcome(s.stage, "not run", None, "run stopped") for s in steps[len(outcomes):]]
+            print_summary(outcomes)
+            raise
         wall = time.time() - t0
         done, _ = manifest.status(recipe, step.stage)
         if state == "SUCCEEDED" and done:
@@ -184,6 +193,8 @@ def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
         err = _stage_error(workdir, failed)
         if err and err.get("exit_code") == UserError.exit_code:
             raise UserError(f"stage '{failed}': {err['message']} (log: {log_file(workdir, failed, 0)})")
+        if err and err.get("stopped_at") is not None:
+            raise StageStopped(f"stage '{failed}': {err['message']}", err["exit_code"])
         raise StageFailed(
             f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} "
             f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments)."

@@ -41,7 +41,9 @@ class StageSpec:
 MODEL_ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"))
 _MODEL_ADDED = tuple((f"model.{k}", v) for k, v in MODEL_ADDED_KEYS)
 # The same for pretrain keys.
-PRETRAIN_ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0),)
+PRETRAIN_ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0), ("exit_duration_minutes", None))
+# The same for sft keys.
+SFT_ADDED_KEYS: tuple[tuple[str, object], ...] = (("exit_duration_minutes", None),)
 
 STAGES: dict[str, StageSpec] = {
     s.name: s
@@ -92,7 +94,7 @@ STAGES: dict[str, StageSpec] = {
             ("model", "sft", "seed"),
             "retro_toolkit.collections.instruct.sft:run",
             "instruction tuning (InstructRetro): answer-only loss, checkpoints, exact resume",
-            added_keys=_MODEL_ADDED,
+            added_keys=_MODEL_ADDED + tuple((f"sft.{k}", v) for k, v in SFT_ADDED_KEYS),
         ),
         StageSpec(
             "eval_qa",

@@ -24,7 +24,8 @@ from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.data import data_file
 
 NAME = "sft"
-RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from"}
+RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from",
+               "exit_duration_minutes"}
 
 
 def sft_dataset(recipe, tokenizer: Tokenizer, num_samples: int, log=print) -> SftDataset:

@@ -29,7 +29,8 @@ from retro_toolkit.runner.stages import MODEL_ADDED_KEYS, PRETRAIN_ADDED_KEYS
 
 TWIN = "pretrain_gpt_twin"
 # pretrain keys a resumed run may change: how long to train and how to report, not what.
-RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from", "gpt_twin"}
+RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from", "gpt_twin",
+               "exit_duration_minutes"}
 
 
 def resume_settings(recipe, section: dict[str, Any], stage: str = "pretrain",
@@ -135,7 +136,7 @@ def train_with_checkpoints(ctx: StageContext, name: str, root: Path, parts: tupl
             log(f"already trained {start} iterations (train_iters = {p.train_iters})")
             return {}
         return training.train(ddp, opt, sched, batches, start, p.train_iters, seq_length, metrics, log,
-                              p.log_interval, save, p.save_interval)
+                              p.log_interval, save, p.save_interval, p.exit_duration_minutes)
     finally:
         metrics.close()
 

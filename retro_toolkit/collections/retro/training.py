@@ -23,7 +23,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from retro_toolkit.collections.retro import wgrad
-from retro_toolkit.errors import UserError
+from retro_toolkit.core import signals
+from retro_toolkit.errors import StageStopped, UserError
 
 
 def device() -> torch.device:
@@ -217,8 +218,22 @@ def train(
     log_interval: int,
     save: Optional[Callable[[int], None]] = None,
     save_interval: int = 0,
+    exit_duration_minutes: Optional[float] = None,
 ) -> dict[str, float]:
-    """Run iterations start_iteration+1 .. train_iters (1-based, as checkpoints count them)."""
+    """Run iterations start_iteration+1 .. train_iters (1-based, as checkpoints count them).
+
+    A stop signal (SIGTERM, SIGINT, SIGHUP) or `exit_duration_minutes` of process time ends the
+    run early and alike on every rank: the current iteration finishes, a checkpoint is saved
+    (`save`), and StageStopped is raised; rerunning resumes there.
+    """
+    with signals.StopRequests(exit_duration_minutes) as stop:
+        return _train(ddp, opt, sched, batches, start_iteration, train_iters, tokens_per_sample, metrics, log,
+                      log_interval, save, save_interval, stop)
+
+
+def _train(ddp, opt, sched, batches: Batches, start_iteration: int, train_iters: int, tokens_per_sample: int,
+           metrics: MetricsLog, log: Callable[[str], None], log_interval: int,
+           save: Optional[Callable[[int], None]], save_interval: int, stop: signals.StopRequests) -> dict[str, float]:
     dev = device()
     ddp.train()
     dp_group = parallel_state.get_data_parallel_group()
@@ -266,6 +281,15 @@ def train(
                 metrics.writer.add_scalar("tokens_per_s", tps, iteration)
             window_start, window_tokens = time.perf_counter(), 0
         last = {**row, "seconds_per_iteration": (time.perf_counter() - run_start) / max(done, 1)}
-        if save is not None and (iteration == train_iters or (save_interval and iteration % save_interval == 0)):
+        saved = save is not None and (iteration == train_iters or (save_interval and iteration % save_interval == 0))
+        if saved:
             save(iteration)
+        request = stop.agreed() if iteration < train_iters else 0
+        if request:
+            if save is not None and not saved:
+                save(iteration)
+            reason, code = signals.describe(request)
+            raise StageStopped(f"stopped at iteration {iteration} of {train_iters} on {reason}"
+                               + (", checkpoint saved; rerun to resume" if save is not None else ""),
+                               code, stopped_at=iteration)
     return last
