@@ -105,8 +105,10 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
         assert f"#SBATCH --job-name=retro-{name}-{stage}" in text
         assert f"--container-image {IMAGE}" in text and f"--container-mounts /lustre:/lustre,{data_root}:{data_root}" in text
         assert f"-m retro_toolkit.launch {stage} {workdir}/recipe.resolved.yaml" in text
-        # SIGTERM 10 minutes before the time limit, and torchrun waits that long for saving workers
-        assert "#SBATCH --signal=TERM@600\n" in text and "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600\n" in text
+        # Training jobs get SIGTERM 10 minutes before their time limit, and torchrun waits that
+        # long for saving workers; the other stages have nothing to save.
+        assert ("#SBATCH --signal=TERM@600\n" in text) == (stage in ("pretrain", "sft")), stage
+        assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600\n" in text
         deps = re.findall(r"^#SBATCH --dependency='afterok:(.*)'$", text, flags=re.M)
         want = [d for d in UPSTREAM.get(stage, []) if d in shown["stages"]]
         assert deps == ([":".join(f"<{d}>" for d in want)] if want else []), (stage, deps)

@@ -17,10 +17,13 @@ from omegaconf import DictConfig
 from retro_toolkit.recipe.executors import processes
 
 LAUNCH_MODULE = "retro_toolkit.launch"
-# How long a stopping training stage may take to save: Slurm signals the job's processes this
-# long before its time limit (sbatch --signal=TERM@N; executor.additional_parameters.signal
-# overrides it), and torchrun waits this long for its workers after SIGTERM before SIGKILL.
+# How long a stopping training stage may take to save: Slurm signals a training job's
+# processes this long before its time limit (at most a tenth of the limit; sbatch
+# --signal=TERM@N, which executor.additional_parameters.signal overrides), and torchrun waits
+# this long for its workers after SIGTERM before SIGKILL.
 STOP_WARNING_S = 600
+# Stages that save a checkpoint and stop on SIGTERM; the others just end, and resume anyway.
+SAVES_ON_SIGNAL = ("pretrain", "sft")
 
 
 def logs_root(recipe: DictConfig) -> Path:
@@ -47,7 +50,24 @@ def uses_torchrun(cfg: DictConfig) -> bool:
     return cfg.type == "torchrun" or (cfg.type in ("slurm", "docker") and processes(cfg) > 1)
 
 
-def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False) -> Any:
+def stop_warning_s(time_limit: str | None) -> int:
+    """Seconds before a Slurm time limit ("MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]") at which a
+    training job is told to save: STOP_WARNING_S, or a tenth of a shorter limit."""
+    try:
+        days, _, clock = str(time_limit).rpartition("-")
+        parts = [int(x) for x in clock.split(":")]
+        if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+            parts = [int(days) * 24 + parts[0], *parts[1:], 0, 0][:3]
+            seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+        else:  # MM, MM:SS, HH:MM:SS
+            seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
+                       3: lambda p: p[0] * 3600 + p[1] * 60 + p[2]}[len(parts)](parts)
+    except (ValueError, KeyError, IndexError):
+        return STOP_WARNING_S  # unlimited or the partition's default: not known here
+    return max(1, min(STOP_WARNING_S, seconds // 10))
+
+
+def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
     """The NeMo-Run executor for one stage's job; `cfg` is executor settings merged for the
     stage (recipe.executors.for_stage). `waits`: the job has Slurm dependencies."""
     import logging
@@ -77,9 +97,10 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False) -> Any:
             tunnel = run.LocalTunnel(job_dir=str(logs_root(recipe) / "experiments"))
         torchrun = uses_torchrun(cfg)
         extra = dict(cfg.additional_parameters)
-        # Before the time limit (or preemption's SIGKILL), SIGTERM to the job's tasks (torchrun
-        # forwards it to the workers): training stages save a checkpoint and stop.
-        extra.setdefault("signal", f"TERM@{STOP_WARNING_S}")
+        if stage in SAVES_ON_SIGNAL:
+            # SIGTERM to the job's tasks before the time limit (torchrun passes it on to the
+            # workers): the stage saves a checkpoint and stops, and the rerun resumes.
+            extra.setdefault("signal", f"TERM@{stop_warning_s(cfg.time)}")
         if waits:
             # A job whose upstream failed is cancelled, not left pending forever.
             extra.setdefault("kill_on_invalid_dep", "yes")

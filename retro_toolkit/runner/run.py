@@ -71,7 +71,7 @@ def _launch(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
     import nemo_run as run
 
     ex_cfg = for_stage(recipe.executor, stage)
-    executor = executors.build(ex_cfg, recipe)
+    executor = executors.build(ex_cfg, recipe, stage=stage)
     with run.Experiment(
         f"{recipe.name}-{stage}", base_dir=str(executors.logs_root(recipe)), clean_mode=True, log_level="WARN"
     ) as exp:

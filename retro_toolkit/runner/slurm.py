@@ -35,7 +35,7 @@ def _add_jobs(exp: Any, recipe: DictConfig, steps: list[Step], recipe_file: Path
     for step in (s for s in steps if s.run):
         ups = [d for d in STAGES[step.stage].upstream(recipe.stages) if d in added]
         cfg = for_stage(recipe.executor, step.stage)
-        ex = executors.build(cfg, recipe, waits=bool(ups))
+        ex = executors.build(cfg, recipe, waits=bool(ups), stage=step.stage)
         if dry and ups:
             # Job ids exist only once sbatch ran; show the stage each one stands for.
             ex.dependencies = [f"dryrun://nemo_run/<{d}>" for d in ups]
