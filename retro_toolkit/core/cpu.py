@@ -4,14 +4,41 @@ megatron-core 0.16.1 hard-codes CUDA at a handful of call sites that the local
 (non-Transformer-Engine) specs otherwise run fine without. `apply()` patches exactly
 those sites, only when CUDA is absent, and is idempotent. Each patch names the call
 site it replaces; drop a patch when upstream stops needing it.
+
+They, and the workarounds elsewhere that reach into megatron-core (wgrad.install,
+checkpointing._adam_steps_kept, model._mark_tensor_parallel_weights), were written and
+tested against the versions in TESTED_MEGATRON_CORE; `check_version()` says so once when
+another one is installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
+TESTED_MEGATRON_CORE = ("0.16.1",)
 _applied = False
+_version_checked = False
+
+
+def check_version() -> str | None:
+    """Warn (once) when the installed megatron-core is not one these patches were tested on;
+    returns the warning's text, or None."""
+    global _version_checked
+    if _version_checked:
+        return None
+    _version_checked = True
+    from megatron import core
+
+    found = getattr(core, "__version__", "unknown")
+    if found in TESTED_MEGATRON_CORE:
+        return None
+    text = (f"megatron-core {found} is installed, but retro_toolkit's patches of its internals were tested on "
+            f"{', '.join(TESTED_MEGATRON_CORE)}: if a stage fails inside megatron-core, install "
+            f"megatron-core=={TESTED_MEGATRON_CORE[-1]}.")
+    warnings.warn(text, stacklevel=2)
+    return text
 
 
 def apply() -> bool:
@@ -19,6 +46,7 @@ def apply() -> bool:
     global _applied
     import torch
 
+    check_version()
     if torch.cuda.is_available():
         return False
     if _applied:
