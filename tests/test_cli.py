@@ -3,10 +3,13 @@ nothing written to the work directory)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from tests.conftest import SMOKE
+from tests.conftest import REPO, SMOKE
 
 
 def test_ls_lists_recipes_and_pieces(run_cli):
@@ -137,3 +140,13 @@ def test_detach_needs_slurm_and_status_needs_a_workdir(tmp_path, run_cli):
     assert not (tmp_path / "w").exists()
     p = run_cli("status", str(tmp_path))
     assert p.returncode == 2 and "has no recipe.resolved.yaml" in p.stderr
+
+
+def test_validate_imports_no_torch():
+    """Resolving and checking a recipe stays light: a login node or laptop without torch can do it."""
+    code = ("import sys\nfrom retro_toolkit.cli import main\n"
+            "rc = main(['validate', 'recipes/smoke.yaml'])\n"
+            "print(rc, sorted(m for m in ('torch', 'megatron', 'faiss', 'transformers') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "0 []"
