@@ -15,7 +15,7 @@
    (the model is built in bf16 there and the weights streamed in), logits finite.
 
 MFU = model FLOPs per step (matmuls, attention in full, x3 for forward + backward;
-benchmarks/model_step.forward_flops) over the step time from the pretrain log's tok/s,
+benchmarks/common.forward_flops) over the step time from the pretrain log's tok/s,
 divided by the GPUs' dense bf16 peak. With --cpu, everything runs on the CPU, bf16 included.
 """
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))
 
 # Dense bf16 tensor-core peak per GPU, FLOP/s (vendor data sheets, SXM parts).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -154,7 +154,7 @@ def restore_check(package: Path, device: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/retro_gpu_check")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="also write the printed JSON to this file")
     ap.add_argument("--layers", type=int, default=12, help="decoder layers of retro_843m (24 = the full model)")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=300)
@@ -165,17 +165,24 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="everything on the CPU: checks the script itself")
     a = ap.parse_args()
 
+    import warnings
+
+    from retro_toolkit.core import malloc
+
+    warnings.filterwarnings("ignore")  # library warnings would bury the report
+    malloc.keep_freed_memory()  # glibc keeps freed memory, as in the model stages
+
     import torch
     import yaml
 
-    from model_step import forward_flops
+    from benchmarks.common import command, forward_flops
 
     gpus = 0 if a.cpu else torch.cuda.device_count()
     if not a.cpu and gpus == 0:
         raise SystemExit("no GPU visible (use --cpu to check the script itself)")
     device = "cuda" if gpus else "cpu"
     name = torch.cuda.get_device_name(0) if gpus else "cpu"
-    result: dict = {"device": name, "gpus": gpus, "torch": torch.__version__}
+    result: dict = {"command": command(), "device": name, "gpus": gpus, "torch": torch.__version__}
 
     # 1. fully masked rows under every kernel
     result["kernels"] = kernel_checks(device)

@@ -41,13 +41,17 @@ def losses(workdir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, required=True, help="folder for the two work directories")
     p.add_argument("--docs", type=int, default=20, help="pydoc topics in the corpus (79 in all)")
     p.add_argument("--gpt-iters", type=int, default=8, help="GPT pretraining steps")
     p.add_argument("--retro-iters", type=int, default=4, help="retro-fitting steps")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     root = a.workdir.resolve()
 
     gpt = run(root / "gpt", a.docs, a.gpt_iters,

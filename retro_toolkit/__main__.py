@@ -1,3 +1,5 @@
+"""`python -m retro_toolkit ...`: the same as `retro-run ...`."""
+
 import sys
 
 from retro_toolkit.cli import main

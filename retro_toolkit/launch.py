@@ -20,7 +20,7 @@ from pathlib import Path
 
 from retro_toolkit.core import malloc
 from retro_toolkit.errors import RetroError, UserError
-from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES
+from retro_toolkit.executors import MODEL_PARALLEL_STAGES
 
 
 def run_stage(stage: str, recipe_file: str) -> int:
@@ -28,7 +28,7 @@ def run_stage(stage: str, recipe_file: str) -> int:
     from retro_toolkit.core.lock import worker_lock
     from retro_toolkit.recipe import load_recipe
     from retro_toolkit.runner import manifest
-    from retro_toolkit.runner.stages import STAGES
+    from retro_toolkit.stages import STAGES
 
     recipe = load_recipe(recipe_file)
     spec = STAGES.get(stage)

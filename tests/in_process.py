@@ -22,7 +22,7 @@ def train_in_process(recipe, tmp: Path, iters: int, overrides: dict | None = Non
     overrides; 4 samples a step in micro-batches of 2 over the data-parallel ranks. Returns
     (model, optimizer, per-step losses)."""
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro import pretrain as pt
+    from retro_toolkit.collections.retro import engine as pt
     from retro_toolkit.collections.retro import training
 
     p = recipe[stage]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retro_toolkit.collections.text import sources
+from retro_toolkit.collections.text import source_probe
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe import load_recipe
 from retro_toolkit.recipe.yaml_io import MAX_YAML_BYTES, read_yaml
@@ -346,24 +346,24 @@ def test_good_corpora_pass_and_a_cut_character_at_the_probe_end_is_fine(tmp_path
     check_inputs(load_recipe(SMOKE, _source(f)))
     t = tmp_path / "c.txt"
     t.write_text("é" * 100)  # 200 bytes of two-byte characters
-    monkeypatch.setattr(sources, "PROBE_BYTES", 51)  # cuts one in half
+    monkeypatch.setattr(source_probe, "PROBE_BYTES", 51)  # cuts one in half
     check_inputs(load_recipe(SMOKE, _source(t)))
 
 
 def test_the_probe_reads_a_bounded_prefix(tmp_path, monkeypatch):
     """A huge corpus is checked by its start: problems beyond it are the reader's to report."""
-    monkeypatch.setattr(sources, "PROBE_BYTES", 4096)
+    monkeypatch.setattr(source_probe, "PROBE_BYTES", 4096)
     good = "".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(1000))  # ~26 KB
     f = tmp_path / "big.jsonl"
     f.write_bytes(good.encode() + b'{"text": "caf\xe9"}\n{"body": 1}\n')
     check_inputs(load_recipe(SMOKE, _source(f)))
-    monkeypatch.setattr(sources, "PROBE_BYTES", 1 << 20)
+    monkeypatch.setattr(source_probe, "PROBE_BYTES", 1 << 20)
     f.write_bytes(good.encode() * 20 + b"\xff\n")  # past PROBE_RECORDS: not read
     t = time.perf_counter()
     check_inputs(load_recipe(SMOKE, _source(f)))
     assert time.perf_counter() - t < 1
-    f.write_bytes(b'{"text": "x"}\n' * (sources.PROBE_RECORDS - 1) + b'{"body": 1}\n')  # the 100th record is read
-    with pytest.raises(UserError, match=rf":{sources.PROBE_RECORDS}: no field 'text'"):
+    f.write_bytes(b'{"text": "x"}\n' * (source_probe.PROBE_RECORDS - 1) + b'{"body": 1}\n')  # the 100th record is read
+    with pytest.raises(UserError, match=rf":{source_probe.PROBE_RECORDS}: no field 'text'"):
         check_inputs(load_recipe(SMOKE, _source(f)))
 
 

@@ -2,7 +2,7 @@
 index against exact search, and a 2-process build equal to the 1-process one, file by file.
 
 The first 30 articles (about 3.5K chunks, 4 embedding blocks) keep each build near a minute
-on 2 cores; queries are the valid and test chunks. benchmarks/build_db.py measures recall
+on 2 cores; queries are the valid and test chunks. benchmarks/speed/build_db.py measures recall
 over the whole corpus and every split (0.998 at IVF128, nprobe 32).
 """
 

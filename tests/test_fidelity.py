@@ -171,7 +171,8 @@ def test_logits_equal_legacy_megatron_lm_at_equal_weights(name, core_attention):
     """The importer's legacy path: the model section from the run's args (completed by the Retro
     workdir's args.json, where legacy Megatron-LM kept the chunk length), legacy tensor names
     through its rename, flavour megatron_legacy."""
-    from retro_toolkit.checkpoint.megatron_legacy import rename, section_from_args
+    from retro_toolkit.checkpoint.megatron_args import section_from_args
+    from retro_toolkit.checkpoint.megatron_legacy_names import rename
 
     ref = torch.load(DATA / f"legacy_{name}.pt", weights_only=True)
     section = section_from_args({**ref["args"], **ref["retro_args"]}, name)

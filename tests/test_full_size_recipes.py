@@ -161,8 +161,8 @@ def test_bad_stage_resources_name_the_key(override, message, data_root):
 def test_docker_executor_builds_nemo_runs_docker_executor(tmp_path):
     """executor: docker maps onto NeMo-Run's DockerExecutor (no daemon needed to build it)."""
     from retro_toolkit.recipe import load_recipe
-    from retro_toolkit.recipe.executors import for_stage
-    from retro_toolkit.runner import executors
+    from retro_toolkit import executors
+    from retro_toolkit.executors import for_stage
 
     r = load_recipe("smoke", [f"workdir={tmp_path / 'w'}", "executor=docker", "executor.num_gpus=-1",
                               "executor.volumes=[/data:/data]", "executor.stages={build_db: {nproc_per_node: 2}}"])

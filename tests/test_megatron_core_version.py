@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from retro_toolkit.core import cpu
+from retro_toolkit.core.cpu import patches as cpu
 
 
 def test_the_installed_megatron_core_is_one_the_patches_were_tested_on():

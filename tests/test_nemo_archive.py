@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from retro_toolkit.checkpoint import archive
+from retro_toolkit.checkpoint import archive, archive_stream
 from retro_toolkit.errors import UserError
 
 
@@ -26,7 +26,7 @@ def test_pack_and_extract_round_trip(tmp_path):
     nemo = archive.pack(staging(tmp_path), tmp_path / "export" / "m.nemo")
     assert sorted(archive.names(nemo)) == ["./model_config.yaml", "./model_weights/common.pt", "./tokenizer.model"]
     with open(nemo, "rb") as f:
-        assert f.read(2) != archive.GZIP_MAGIC  # written uncompressed, as NeMo does
+        assert f.read(2) != archive_stream.GZIP_MAGIC  # written uncompressed, as NeMo does
     out = archive.extract(nemo, tmp_path / "out")
     assert (out / "model_config.yaml").read_text() == "num_layers: 2\n"
     assert (out / "model_weights" / "common.pt").read_bytes() == b"\x00\x01weights"

@@ -83,7 +83,7 @@ def test_ppl_json_matches_a_direct_computation(trained):
     import torch
 
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro.pretrain import build, dataset
+    from retro_toolkit.collections.retro.engine import build, dataset
     from retro_toolkit.recipe import load_recipe
 
     recipe = load_recipe(str(trained / "recipe.resolved.yaml"))
@@ -247,7 +247,7 @@ def test_init_from_gpt_loads_the_decoder_freeze_keeps_it_and_cca_zero_init_start
     import torch
 
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro.pretrain import build
+    from retro_toolkit.collections.retro.engine import build
     from retro_toolkit.recipe import load_recipe
 
     gpt_ckpt = gpt_without_database(small_db, tmp_path / "gpt")
@@ -341,8 +341,8 @@ def test_init_from_a_retro_checkpoint_is_refused(trained, small_db, tmp_path, ru
 
 
 def test_retrieval_lr_mult_scales_only_cross_attention_and_encoder(trained):
+    from retro_toolkit.collections.retro import engine, training
     from retro_toolkit.collections.retro import pretrain as pt
-    from retro_toolkit.collections.retro import training
     from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
     from retro_toolkit.recipe import load_recipe
     from retro_toolkit.runner.manifest import stage_config
@@ -354,7 +354,7 @@ def test_retrieval_lr_mult_scales_only_cross_attention_and_encoder(trained):
     assert stage_config(recipe, "pretrain")["pretrain"]["retrieval_lr_mult"] == 10.0
     assert pt.resume_settings(recipe, {})["pretrain.retrieval_lr_mult"] == 10.0
 
-    model, config, _ = pt.build(recipe, "retro", training.precision_overrides(False, False))
+    model, config, _ = engine.build(recipe, "retro", training.precision_overrides(False, False))
     names = {id(p): n for n, p in model.named_parameters()}
     ddp, opt, sched = training.wrap_and_optimizer(model, recipe.pretrain, config)
     for _ in range(3):

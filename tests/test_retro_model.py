@@ -19,7 +19,7 @@ from retro_toolkit.collections.retro import (  # noqa: E402
     default_cca_layers,
     initialize,
 )
-from retro_toolkit.collections.retro.layers import ChunkedCrossAttention  # noqa: E402
+from retro_toolkit.collections.retro.chunked_cross_attention import ChunkedCrossAttention  # noqa: E402
 from retro_toolkit.errors import UserError  # noqa: E402
 from tests.retro_small import SMALL_SECTION  # noqa: E402
 
@@ -345,7 +345,7 @@ def test_fully_masked_rows_do_not_depend_on_the_kernels_convention(monkeypatch, 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from retro_toolkit.collections.retro import layers
+    from retro_toolkit.collections.retro import chunked_cross_attention as layers
 
     cfg, args = config_from_model_section(SMALL, vocab_size=VOCAB, params_dtype=dtype, bf16=dtype == torch.bfloat16)
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def test_tiny_models_build(name):
 def test_config_from_recipe_model_section():
     from omegaconf import OmegaConf
 
-    from retro_toolkit.recipe.schema import ModelConfig
+    from retro_toolkit.recipe.model import ModelConfig
 
     section = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(MODELS / "retro_tiny.yaml"))
     cfg, args = config_from_model_section(section, vocab_size=8000)

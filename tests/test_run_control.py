@@ -166,6 +166,6 @@ def test_exit_duration_stops_training_at_a_checkpoint_and_the_rerun_resumes(smal
                                         ("10:30", 63), ("2-00", 600), ("1-00:00:10", 600), ("UNLIMITED", 600)])
 def test_slurm_warns_a_training_job_a_tenth_of_a_short_limit_ahead(limit, lead):
     """A job shorter than the 600 s warning would be told to stop as soon as it starts."""
-    from retro_toolkit.runner.executors import stop_warning_s
+    from retro_toolkit.executors.slurm import stop_warning_s
 
     assert stop_warning_s(limit) == lead

@@ -138,7 +138,7 @@ def source_checkpoint(recipe, workdir: Path) -> Path:
 
 
 def run(ctx: StageContext) -> StageResult:
-    from retro_toolkit.collections.retro.pretrain import model_section
+    from retro_toolkit.collections.retro.engine import model_section
     from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 
     r, e = ctx.recipe, ctx.recipe.export

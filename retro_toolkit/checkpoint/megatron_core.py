@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from retro_toolkit.checkpoint.megatron_files import load_shard
 from retro_toolkit.errors import UserError
 
 FLAVOR = "megatron_core"
@@ -56,7 +57,6 @@ def read_dist(sub: Path, trust: bool = False) -> tuple[dict[str, Any], dict[str,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from retro_toolkit.checkpoint.megatron_legacy import load_shard
     from retro_toolkit.core import files
 
     meta = files.read_json(sub / "metadata.json")

@@ -193,7 +193,7 @@ def load_full(model, full: Mapping[str, Any], where: Path | str,
               after_copy: Optional[Callable[[str], None]] = None) -> None:
     """An unsharded state dict into this rank's shards, after checking the names match exactly
     (`after_copy(name)` runs after each tensor is in)."""
-    from retro_toolkit.collections.retro.model import load_full_state_dict
+    from retro_toolkit.collections.retro.full_state_dict import load_full_state_dict
 
     check_names(model, full, where)
     load_full_state_dict(model, full, after_copy)

@@ -3,7 +3,7 @@
 glibc's malloc serves large blocks (above a threshold that tops out at 32 MiB) with mmap
 and unmaps them when they are freed, so the next allocation of that size faults in fresh
 pages that the kernel must zero. A training step frees and allocates the same activations
-and gradients every iteration: on CPU the reference model (benchmarks/model_step.py) took
+and gradients every iteration: on CPU the reference model (benchmarks/speed/model_step.py) took
 100-150K page faults and 0.3-0.5 s of kernel time per step. `keep_freed_memory()` makes
 glibc serve every block from its heap and never trim it: after a few steps the heap has
 settled and a step faults no pages (kernel time 0.06-0.09 s). The process keeps its peak

@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from retro_toolkit.core import files
-from retro_toolkit.runner.stages import STAGES
+from retro_toolkit.stages import STAGES
 
 
 def path(workdir: str | os.PathLike, stage: str) -> Path:

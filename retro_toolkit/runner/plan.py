@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retro_toolkit.errors import UserError
 from retro_toolkit.runner import manifest
-from retro_toolkit.runner.stages import STAGES
+from retro_toolkit.stages import STAGES
 
 
 @dataclass

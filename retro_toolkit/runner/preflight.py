@@ -1,7 +1,7 @@
 """Input checks that need the file system, run before anything is written.
 
 Schema checks live in recipe/validate.py; these look at the files the recipe's stages
-will read, so `retro-run validate` and a real run fail the same way, up front.
+will read (each stage's `preflight` and `reads`, retro_toolkit/stages/), so `retro-run validate` and a real run fail the same way, up front.
 `check_inputs` holds for every run, dry runs included; `check_launch` is what a real run
 needs of this machine and cluster (a usable work directory, Slurm's tools, container mounts).
 """
@@ -15,31 +15,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from retro_toolkit.collections.text.sources import check_source
 from retro_toolkit.errors import UserError
-from retro_toolkit.recipe.executors import for_stage
+from retro_toolkit.executors import for_stage
+from retro_toolkit.stages import STAGES
 
 
 def check_inputs(recipe: DictConfig) -> None:
-    stages = set(recipe.stages)
-    reads_corpus = "prepare_corpus" in stages or ("tokenizer" in stages and not recipe.tokenizer.model)
-    policy = recipe.data.on_invalid_utf8
-    if reads_corpus:
-        if not recipe.data.sources:
-            raise UserError("data.sources is empty: name at least one corpus (e.g. data=pydoc, or a .jsonl path).")
-        for i, src in enumerate(recipe.data.sources):
-            check_source(src, f"data.sources[{i}]", policy)
-    if "build_db" in stages:
-        from retro_toolkit.collections.retrieval.embedder import resolve_path
-
-        resolve_path(recipe.retrieval.embedder.path)
-        for i, src in enumerate(recipe.retrieval.extra_sources):
-            check_source(src, f"retrieval.extra_sources[{i}]", policy)
-    if "tokenizer" in stages and recipe.tokenizer.model and not Path(recipe.tokenizer.model).is_file():
-        raise UserError(
-            f"tokenizer.model: SentencePiece model {recipe.tokenizer.model} does not exist. "
-            "Fix the path, or set tokenizer.model=null to train one on the corpus."
-        )
+    """Each stage's own file checks (its `preflight`), in pipeline order."""
+    for spec in STAGES.values():
+        if spec.name in recipe.stages and spec.preflight is not None:
+            spec.preflight(recipe)
 
 
 def check_launch(recipe: DictConfig, *, need_scheduler: bool = True) -> None:
@@ -126,7 +111,7 @@ def _stage_mounts(recipe: DictConfig, stage: str) -> tuple[str, list[_Mount]] | 
     if ex.type == "slurm" and ex.get("container_image"):
         return ex.container_image, _parse_mounts(list(ex.container_mounts))
     if ex.type == "docker":
-        # runner/executors.py always mounts the work directory at its own path.
+        # executors/docker.py always mounts the work directory at its own path.
         return ex.container_image, _parse_mounts([f"{recipe.workdir}:{recipe.workdir}", *ex.volumes])
     return None
 
@@ -138,30 +123,9 @@ def _is_path(value: str | None) -> bool:
 def _stage_paths(recipe: DictConfig, stage: str) -> list[tuple[str, str]]:
     """(key, path) of every file or folder a stage's job reads or writes (builtin: ones are in
     the package, which the image holds)."""
-    out = [("workdir", recipe.workdir)]
-    out += [(f"paths.{name}", value) for name, value in recipe.paths.items()]
-    sources = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(recipe.data.sources)]
-    if stage == "tokenizer":
-        out += [("tokenizer.model", recipe.tokenizer.model)] if recipe.tokenizer.model else sources
-    elif stage == "prepare_corpus":
-        out += sources
-    elif stage == "build_db":
-        out.append(("retrieval.embedder.path", recipe.retrieval.embedder.path))
-        out += [(f"retrieval.extra_sources[{i}].path", s.path) for i, s in enumerate(recipe.retrieval.extra_sources)]
-    elif stage == "pretrain":
-        out.append(("pretrain.init_from", recipe.pretrain.init_from))
-    elif stage == "sft":
-        out.append(("sft.init_from", recipe.sft.init_from))
-        out += [(f"sft.datasets[{i}].path", d.path) for i, d in enumerate(recipe.sft.datasets)]
-    elif stage == "eval_qa":
-        q = recipe.eval_qa
-        if q.contexts == "retrieve" or q.live_retrieval:
-            out.append(("retrieval.embedder.path", recipe.retrieval.embedder.path))
-        out += [(f"eval_qa.tasks[{i}].path", t.path) for i, t in enumerate(q.tasks)]
-        if q.checkpoint not in ("sft", "pretrain"):
-            out.append(("eval_qa.checkpoint", q.checkpoint))
-    elif stage == "export" and recipe.export.checkpoint not in ("auto", "sft", "pretrain"):
-        out.append(("export.checkpoint", recipe.export.checkpoint))
+    spec = STAGES[stage]
+    out = [("workdir", recipe.workdir), *((f"paths.{name}", value) for name, value in recipe.paths.items())]
+    out += spec.reads(recipe) if spec.reads is not None else []
     return [(key, str(value)) for key, value in out if _is_path(value)]
 
 

@@ -10,14 +10,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from retro_toolkit import executors
 from retro_toolkit.core import files
 from retro_toolkit.core.lock import workdir_lock
 from retro_toolkit.core.signals import Interrupted, stop_run_on_signal
 from retro_toolkit.errors import StageFailed, StageStopped, UserError
 from retro_toolkit.launch import error_path, log_file
 from retro_toolkit.recipe import to_yaml
-from retro_toolkit.recipe.executors import MODEL_PARALLEL_STAGES, describe, for_stage, processes
-from retro_toolkit.runner import executors, manifest
+from retro_toolkit.executors import MODEL_PARALLEL_STAGES, describe, for_stage, processes
+from retro_toolkit.runner import manifest
 from retro_toolkit.runner.follow import LogFollower
 from retro_toolkit.runner.plan import Step, make_plan
 from retro_toolkit.runner.preflight import check_inputs, check_launch
@@ -93,7 +94,7 @@ def dry_run(recipe: DictConfig, steps: list[Step]) -> None:
     if recipe.executor.type != "slurm":
         print("dry run: nothing was run.")
         return
-    from retro_toolkit.runner.slurm import sbatch_scripts
+    from retro_toolkit.runner.slurm_jobs import sbatch_scripts
 
     resolved = Path(recipe.workdir) / RESOLVED
     for stage, text in sbatch_scripts(recipe, steps, resolved).items():
@@ -126,7 +127,7 @@ def execute(
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
         if recipe.executor.type == "slurm":
-            from retro_toolkit.runner.slurm import check_no_active_jobs
+            from retro_toolkit.runner.slurm_jobs import check_no_active_jobs
 
             check_no_active_jobs(workdir)
         steps = make_plan(recipe, only, force)  # again: another run may have finished stages meanwhile
@@ -137,7 +138,7 @@ def execute(
 
 
 def _submit(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
-    from retro_toolkit.runner.slurm import JOBS_FILE, submit
+    from retro_toolkit.runner.slurm_jobs import JOBS_FILE, submit
 
     if not any(s.run for s in steps):
         print("\nnothing to submit: every stage is done.")

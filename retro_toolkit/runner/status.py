@@ -15,8 +15,8 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.launch import log_file
 from retro_toolkit.runner import manifest
 from retro_toolkit.runner.run import RESOLVED
-from retro_toolkit.runner.slurm import ACTIVE_STATES, job_states, recorded_jobs
-from retro_toolkit.runner.stages import STAGES
+from retro_toolkit.runner.slurm_jobs import ACTIVE_STATES, job_states, recorded_jobs
+from retro_toolkit.stages import STAGES
 
 
 def _load(workdir: Path):

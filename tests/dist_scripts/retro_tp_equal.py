@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize  # noqa: E402
-from retro_toolkit.collections.retro.model import load_full_state_dict  # noqa: E402
+from retro_toolkit.collections.retro.full_state_dict import load_full_state_dict  # noqa: E402
 
 
 def main(ref_path: str) -> int:

@@ -7,7 +7,7 @@ inside its prompt takes its prompt token instead of the sampled one. Before the 
 that completes chunk i the neighbour source is asked for chunk i's neighbours.
 
 `use_cache=False` recomputes the whole prefix for every token (what upstream did); it is
-the reference the cached path must match and the baseline of benchmarks/generate.py.
+the reference the cached path must match and the baseline of benchmarks/speed/generate.py.
 """
 
 from __future__ import annotations

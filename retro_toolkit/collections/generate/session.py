@@ -88,7 +88,7 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
     if nemo is not None:
         return _nemo_session(Path(nemo), workdir, checkpoint)
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.retro.pretrain import build_trained
+    from retro_toolkit.collections.retro.engine import build_trained
     from retro_toolkit.collections.text.tokenizer import Tokenizer
     from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
     from retro_toolkit.recipe import load_recipe

@@ -16,16 +16,16 @@ from retro_toolkit.collections.instruct.dataset import SftDataset
 from retro_toolkit.collections.instruct.format import DEFAULT_SYSTEM
 from retro_toolkit.collections.instruct.readers import read_dataset
 from retro_toolkit.collections.retro import checkpointing as ckpt
+from retro_toolkit.collections.retro import resume
 from retro_toolkit.collections.retro import training
-from retro_toolkit.collections.retro.pretrain import build, resume_settings, train_with_checkpoints
+from retro_toolkit.collections.retro.engine import build, resume_settings, train_with_checkpoints
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.data import data_file
+from retro_toolkit.stages.sft import RESUME_FREE
 
 NAME = "sft"
-RESUME_FREE = {"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from",
-               "exit_duration_minutes"}
 
 
 def sft_dataset(recipe, tokenizer: Tokenizer, num_samples: int, log=print) -> SftDataset:
@@ -53,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
     root = ctx.workdir / "checkpoints" / NAME
 
     current = resume_settings(r, section, NAME, RESUME_FREE)
-    found = ckpt.resume_point(root, s.resume, "sft.resume", current, ctx.env.is_main, log)
+    found = resume.resume_point(root, s.resume, "sft.resume", current, ctx.env.is_main, log)
     if found is None:
         source = ckpt.resolve(s.init_from or ctx.workdir / "checkpoints" / "pretrain", "sft.init_from")
         ckpt.load_model(source, model, section, ctx.workdir)
@@ -66,7 +66,7 @@ def run(ctx: StageContext) -> StageResult:
     ddp, opt, sched = training.wrap_and_optimizer(model, s, config)
     start = 0
     if found is not None:
-        start = int(ckpt.load_resume(found, model, opt, sched)["iteration"])
+        start = int(resume.load_resume(found, model, opt, sched)["iteration"])
         log(f"resuming from {found} (iteration {start})")
 
     dp_rank, dp_size = training.data_parallel()

@@ -26,7 +26,7 @@ from retro_toolkit.collections.instruct.format import DEFAULT_SYSTEM, Context, C
 from retro_toolkit.collections.qa.metrics import exact_match, f1_score
 from retro_toolkit.collections.qa.tasks import load_task
 from retro_toolkit.collections.retro import checkpointing as ckpt
-from retro_toolkit.collections.retro.pretrain import build_trained
+from retro_toolkit.collections.retro.engine import build_trained
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core import files

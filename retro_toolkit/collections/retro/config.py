@@ -8,16 +8,17 @@ length, embedding tying), so every stage builds the model the same way.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from retro_toolkit.core.cca import default_cca_layers
 from retro_toolkit.errors import UserError
-from retro_toolkit.recipe.schema import MODEL_FLAVORS, POSITION_TYPES
+from retro_toolkit.recipe.model import Arch, Flavor, ModelConfig, PositionType, RetroSettings, default_cca_layers
+from retro_toolkit.recipe.model import check as check_model
 
 
 def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
@@ -30,52 +31,19 @@ def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+CoreAttention = Literal["sdpa", "unfused"]
+
+
 @dataclass
-class RetroConfig(TransformerConfig):
-    # Tokens per chunk (m); the sequence length must be a multiple of it.
-    chunk_length: int = 64
-    # Neighbours per chunk (k).
-    num_neighbors: int = 2
-    # Chunks per neighbour: the retrieved chunk plus its continuation (r = this * m tokens).
-    num_retrieved_chunks: int = 2
-    encoder_num_layers: int = 2
-    encoder_hidden_dropout: float = 0.1
-    encoder_attention_dropout: float = 0.1
-    # 1-based decoder layers with chunked cross-attention; None = default_cca_layers.
-    # An empty list is the GPT twin.
-    cca_layers: Optional[list[int]] = None
-    # Scales the CCA output; 0 skips the encoder and CCA entirely (decoder only).
-    retrieval_gate: float = 1.0
-    # Rotary positions inside chunked cross-attention: query row j of a chunk sits at m-1+j,
-    # neighbour token t at t, so "copy the neighbour token one step ahead" is a fixed
-    # relative offset (RETRO's relative positions in CCA). Off = position-free CCA, as in
-    # Megatron-LM's Retro and InstructRetro's released checkpoints.
-    cca_rotary: bool = False
-    # A final norm on the neighbour encoder's output (Megatron-LM's retriever has none).
-    encoder_final_norm: bool = False
-    # Rotary positions in the neighbour encoder's self-attention (the decoder's settings,
-    # positions 0..r-1 within each neighbour). Off = both upstreams: neither Megatron-LM's
-    # legacy retriever nor megatron-core's Retro encoder gets a rotary embedding.
-    encoder_rotary: bool = False
-    # Where the two upstream implementations differ: "megatron_legacy" (Megatron-LM's
-    # InstructRetro model: a final norm after the decoder; the encoder's cross-attention adds
-    # to the un-normalised neighbour states) or "megatron_core" (megatron-core <= 0.15's
-    # RetroModel: no decoder final norm; that residual is the normalised neighbour states).
-    flavor: str = "megatron_legacy"
-    # Start chunked cross-attention's output projection at zero (a fresh run or init_from): the
-    # model then begins as exactly its GPT twin and drifts from it only as far as retrieval
-    # helps the loss. Off = Megatron-LM's scaled-normal init of that projection.
-    cca_zero_init: bool = False
+class RetroConfig(TransformerConfig, RetroSettings):
+    """TransformerConfig with the recipe's Retro settings (recipe/model.py) as fields."""
+
     # Neighbour token id masked like -1 (document-end padding), if the data uses one.
     neighbor_pad_id: Optional[int] = None
     # Attention of the local specs: "sdpa" (torch scaled_dot_product_attention, our rotary
     # embedding) or "unfused" (megatron-core's DotProductAttention and rotary embedding:
     # materialised scores, bit-compatible with upstream's local spec).
-    core_attention: str = "sdpa"
-    # Read by GPTModel when present on the config.
-    position_embedding_type: str = "rope"
-    rotary_percent: float = 1.0
-    rotary_base: int = 10000
+    core_attention: CoreAttention = "sdpa"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,16 +57,14 @@ class RetroConfig(TransformerConfig):
                 f"and num_layers ({self.num_layers}); null picks Retro's rule "
                 f"({default_cca_layers(self.num_layers) or 'none for fewer than 6 layers'})."
             )
-        if self.flavor not in MODEL_FLAVORS:
-            raise UserError(f"model.flavor must be one of {', '.join(MODEL_FLAVORS)} (got {self.flavor!r}).")
-        if self.position_embedding_type not in POSITION_TYPES:
-            raise UserError(f"model.position_embedding_type must be one of {', '.join(POSITION_TYPES)} "
-                            f"(got {self.position_embedding_type!r}).")
+        for key, choices in (("flavor", Flavor), ("position_embedding_type", PositionType),
+                             ("core_attention", CoreAttention)):
+            if getattr(self, key) not in typing.get_args(choices):
+                raise UserError(f"model.{key} must be one of {', '.join(typing.get_args(choices))} "
+                                f"(got {getattr(self, key)!r}).")
         if self.encoder_rotary and self.position_embedding_type != "rope":
             raise UserError("model.encoder_rotary needs model.position_embedding_type rope (it is "
                             f"{self.position_embedding_type!r}); set encoder_rotary false.")
-        if self.core_attention not in ("sdpa", "unfused"):
-            raise UserError(f"model.core_attention must be 'sdpa' or 'unfused' (got {self.core_attention!r}).")
         for key in ("chunk_length", "num_neighbors", "num_retrieved_chunks", "encoder_num_layers"):
             if getattr(self, key) < 1:
                 raise UserError(f"model.{key} must be at least 1 (got {getattr(self, key)}).")
@@ -130,18 +96,13 @@ class ModelArgs:
 
 
 def cpu_flags() -> dict[str, Any]:
-    """TransformerConfig settings local specs need on a machine without CUDA."""
+    """TransformerConfig settings local specs need on a machine without CUDA: CPU initialisation,
+    and none of the fused kernels (each is CUDA-only)."""
     if torch.cuda.is_available():
         return {}
-    return dict(
-        use_cpu_initialization=True,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-    )
+    fusions = ("bias_dropout_fusion", "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm",
+               "gradient_accumulation_fusion", "apply_rope_fusion")
+    return {"use_cpu_initialization": True, **dict.fromkeys(fusions, False)}
 
 
 def inference_overrides(dtype: torch.dtype, device: torch.device | str | None = None) -> dict[str, Any]:
@@ -164,87 +125,38 @@ def inference_overrides(dtype: torch.dtype, device: torch.device | str | None = 
     )
 
 
+# TransformerConfig fields whose recipe keys have other names (Megatron-LM's argument names).
+_RENAMED = {"apply_layernorm_1p": "layernorm_zero_centered_gamma", "swiglu": "gated_linear_unit"}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(RetroConfig)}
+
+
 def config_from_model_section(
     model: Mapping[str, Any], vocab_size: Optional[int] = None, **overrides: Any
 ) -> tuple[RetroConfig, ModelArgs]:
     """Build (RetroConfig, ModelArgs) from a recipe's `model` section (DictConfig or dict).
 
-    `vocab_size` is the tokenizer's; it is used when the section leaves vocab_size null.
-    `overrides` are extra TransformerConfig fields (parallel sizes, dtypes, ...).
+    Keys the section leaves out take ModelConfig's defaults; keys that are RetroConfig fields
+    pass by name. `vocab_size` is the tokenizer's; it is used when the section leaves
+    vocab_size null. `overrides` are extra TransformerConfig fields (parallel sizes, dtypes, ...).
     """
-    m = dict(model.items())
-    get = m.get
-    arch = get("arch", "retro")
-    if arch not in ("retro", "gpt"):
-        raise UserError(f"model.arch must be 'retro' or 'gpt' (got {arch!r}).")
-    vocab = get("vocab_size") or vocab_size
+    m = {**dataclasses.asdict(ModelConfig()), **dict(model.items())}
+    if m["arch"] not in typing.get_args(Arch):
+        raise UserError(f"model.arch must be 'retro' or 'gpt' (got {m['arch']!r}).")
+    vocab = m["vocab_size"] or vocab_size
     if not vocab:
         raise UserError("model.vocab_size is null and no tokenizer vocabulary size was given: set model.vocab_size.")
-    seq = int(get("seq_length", 2048))
-    chunk = int(get("chunk_length", 64))
-    if seq % chunk:
-        raise UserError(
-            f"model.seq_length ({seq}) must be a multiple of model.chunk_length ({chunk}): "
-            "Retro splits every sample into whole chunks."
-        )
-    position = str(get("position_embedding_type", "rope"))
-    retrieved = int(get("num_retrieved_chunks", 2)) * chunk
-    if position == "learned_absolute" and arch == "retro" and retrieved > seq:
-        raise UserError(
-            f"model.position_embedding_type learned_absolute gives each neighbour token its position 0..r-1 "
-            f"from the same table as the decoder, so r = num_retrieved_chunks * chunk_length ({retrieved}) "
-            f"must not exceed model.seq_length ({seq}). Lower num_retrieved_chunks or raise seq_length."
-        )
-    num_layers = int(get("num_layers"))
-    cca = get("cca_layers")
-    cca = list(cca) if cca is not None else None
-    if arch == "gpt":
-        cca = []
-    elif (cca if cca is not None else default_cca_layers(num_layers)) == []:
-        raise UserError(
-            f"model.num_layers is {num_layers}: Retro's rule puts chunked cross-attention in layers 6, 9, "
-            "... so a model this shallow has none. Set model.cca_layers to an explicit list, e.g. [2]."
-        )
-    swiglu = bool(get("swiglu", False))
-    kwargs: dict[str, Any] = dict(
-        num_layers=num_layers,
-        hidden_size=int(get("hidden_size")),
-        num_attention_heads=int(get("num_attention_heads")),
-        ffn_hidden_size=int(get("ffn_hidden_size")),
-        hidden_dropout=float(get("hidden_dropout", 0.1)),
-        attention_dropout=float(get("attention_dropout", 0.1)),
-        init_method_std=float(get("init_method_std", 0.02)),
-        layernorm_epsilon=float(get("layernorm_epsilon", 1e-5)),
-        normalization=str(get("normalization", "LayerNorm")),
-        layernorm_zero_centered_gamma=bool(get("apply_layernorm_1p", False)),
-        add_bias_linear=bool(get("add_bias_linear", True)),
-        gated_linear_unit=swiglu,
-        activation_func=F.silu if swiglu else F.gelu,
-        chunk_length=chunk,
-        num_neighbors=int(get("num_neighbors", 2)),
-        num_retrieved_chunks=int(get("num_retrieved_chunks", 2)),
-        encoder_num_layers=int(get("encoder_num_layers", 2)),
-        encoder_hidden_dropout=float(get("encoder_hidden_dropout", 0.1)),
-        encoder_attention_dropout=float(get("encoder_attention_dropout", 0.1)),
-        cca_layers=cca,
-        retrieval_gate=float(get("retrieval_gate", 1.0)),
-        cca_rotary=bool(get("cca_rotary", False)),
-        encoder_final_norm=bool(get("encoder_final_norm", False)),
-        encoder_rotary=bool(get("encoder_rotary", False)),
-        flavor=str(get("flavor", "megatron_legacy")),
-        cca_zero_init=bool(get("cca_zero_init", False)),
-        position_embedding_type=position,
-        rotary_percent=float(get("rotary_percent", 1.0)),
-        rotary_base=int(get("rotary_base", 10000)),
-        tensor_model_parallel_size=int(get("tensor_model_parallel_size", 1)),
-    )
+    if m["arch"] == "gpt":
+        m["cca_layers"] = []
+    check_model(m)
+    kwargs: dict[str, Any] = {_RENAMED.get(k, k): v for k, v in m.items() if _RENAMED.get(k, k) in _CONFIG_FIELDS}
+    kwargs["activation_func"] = F.silu if m["swiglu"] else F.gelu
     kwargs.update(cpu_flags())
     kwargs.update(overrides)
     config = RetroConfig(**kwargs)
     args = ModelArgs(
-        arch=arch,
+        arch=m["arch"],
         vocab_size=int(vocab),
-        max_sequence_length=seq,
-        share_embeddings_and_output_weights=not bool(get("untie_embeddings_and_output_weights", False)),
+        max_sequence_length=m["seq_length"],
+        share_embeddings_and_output_weights=not m["untie_embeddings_and_output_weights"],
     )
     return config, args

@@ -18,7 +18,8 @@ from megatron.core import parallel_state
 
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import training
-from retro_toolkit.collections.retro.pretrain import TWIN, build_trained, dataset
+from retro_toolkit.collections.retro.engine import build_trained, dataset
+from retro_toolkit.stages.pretrain import TWIN
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 

@@ -19,18 +19,16 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from retro_toolkit.collections.retro.config import RetroConfig
-from retro_toolkit.collections.retro.layers import (
+from retro_toolkit.collections.retro.cached_decoding import NeighbourCrossAttention
+from retro_toolkit.collections.retro.chunked_cross_attention import (
     ChunkedCrossAttention,
     ChunkedCrossAttentionBDA,
     ChunkedCrossAttentionSubmodules,
-    EncoderCrossAttention,
-    EncoderCrossAttentionBDA,
-    NeighbourCrossAttention,
-    Norm,
-    RetroSelfAttention,
-    SDPAttention,
 )
+from retro_toolkit.collections.retro.config import RetroConfig
+from retro_toolkit.collections.retro.encoder_attention import EncoderCrossAttention, EncoderCrossAttentionBDA
+from retro_toolkit.core.cpu.modules import Norm, SDPAttention
+from retro_toolkit.core.cpu.rope import RetroSelfAttention
 
 
 def core_attention(config: RetroConfig) -> type:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from retro_toolkit.collections.text import token_stream as ts
-from retro_toolkit.collections.text.sources import ReadStats, iter_documents
+from retro_toolkit.collections.text.decoding import ReadStats
+from retro_toolkit.collections.text.sources import iter_documents
 from retro_toolkit.collections.text.splits import Splitter
 from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE

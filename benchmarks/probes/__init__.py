@@ -1,0 +1,1 @@
+"""Research probes: what retrieval could give a small Retro, and what the model learns to use."""

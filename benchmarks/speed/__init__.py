@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: each compares what it measures side by side in one run."""

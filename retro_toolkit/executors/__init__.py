@@ -1,0 +1,84 @@
+"""Where and how each stage's job runs: one module per executor kind.
+
+A recipe's `executor` section is plain data; `executor.type` picks the schema, so a Slurm
+key under a local executor is an unknown key, not a silently ignored one. Each kind's
+module (local, torchrun, slurm, docker) holds its settings dataclass and turns those
+settings into a NeMo-Run executor; nemo_run is imported lazily, inside those functions.
+Every executor runs the same command, `python -m retro_toolkit.launch STAGE RECIPE`; only
+where and how many times differs.
+
+`executor.stages` gives one stage other resources than the rest, e.g. a CPU partition
+for build_db and 16 GPU nodes for pretrain:
+
+    executor:
+      type: slurm
+      gpus_per_node: 8
+      stages:
+        build_db: {partition: cpu, gpus_per_node: 0, time: "48:00:00"}
+        pretrain: {nodes: 16, ntasks_per_node: 8}
+
+Each entry takes any key of its executor except type, stages, tunnel and python;
+for_stage() returns the merged settings a stage's job runs with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from omegaconf import DictConfig
+
+from retro_toolkit.executors import docker, local, slurm, torchrun
+from retro_toolkit.executors.common import MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, logs_root
+
+__all__ = ["EXECUTOR_SCHEMAS", "MODEL_PARALLEL_STAGES", "NOT_PER_STAGE", "build", "describe", "for_stage",
+           "logs_root", "processes", "script"]
+
+_KINDS: dict[str, ModuleType] = {"local": local, "torchrun": torchrun, "slurm": slurm, "docker": docker}
+
+# The settings dataclass of each executor.type.
+EXECUTOR_SCHEMAS: dict[str, type] = {
+    "local": local.LocalExecutorConfig,
+    "torchrun": torchrun.TorchrunExecutorConfig,
+    "slurm": slurm.SlurmExecutorConfig,
+    "docker": docker.DockerExecutorConfig,
+}
+
+LAUNCH_MODULE = "retro_toolkit.launch"
+
+
+def processes(executor: DictConfig) -> int:
+    """How many ranks a job with these (merged) settings starts."""
+    return _KINDS[executor.type].processes(executor)
+
+
+def describe(executor: DictConfig) -> str:
+    """One line for the plan: where a stage runs and on what."""
+    return _KINDS[executor.type].describe(executor)
+
+
+def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
+    """The NeMo-Run executor for one stage's job; `cfg` is executor settings merged for the
+    stage (for_stage). `waits`: the job has Slurm dependencies."""
+    import logging
+
+    from nemo_run.core.frontend.console.api import CONSOLE
+
+    # Our runner prints the plan, the stage's own log and a summary; NeMo-Run's rich
+    # console (panels, "Detected Torchrun launcher ...") would only repeat it.
+    CONSOLE.quiet = True
+    logging.getLogger("nemo_run").setLevel(logging.WARNING)
+    if cfg.type not in _KINDS:
+        raise ValueError(f"unknown executor type {cfg.type}")  # validate() rejects these first
+    return _KINDS[cfg.type].build(cfg, recipe, waits=waits, stage=stage)
+
+
+def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
+    """The NeMo-Run script every job runs: `python -m retro_toolkit.launch STAGE RECIPE`."""
+    import nemo_run as run
+
+    # NeMo-Run adds torchrun's --no-python unless the entrypoint is literally "python", so a
+    # kind answers "python" whenever torchrun starts its ranks.
+    entry = _KINDS[cfg.type].entrypoint(cfg)
+    return run.Script(path=LAUNCH_MODULE, m=True, entrypoint=entry, args=[stage, str(recipe_file)])
