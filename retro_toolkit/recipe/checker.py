@@ -105,14 +105,14 @@ def _check_bounds(value: int, key: str, f: dataclasses.Field | None) -> None:
 
 
 class Checker:
-    """Checks values against a root dataclass; `ranges=False` skips integer ranges (sections
-    of stages the recipe does not run keep placeholders there)."""
+    """Checks values against a root dataclass (whose keys it suggests for typos). With
+    `ranges=False` integer ranges and finiteness are not checked: the sections of stages a
+    recipe does not run may keep placeholders."""
 
     def __init__(self, root_cls: type) -> None:
         self.full_keys = all_keys(root_cls)
-        self.ranges = True
 
-    def check(self, value: Any, t: Any, key: str, f: dataclasses.Field | None = None) -> Any:
+    def check(self, value: Any, t: Any, key: str, f: dataclasses.Field | None = None, ranges: bool = True) -> Any:
         if isinstance(value, str) and value == _MISSING:
             raise UserError(f"recipe key '{key}' is required but not set. Set it in the recipe or as {key}=...")
         origin = typing.get_origin(t)
@@ -120,14 +120,14 @@ class Checker:
             return value
         if origin in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(t) if a is not type(None)]
-            return None if value is None else self.check(value, args[0], key, f)
+            return None if value is None else self.check(value, args[0], key, f, ranges)
         if dataclasses.is_dataclass(t):
-            return self.check_dataclass(value, t, key)
+            return self.check_dataclass(value, t, key, ranges)
         if origin is list:
             if not isinstance(value, list):
                 self._wrong(key, value, t)
             (item_t,) = typing.get_args(t)
-            return [self.check(v, item_t, f"{key}[{i}]", f) for i, v in enumerate(value)]
+            return [self.check(v, item_t, f"{key}[{i}]", f, ranges) for i, v in enumerate(value)]
         if origin is dict:
             if not isinstance(value, dict):
                 self._wrong(key, value, t)
@@ -145,13 +145,13 @@ class Checker:
         if t is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 self._wrong(key, value, t)
-            if self.ranges:
+            if ranges:
                 _check_bounds(value, key, f)
             return value
         if t is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 self._wrong(key, value, t)
-            if self.ranges and not math.isfinite(value):
+            if ranges and not math.isfinite(value):
                 raise UserError(f"recipe key '{key}' must be a finite number (got {value}).")
             return float(value)
         if t is str:
@@ -164,7 +164,9 @@ class Checker:
             return value
         raise TypeError(f"schema type {t} of {key} is not supported")  # a bug in the schema
 
-    def check_dataclass(self, value: Any, cls: type, key: str) -> dict[str, Any]:
+    def check_dataclass(self, value: Any, cls: type, key: str, ranges: bool = True,
+                        unranged: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """`unranged`: fields whose values skip range checks."""
         if not isinstance(value, dict):
             self._wrong(key, value, cls)
         hints = typing.get_type_hints(cls)
@@ -184,7 +186,7 @@ class Checker:
         for f in dataclasses.fields(cls):
             sub = prefix + f.name
             if f.name in value:
-                out[f.name] = self.check(value[f.name], hints[f.name], sub, f)
+                out[f.name] = self.check(value[f.name], hints[f.name], sub, f, ranges and f.name not in unranged)
             elif f.default is not dataclasses.MISSING:
                 out[f.name] = f.default
             elif f.default_factory is not dataclasses.MISSING:

@@ -43,25 +43,6 @@ def _unset_keys(value: Any, key: str = "") -> list[str]:
     return [key] if value == "???" else []
 
 
-def _check_recipe(resolved: dict[str, Any], checker: Checker) -> dict[str, Any]:
-    """The type walk; sections of gated stages the recipe does not run skip their ranges."""
-    stages = resolved.get("stages")
-    runs = set(stages) if isinstance(stages, list) else set()
-    out = {}
-    hints = typing.get_type_hints(Recipe)
-    unknown = {k: v for k, v in resolved.items() if k not in hints}
-    if unknown:
-        checker.check_dataclass(unknown, Recipe, "")
-    for f in dataclasses.fields(Recipe):
-        if f.name == "executor":
-            continue
-        gated = next((s for s in STAGES.values() if s.section == f.name and s.gated and s.name not in runs), None)
-        checker.ranges = gated is None
-        out[f.name] = checker.check(resolved[f.name], hints[f.name], f.name, f)
-    checker.ranges = True
-    return out
-
-
 def _check_stages(r: dict[str, Any]) -> None:
     """The stage list, the model, then each stage's own checks (gated ones only when run)."""
     if len(set(r["stages"])) != len(r["stages"]):
@@ -156,9 +137,11 @@ def validate(cfg: DictConfig, recipe_file: Path | None = None) -> DictConfig:
         raise UserError(f"recipe keys required but not set: {', '.join(unset)}. Set them in the recipe "
                         "or as key=value overrides.")
     resolved = _resolve(cfg)
+    runs = set(resolved["stages"]) if isinstance(resolved.get("stages"), list) else set()
+    placeholders = frozenset(s.section for s in STAGES.values() if s.gated and s.name not in runs)
     checker = Checker(Recipe)
-    checked = _check_recipe(resolved, checker)
-    checked["executor"] = _check_executor(resolved.get("executor", {"type": "local"}), checker)
+    checked = checker.check_dataclass(resolved, Recipe, "", unranged=placeholders)
+    checked["executor"] = _check_executor(checked["executor"], checker)
     _check_stages(checked)
     _check_parallel(checked)
     out = OmegaConf.create(checked)
