@@ -96,6 +96,11 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["model.num_layers=4", "model.cca_layers=null"], "model.num_layers is 4: Retro's rule puts chunked"),
         (["model.cca_layers=[0,2]"], "model.cca_layers [0, 2] names layers outside 1..2"),
         (["model.num_attention_heads=3"], "model.hidden_size (64) must be a multiple of model.num_attention_heads (3)"),
+        (["model.num_query_groups=3"], "model.num_attention_heads (4) must be a multiple of model.num_query_groups (3)"),
+        (["model.num_query_groups=4", "model.tensor_model_parallel_size=8", "model.num_attention_heads=8"],
+         "model.num_query_groups (4) must be a multiple of model.tensor_model_parallel_size (8)"),
+        (["model.normalization=LayerNorm1p"], "recipe key 'model.normalization' = 'LayerNorm1p' is not one of LayerNorm, "
+                                              "RMSNorm."),
         (["model.tensor_model_parallel_size=8"], "model.num_attention_heads (4) must be a multiple of "
                                                  "model.tensor_model_parallel_size (8)"),
         (["model.flavor=megatron_cor"], "'model.flavor' = 'megatron_cor' is not one of megatron_legacy, "

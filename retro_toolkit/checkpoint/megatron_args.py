@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
 
 CHUNK_KEYS = ("retro_chunk_length", "retro_gpt_chunk_length")
@@ -26,12 +27,7 @@ def chunk_length(args: dict[str, Any]) -> int | None:
 def read_retro_args(path: str | os.PathLike) -> dict[str, Any]:
     """A Retro workdir's args.json (what legacy Megatron-LM's validate_args read its Retro settings from)."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--retro-args {p} does not exist; give the Retro workdir's args.json.") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--retro-args {p} is not a JSON file ({e}).") from None
+    data = files.read_user_json(p, f"--retro-args {p}", "give the Retro workdir's args.json.")
     if not isinstance(data, dict) or chunk_length(data) is None:
         raise UserError(f"--retro-args {p} records no chunk length ({' or '.join(CHUNK_KEYS)}); it is not a "
                         "Retro workdir's args.json.")

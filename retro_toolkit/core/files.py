@@ -44,6 +44,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_user_json(path: str | os.PathLike, named: str, fix: str) -> Any:
+    """A JSON file a user pointed at; a missing or malformed one is a UserError that says
+    `named` (how the user gave it, e.g. "--retro-args <path>") and, when missing, `fix`."""
+    from retro_toolkit.errors import UserError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{named} does not exist; {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{named} is not a JSON file ({e}).") from None
+
+
 def sha256_of(obj: Any) -> str:
     """Stable hash of a JSON-serialisable value (key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

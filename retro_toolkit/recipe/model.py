@@ -20,7 +20,8 @@ PositionType = Literal["rope", "learned_absolute"]
 
 # Keys added after work directories and checkpoints existed, with the value that reproduces the
 # old behaviour: at that value they stay out of fingerprints and resume checks, so those match.
-ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"))
+ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"),
+                                              ("num_query_groups", None), ("add_qkv_bias", False))
 
 
 def added_keys() -> tuple[tuple[str, object], ...]:
@@ -79,6 +80,9 @@ class DecoderSettings:
     hidden_size: int = bounded(64, 1, 2**17, WHY_SHAPE)
     num_attention_heads: int = bounded(4, 1, 2**14, WHY_SHAPE)
     ffn_hidden_size: int = bounded(128, 1, 2**19, WHY_SHAPE)
+    # Key/value heads (grouped-query attention: each serves num_attention_heads / this query
+    # heads); null = one per query head. Chunked cross-attention stays multi-head.
+    num_query_groups: Optional[int] = bounded(None, 1, 2**14, WHY_SHAPE)
     # Tokens per sample.
     seq_length: int = bounded(256, 1, 2**20, WHY_SHAPE)
     # Vocabulary size; null = the tokenizer's.
@@ -92,8 +96,10 @@ class DecoderSettings:
     layernorm_epsilon: float = 1e-5
     # SwiGLU MLP (gated SiLU) instead of GELU.
     swiglu: bool = False
-    # Biases in the linear layers.
+    # Biases in the linear layers; add_qkv_bias: on the query/key/value projection even
+    # without them (Qwen2).
     add_bias_linear: bool = True
+    add_qkv_bias: bool = False
     # Standard deviation of the normal weight initialisation.
     init_method_std: float = 0.02
     # Tensor-parallel ranks per model copy (must divide the number of processes).
@@ -142,8 +148,12 @@ def check(m: dict[str, Any]) -> None:
     if m["hidden_size"] % m["num_attention_heads"]:
         raise UserError(f"model.hidden_size ({m['hidden_size']}) must be a multiple of model.num_attention_heads "
                         f"({m['num_attention_heads']}).")
+    groups = m["num_query_groups"]
+    if groups is not None and m["num_attention_heads"] % groups:
+        raise UserError(f"model.num_attention_heads ({m['num_attention_heads']}) must be a multiple of "
+                        f"model.num_query_groups ({groups}): each key/value head serves as many query heads.")
     tp = m["tensor_model_parallel_size"]
-    for key in ("num_attention_heads", "ffn_hidden_size"):
+    for key in ("num_attention_heads", "ffn_hidden_size", *(("num_query_groups",) if groups else ())):
         if m[key] % tp:
             raise UserError(f"model.{key} ({m[key]}) must be a multiple of model.tensor_model_parallel_size ({tp}): "
                             "tensor parallelism splits it evenly over the ranks.")

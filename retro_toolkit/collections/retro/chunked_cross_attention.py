@@ -81,7 +81,7 @@ class ChunkedCrossAttention(MegatronModule):
     ):
         super().__init__(config=config)
         self.attention = build_module(
-            submodules.attention, config=config, layer_number=layer_number, pg_collection=pg_collection, **kwargs
+            submodules.attention, config=config.multi_head(), layer_number=layer_number, pg_collection=pg_collection, **kwargs
         )
         if config.cca_zero_init and config.perform_initialization:
             with torch.no_grad():

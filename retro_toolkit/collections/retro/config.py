@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from retro_toolkit.errors import UserError
-from retro_toolkit.recipe.model import Arch, Flavor, ModelConfig, PositionType, RetroSettings, default_cca_layers
+from retro_toolkit.recipe.model import ADDED_KEYS, Arch, Flavor, ModelConfig, PositionType, RetroSettings, default_cca_layers
 from retro_toolkit.recipe.model import check as check_model
 
 
 def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
     """A model section read back from a checkpoint or package, with every key it predates set
-    to the behaviour its weights were trained with (before `encoder_rotary` existed, a RoPE
-    Retro rotated its encoder's self-attention; before `flavor`, it was megatron_legacy)."""
+    to the behaviour its weights were trained with: the ADDED_KEYS at their old values, and
+    encoder_rotary as a RoPE Retro had it before the key existed (on)."""
     out = dict(section)
-    out.setdefault("flavor", "megatron_legacy")
+    for key, value in ADDED_KEYS:
+        out.setdefault(key, value)
     out.setdefault("encoder_rotary", out.get("position_embedding_type", "rope") == "rope")
     return out
 
@@ -68,6 +69,13 @@ class RetroConfig(TransformerConfig, RetroSettings):
         for key in ("chunk_length", "num_neighbors", "num_retrieved_chunks", "encoder_num_layers"):
             if getattr(self, key) < 1:
                 raise UserError(f"model.{key} must be at least 1 (got {getattr(self, key)}).")
+
+    def multi_head(self) -> "RetroConfig":
+        """This config with one key/value head per query head: cross-attention's (megatron-core's
+        CrossAttention has no grouped-query attention, and Retro's never had it)."""
+        if self.num_query_groups == self.num_attention_heads:
+            return self
+        return dataclasses.replace(self, num_query_groups=self.num_attention_heads)
 
     @property
     def retrieved_length(self) -> int:

@@ -25,6 +25,9 @@ class EncoderCrossAttention(CrossAttention):
     Returns (output, bias, its normalised input) for EncoderCrossAttentionBDA.
     """
 
+    def __init__(self, config: RetroConfig, *args: Any, **kwargs: Any):
+        super().__init__(config.multi_head(), *args, **kwargs)
+
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
         out, bias = super().forward(hidden_states, *args, **kwargs)
         return out, bias, hidden_states

@@ -10,6 +10,7 @@ latest checkpoint and reproduces the uninterrupted run's losses exactly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from retro_toolkit.collections.retro import checkpointing as ckpt
@@ -17,6 +18,7 @@ from retro_toolkit.collections.retro import resume
 from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro import engine
 from retro_toolkit.collections.retro.engine import build, dataset, train_with_checkpoints
+from retro_toolkit.collections.retro.init_from_package import init_from_package, is_package
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.stages.pretrain import ADDED_KEYS, RESUME_FREE, TWIN
 
@@ -38,19 +40,26 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
     the GPT twin the same decoder as the Retro model (both random-initialised alike, or both
     from init_from)."""
     r, p = ctx.recipe, ctx.recipe.pretrain
-    if name == TWIN and p.init_from:
+    if name == TWIN and not p.init_from:
+        start_twin_like_retro(r, model, overrides)
+        return
+    package = bool(p.init_from) and is_package(p.init_from)
+    if not p.init_from or (name != TWIN and section["arch"] != "retro" and not package):
+        return
+    if package:
+        new, loaded = init_from_package(Path(p.init_from), model, section, ctx.workdir)
+    elif name == TWIN:
         source = ckpt.resolve(p.init_from, "pretrain.init_from")
         ckpt.load_model(source, model, section, ctx.workdir)
         log(f"init_from {source}: the whole GPT twin")
-    elif name == TWIN:
-        start_twin_like_retro(r, model, overrides)
-    elif p.init_from and section["arch"] == "retro":
-        source = ckpt.resolve(p.init_from, "pretrain.init_from")
-        new, loaded = ckpt.init_from_gpt(source, model, section, ctx.workdir)
-        log(f"init_from {source}: loaded {len(loaded)} decoder tensors; {len(new)} new parameters "
-            f"(chunked cross-attention and encoder, initialised fresh):")
-        for n in new:
-            log(f"  new: {n}")
+        return
+    else:
+        new, loaded = ckpt.init_from_gpt(ckpt.resolve(p.init_from, "pretrain.init_from"), model, section,
+                                         ctx.workdir)
+    log(f"init_from {p.init_from}: loaded {len(loaded)} tensors; {len(new)} new parameters"
+        + (" (chunked cross-attention and encoder, initialised fresh):" if new else ""))
+    for n in new:
+        log(f"  new: {n}")
 
 
 def pretrain_model(ctx: StageContext, arch: str, name: str) -> dict[str, Any]:

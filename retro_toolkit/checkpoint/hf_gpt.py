@@ -1,0 +1,186 @@
+"""Import a Hugging Face GPT (a `save_pretrained` folder: Llama, Mistral, Qwen2) as a .nemo package.
+
+    import_hf_gpt("Llama-2-7b-hf/", "llama2-7b.nemo")
+    retro-run import-gpt Llama-2-7b-hf/ --out llama2-7b.nemo
+
+The model section comes from config.json (layers, widths, grouped-query heads, RMSNorm epsilon,
+RoPE base, biases, tied or untied embeddings); the weights from model.safetensors or the shards
+model.safetensors.index.json lists. Query, key and value are fused per key/value group as
+megatron-core's linear_qkv holds them, and SwiGLU's gate and up projections into linear_fc1.
+What the toolkit's model would compute differently (RoPE scaling, sliding windows shorter than
+the sequence, biases on some projections only) is refused, naming the config key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from retro_toolkit.core import files
+from retro_toolkit.errors import UserError
+from retro_toolkit.recipe.model import ModelConfig
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    cfg = files.read_user_json(path, str(path), "give a Hugging Face save_pretrained folder.")
+    kind = cfg.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise UserError(f"{path}: model_type {kind!r} is not one this importer reads ({', '.join(ARCHITECTURES)}).")
+    return cfg
+
+
+def section_from_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Our model section (a GPT) from a Llama-family config.json; keys it does not set at
+    ModelConfig's defaults (Retro's keys only matter once the decoder is in a Retro model)."""
+    heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
+    if cfg.get("head_dim") not in (None, hidden // heads):
+        raise UserError(f"{where}: head_dim {cfg['head_dim']} differs from hidden_size / num_attention_heads "
+                        f"({hidden // heads}); this toolkit's attention derives it from those.")
+    # transformers 5 writes rope_parameters {rope_theta, rope_type}; earlier files rope_theta and rope_scaling.
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise UserError(f"{where}: RoPE scaling {scaling} is set (rope_scaling / rope_parameters.rope_type); this "
+                        "toolkit's rotary embedding applies no scaling, so the imported model would compute "
+                        "something else.")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r}; only SwiGLU (silu) MLPs are read.")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise UserError(f"{where}: attention_bias / mlp_bias put biases on some linear layers only, which this "
+                        "toolkit's model (add_bias_linear: all or none) cannot express.")
+    seq = int(cfg.get("max_position_embeddings") or 4096)
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window and window < seq:
+        seq = int(window)  # within one window sliding attention is full causal attention
+    return {
+        **dataclasses.asdict(ModelConfig()),
+        "arch": "gpt",
+        "num_layers": int(cfg["num_hidden_layers"]),
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
+        "ffn_hidden_size": int(cfg["intermediate_size"]),
+        "seq_length": seq,
+        "vocab_size": int(cfg["vocab_size"]),
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "swiglu": True,
+        "add_bias_linear": False,
+        "add_qkv_bias": cfg["model_type"] == "qwen2",
+        "position_embedding_type": "rope",
+        "rotary_percent": 1.0,
+        "rotary_base": int(rope.get("rope_theta") or cfg.get("rope_theta") or 10000),
+        "untie_embeddings_and_output_weights": not cfg.get("tie_word_embeddings", False),
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "flavor": "megatron_legacy",  # a final norm after the decoder, as every one of these has
+    }
+
+
+def _shards(folder: Path) -> list[Path]:
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        files = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise UserError(f"{folder / INDEX} lists {len(missing)} shard(s) that are not in the folder: "
+                            f"{', '.join(missing[:5])}. Download every shard the index names.")
+        return [folder / f for f in files]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    raise UserError(f"{folder} has neither {SINGLE} nor {INDEX}: save the model with safe_serialization=True "
+                    "(pytorch_model.bin pickles are not read).")
+
+
+def _tensors(folder: Path) -> Iterator[tuple[str, Any]]:
+    from safetensors import safe_open
+
+    for shard in _shards(folder):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def rename(hf: dict[str, Any], section: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Our megatron-core names and layouts from the checkpoint's tensors (which this consumes)."""
+    import torch
+
+    heads, groups = section["num_attention_heads"], section["num_query_groups"]
+    d = section["hidden_size"] // heads
+    per_group = heads // groups
+
+    def take(name: str) -> Any:
+        try:
+            return hf.pop(name)
+        except KeyError:
+            raise UserError(f"{where}: the checkpoint has no tensor {name}.") from None
+
+    def fused_qkv(prefix: str, suffix: str) -> Any:
+        q, k, v = (take(f"{prefix}.{p}_proj.{suffix}") for p in "qkv")
+        q = q.reshape(groups, per_group * d, *q.shape[1:])
+        k, v = (t.reshape(groups, d, *t.shape[1:]) for t in (k, v))
+        return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+    out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight"),
+           "decoder.final_layernorm.weight": take("model.norm.weight")}
+    if section["untie_embeddings_and_output_weights"]:
+        out["output_layer.weight"] = take("lm_head.weight")
+    else:
+        hf.pop("lm_head.weight", None)  # the tied copy some checkpoints store
+    for i in range(section["num_layers"]):
+        src, dst = f"model.layers.{i}", f"decoder.layers.{i}"
+        out[f"{dst}.input_layernorm.weight"] = take(f"{src}.input_layernorm.weight")
+        out[f"{dst}.self_attention.linear_qkv.weight"] = fused_qkv(f"{src}.self_attn", "weight")
+        if section["add_qkv_bias"]:
+            out[f"{dst}.self_attention.linear_qkv.bias"] = fused_qkv(f"{src}.self_attn", "bias")
+        out[f"{dst}.self_attention.linear_proj.weight"] = take(f"{src}.self_attn.o_proj.weight")
+        out[f"{dst}.pre_mlp_layernorm.weight"] = take(f"{src}.post_attention_layernorm.weight")
+        out[f"{dst}.mlp.linear_fc1.weight"] = torch.cat([take(f"{src}.mlp.gate_proj.weight"),
+                                                         take(f"{src}.mlp.up_proj.weight")])
+        out[f"{dst}.mlp.linear_fc2.weight"] = take(f"{src}.mlp.down_proj.weight")
+    leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise UserError(f"{where}: {len(leftover)} checkpoint tensors map to nothing in the model: "
+                        f"{', '.join(leftover[:8])}" + (" ..." if len(leftover) > 8 else ""))
+    return out
+
+
+def _tokenizer_file(folder: Path, tokenizer: str | os.PathLike | None) -> Path:
+    path = Path(tokenizer) if tokenizer is not None else folder / "tokenizer.model"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: this importer needs the model's SentencePiece tokenizer.model "
+                        "(in the folder, or given with --tokenizer); tokenizer.json-only tokenizers are not "
+                        "read yet.")
+    return path
+
+
+def import_hf_gpt(folder: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                  weights: str = "file", log: Callable[[str], None] = print) -> Path:
+    """Write `out` (.nemo, a GPT) from a Hugging Face Llama, Mistral or Qwen2 folder."""
+    from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.mapped import dtype_of
+    from retro_toolkit.checkpoint.nemo import build_for, load_full
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    section = section_from_config(cfg, folder / "config.json")
+    tok_file = _tokenizer_file(folder, tokenizer)
+    tok = Tokenizer(tok_file)
+    if tok.vocab_size > section["vocab_size"]:
+        raise UserError(f"{tok_file} has {tok.vocab_size} pieces but the model's embedding has "
+                        f"{section['vocab_size']} rows: it is not this model's tokenizer.")
+    ours = rename(dict(_tensors(folder)), section, folder)
+    log(f"import-gpt: {cfg['model_type']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
+        f"{section['num_attention_heads']} heads / {section['num_query_groups']} key-value heads")
+    model = build_for(section, tok, 1, dtype_of(ours))
+    load_full(model, ours, folder)
+    return write_model(model, section, tok_file, Path(out), None, weights)

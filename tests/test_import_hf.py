@@ -1,0 +1,160 @@
+"""Hugging Face GPTs (Llama, Mistral, Qwen2) imported as .nemo packages compute what transformers
+computes: tiny random models written by save_pretrained (one in several safetensors shards)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from retro_toolkit.checkpoint import nemo
+from retro_toolkit.checkpoint.hf_gpt import import_hf_gpt
+from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
+from retro_toolkit.errors import UserError
+from tests.test_export import VOCAB, tokenizer_file  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+
+SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0)
+
+
+def _hf_model(kind: str):
+    import transformers
+
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**SHAPE, sliding_window=4096, tie_word_embeddings=False)
+    else:
+        cfg = transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True, use_sliding_window=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    with torch.no_grad():  # every tensor random, norms too, so a wrong mapping shows
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    return model
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def imported(request, tmp_path_factory, tokenizer_file):  # noqa: F811
+    kind = request.param
+    folder = tmp_path_factory.mktemp(kind)
+    hf = _hf_model(kind)
+    # Llama in several shards (model.safetensors.index.json), the others in one file.
+    hf.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB" if kind == "llama" else "1GB")
+    with torch.no_grad():
+        want = hf(_tokens()).logits
+    pkg = import_hf_gpt(folder, folder / "m.nemo", tokenizer=tokenizer_file, log=lambda _: None)
+    return kind, folder, pkg, want
+
+
+def test_imported_gpt_equals_transformers(imported):
+    kind, folder, pkg, want = imported
+    if kind == "llama":
+        assert (folder / "model.safetensors.index.json").is_file()
+    loaded = nemo.restore(pkg, device="cpu")
+    with torch.no_grad():
+        got = loaded.model(_tokens())
+    assert got.shape == want.shape
+    assert _relative(got, want) < 1e-5, kind
+
+
+def test_retro_with_the_gate_at_zero_equals_transformers(imported):
+    kind, _, pkg, want = imported
+    gpt = nemo.restore(pkg, device="cpu").model
+    section = {**nemo.section_of(nemo.read_config(pkg)), "arch": "retro", "cca_layers": [2], "chunk_length": 16,
+               "retrieval_gate": 0.0}
+    initialize(1, seed=1)
+    config, args = config_from_model_section(section)
+    retro = build_model(config, args).eval()
+    missing, unexpected = retro.load_state_dict(gpt.state_dict(), strict=False)
+    assert not unexpected and missing and all("cross_attention" in m or "pre_cross_attn" in m for m in missing)
+    neighbours = torch.randint(0, VOCAB, (2, 4, 2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = retro(_tokens(), neighbours)
+    assert _relative(got, want) < 1e-5, kind
+
+
+def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file):  # noqa: F811
+    hf = _hf_model("llama")
+    hf.save_pretrained(tmp_path / "m", safe_serialization=True, max_shard_size="40KB")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "m" / shard).unlink()
+    with pytest.raises(UserError, match=f"lists 1 shard.*{shard}.*Download every shard"):
+        import_hf_gpt(tmp_path / "m", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(UserError, match="model_type 'gpt2' is not one this importer reads"):
+        import_hf_gpt(tmp_path / "gpt2", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+
+    (tmp_path / "scaled").mkdir()
+    scaled = {**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    (tmp_path / "scaled" / "config.json").write_text(json.dumps(scaled))
+    with pytest.raises(UserError, match="RoPE scaling .*llama3"):
+        import_hf_gpt(tmp_path / "scaled", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+
+    small = _hf_model("qwen2")
+    small.config.vocab_size = 8
+    with pytest.raises(UserError, match="pieces but the model's embedding has 8 rows"):
+        small.save_pretrained(tmp_path / "q", safe_serialization=True)
+        config = json.loads((tmp_path / "q" / "config.json").read_text())
+        (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "vocab_size": 8}))
+        import_hf_gpt(tmp_path / "q", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+    assert not (tmp_path / "x.nemo").exists()
+
+
+@pytest.mark.slow
+def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_db, tmp_path):
+    import transformers
+
+    from retro_toolkit.collections.retro import checkpointing as ckpt
+    from retro_toolkit.collections.retro.engine import build
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.recipe import load_recipe
+    from tests.conftest import SMALL, SMOKE, retro_run
+    from tests.test_pretrain import TRAIN, copy_db, losses
+
+    w = copy_db(small_db, tmp_path / "fit")
+    tok = w / "tokenizer" / "tokenizer.model"
+    # retro_tiny's decoder as a Llama with two key/value heads.
+    cfg = transformers.LlamaConfig(vocab_size=Tokenizer(tok).vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
+    pkg = import_hf_gpt(tmp_path / "llama", tmp_path / "llama.nemo", tokenizer=tok, log=lambda _: None)
+    llama = ["model.normalization=RMSNorm", "model.swiglu=true", "model.add_bias_linear=false",
+             "model.num_query_groups=2", "model.untie_embeddings_and_output_weights=true"]
+    common = [f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", f"pretrain.init_from={pkg}",
+              "pretrain.freeze_decoder=true", "stages=[tokenizer,prepare_corpus,build_db,pretrain]"]
+
+    refused = retro_run(SMOKE, *common, *llama[:-1])  # embeddings left tied: not this model
+    assert refused.returncode == 2
+    assert "untie_embeddings_and_output_weights: checkpoint True vs recipe False" in refused.stdout + refused.stderr
+
+    p = retro_run(SMOKE, *common, *llama)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "skip  build_db" in p.stdout
+    assert all(math.isfinite(x) for x in losses(w)) and len(losses(w)) == 2
+    retro, _, _ = build(load_recipe(str(w / "recipe.resolved.yaml")), "retro")
+    ckpt.load_weights(ckpt.latest(w / "checkpoints" / "pretrain"), retro)
+    trained = retro.state_dict()
+    start = nemo.restore(pkg, device="cpu").model.state_dict()
+    decoder = [k for k, t in start.items() if isinstance(t, torch.Tensor)]
+    assert len(decoder) == 2 * 6 + 3
+    for k in decoder:
+        assert torch.equal(trained[k], start[k]), k  # loaded and frozen: bit-identical after training
