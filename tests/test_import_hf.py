@@ -158,3 +158,31 @@ def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_
     assert len(decoder) == 2 * 6 + 3
     for k in decoder:
         assert torch.equal(trained[k], start[k]), k  # loaded and frozen: bit-identical after training
+
+
+def test_export_hf_gives_the_imported_model_back(imported, tmp_path):
+    import transformers
+
+    from retro_toolkit.checkpoint.hf_export import export_hf
+
+    kind, _, pkg, want = imported
+    out = export_hf(pkg, tmp_path / "back", log=lambda _: None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.model_type == ("qwen2" if kind == "qwen2" else "llama")
+    with torch.no_grad():
+        got = back(_tokens()).logits
+    assert _relative(got, want) < 1e-5, kind
+    with pytest.raises(UserError, match="exists; give a new folder"):
+        export_hf(pkg, out)
+
+
+def test_export_hf_refuses_a_decoder_no_transformers_class_computes(tmp_path, tokenizer_file):  # noqa: F811
+    from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.hf_export import export_hf
+    from tests.test_export import SECTION, random_model
+
+    pkg = write_model(random_model(1), SECTION, tokenizer_file, tmp_path / "m.nemo")  # LayerNorm-1p + SwiGLU + biases
+    with pytest.raises(UserError, match=r"no transformers class computes this decoder: normalization LayerNorm, "
+                                        r"swiglu True, add_bias_linear True"):
+        export_hf(pkg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

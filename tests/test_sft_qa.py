@@ -171,6 +171,35 @@ def test_generate_from_the_package_answers_like_the_checkpoint(tuned):
     assert bad.returncode == 2 and "live retrieval needs a work directory" in bad.stderr
 
 
+def test_export_hf_of_the_tuned_package_computes_its_decoder_in_transformers(tuned, tmp_path):
+    import transformers
+
+    from retro_toolkit.checkpoint import nemo
+    from retro_toolkit.checkpoint.hf_export import export_hf
+    from retro_toolkit.collections.generate import SamplingParams, generate_ids
+
+    package = tuned / "export" / "smoke.nemo"
+    out = export_hf(package, tmp_path / "hf", log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.model"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPTNeoXForCausalLM"
+    pkg = nemo.restore(package, device="cpu")
+    assert pkg.section["arch"] == "retro"
+    tokens = torch.randint(0, pkg.tokenizer.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    missing = torch.full((2, 2, pkg.section["num_neighbors"], 128), -1)  # no neighbours: the decoder alone
+    with torch.no_grad():
+        ours, theirs = pkg.model(tokens, missing), hf(tokens).logits
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
+
+    prompt = pkg.tokenizer.encode(["Question: What does the pass statement do?"])[0]
+    eod = pkg.tokenizer.special_ids()["eod"]
+    ours = generate_ids(pkg.model, [prompt], SamplingParams(max_new_tokens=24), eos_id=eod)[0]
+    with torch.no_grad():  # transformers stops at the config's eos_token_id, the end-of-document token
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    assert ours.tokens and ours.tokens + ([eod] if ours.finish_reason == "eos" else []) == theirs
+
+
 @pytest.mark.parametrize("override,match", [
     ("eval_qa.tasks=[{name: triviaqa, path: 'builtin:smoke-qa'}]", "eval_qa.tasks\\[0\\].name' = 'triviaqa' is not one"),
     ("eval_qa.tasks=[{name: nq, path: /no/such/nq.json}]", "/no/such/nq.json, which does not exist"),
