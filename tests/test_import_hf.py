@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -136,17 +137,20 @@ def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_
                                    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
-    pkg = import_hf_gpt(tmp_path / "llama", tmp_path / "llama.nemo", tokenizer=tok, log=lambda _: None)
+    shutil.copyfile(tok, tmp_path / "llama" / "tokenizer.model")
+    pkg = import_hf_gpt(tmp_path / "llama", tmp_path / "llama.nemo", log=lambda _: None)
     llama = ["model.normalization=RMSNorm", "model.swiglu=true", "model.add_bias_linear=false",
              "model.num_query_groups=2", "model.untie_embeddings_and_output_weights=true"]
-    common = [f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", f"pretrain.init_from={pkg}",
-              "pretrain.freeze_decoder=true", "stages=[tokenizer,prepare_corpus,build_db,pretrain]"]
+    common = [f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", "pretrain.freeze_decoder=true",
+              "stages=[tokenizer,prepare_corpus,build_db,pretrain]"]
 
-    refused = retro_run(SMOKE, *common, *llama[:-1])  # embeddings left tied: not this model
+    # The package, with the embeddings left tied: not this model.
+    refused = retro_run(SMOKE, *common, f"pretrain.init_from={pkg}", *llama[:-1])
     assert refused.returncode == 2
     assert "untie_embeddings_and_output_weights: checkpoint True vs recipe False" in refused.stdout + refused.stderr
 
-    p = retro_run(SMOKE, *common, *llama)
+    # The Hugging Face folder itself, converted on the way in.
+    p = retro_run(SMOKE, *common, f"pretrain.init_from={tmp_path / 'llama'}", *llama)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "skip  build_db" in p.stdout
     assert all(math.isfinite(x) for x in losses(w)) and len(losses(w)) == 2

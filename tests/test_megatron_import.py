@@ -211,3 +211,31 @@ def test_the_chunk_length_comes_from_the_args_or_the_retro_workdir_args_json(tmp
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserError, match="records no chunk length"):
         import_checkpoint(ckpt, tokenizer_file, tmp_path / "c.nemo", retro_args=tmp_path / "bad.json")
+
+
+def test_init_from_a_tp2_legacy_gpt_checkpoint_loads_the_decoder_into_retro(tmp_path, tokenizer_file):  # noqa: F811
+    import dataclasses
+    import shutil
+
+    from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
+    from retro_toolkit.collections.retro.init_from_external import external_kind, init_from_external
+    from retro_toolkit.recipe.model import ModelConfig
+
+    gpt = random_model(22, {**SECTION, "arch": "gpt"})
+    ckpt = write_legacy(tmp_path / "gpt", gpt, args={"retro_add_retriever": False})
+    assert external_kind(ckpt) == "megatron"
+    (tmp_path / "w" / "tokenizer").mkdir(parents=True)
+    shutil.copyfile(tokenizer_file, tmp_path / "w" / "tokenizer" / "tokenizer.model")
+    retro = random_model(23, SECTION)
+    section = {**dataclasses.asdict(ModelConfig()), **SECTION}  # complete, as a recipe's is
+    said = []
+    new, loaded = init_from_external(ckpt, "megatron", retro, section, tmp_path / "w", said.append)
+    assert new and all(is_retrieval_param(n) for n in new) and any(".encoder." in n for n in new)
+    assert "carries no tokenizer" in said[0]
+    ours = retro.state_dict()
+    for name, t in gpt.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(ours[name], t), name
+
+    with pytest.raises(UserError, match=r"another model \(hidden_size: checkpoint 32 vs recipe 64"):
+        init_from_external(ckpt, "megatron", retro, {**section, "hidden_size": 64}, tmp_path / "w", said.append)

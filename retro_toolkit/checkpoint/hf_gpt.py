@@ -100,7 +100,7 @@ def _shards(folder: Path) -> list[Path]:
                     "(pytorch_model.bin pickles are not read).")
 
 
-def _tensors(folder: Path) -> Iterator[tuple[str, Any]]:
+def tensors(folder: Path) -> Iterator[tuple[str, Any]]:
     from safetensors import safe_open
 
     for shard in _shards(folder):
@@ -178,7 +178,7 @@ def import_hf_gpt(folder: str | os.PathLike, out: str | os.PathLike, tokenizer: 
     if tok.vocab_size > section["vocab_size"]:
         raise UserError(f"{tok_file} has {tok.vocab_size} pieces but the model's embedding has "
                         f"{section['vocab_size']} rows: it is not this model's tokenizer.")
-    ours = rename(dict(_tensors(folder)), section, folder)
+    ours = rename(dict(tensors(folder)), section, folder)
     log(f"import-gpt: {cfg['model_type']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
         f"{section['num_attention_heads']} heads / {section['num_query_groups']} key-value heads")
     model = build_for(section, tok, 1, dtype_of(ours))

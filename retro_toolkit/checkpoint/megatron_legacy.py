@@ -70,19 +70,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
     if not tokenizer_file.is_file():
         raise UserError(f"--tokenizer {tokenizer_file} does not exist; give the model's SentencePiece .model file.")
     tokenizer = Tokenizer(tokenizer_file)
-    extra = read_retro_args(retro_args) if retro_args is not None else {}
-    sub = iteration_folder(folder)
-    if (sub / "metadata.json").is_file():
-        from retro_toolkit.checkpoint import megatron_core
-
-        args, ours = megatron_core.read_dist(sub, trust)
-        args = {**args, **extra}
-        section = section_from_args(args, sub)
-        section["flavor"] = megatron_core.FLAVOR
-        kind = "megatron-core dist checkpoint"
-    else:
-        args, section, ours = _read_legacy(sub, trust, extra)
-        kind = f"{int(args.get('tensor_model_parallel_size') or 1)} tensor-parallel shard(s)"
+    args, section, ours, kind = read_megatron(folder, trust, read_retro_args(retro_args) if retro_args else {})
     if section["arch"] == "retro" and chunk_length(args) is None:
         log(f"import-megatron: the checkpoint's args do not record the chunk length (legacy Megatron-LM read it "
             f"from {args.get('retro_workdir') or '<retro_workdir>'}/args.json); taking Retro's 64. If the run used "
@@ -102,6 +90,24 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
                                       if k.startswith("retro_") and isinstance(v, (str, int, float, bool))}
         retrieval["source"] = f"Megatron-LM checkpoint {folder.resolve()}"
     return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
+
+
+def read_megatron(folder: Path, trust: bool = False, extra: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], str]:
+    """(args completed by `extra`, model section, unsharded tensors under our names, what was read)
+    of a Megatron-LM checkpoint folder, legacy or megatron-core torch_dist."""
+    extra = extra or {}
+    sub = iteration_folder(folder)
+    if (sub / "metadata.json").is_file():
+        from retro_toolkit.checkpoint import megatron_core
+
+        args, ours = megatron_core.read_dist(sub, trust)
+        args = {**args, **extra}
+        section = section_from_args(args, sub)
+        section["flavor"] = megatron_core.FLAVOR
+        return args, section, ours, "megatron-core dist checkpoint"
+    args, section, ours = _read_legacy(sub, trust, extra)
+    return args, section, ours, f"{int(args.get('tensor_model_parallel_size') or 1)} tensor-parallel shard(s)"
 
 
 def _read_legacy(sub: Path, trust: bool, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -26,8 +26,9 @@ class PretrainConfig(TrainingConfig):
     # Sampling weight of each data.sources entry in training batches (same order, any
     # positive scale); null = every window of the train stream equally (size-proportional).
     source_weights: Optional[list[float]] = None
-    # Start from a GPT checkpoint (a checkpoints/<stage> folder or one iter_NNNNNNN folder):
-    # loads the decoder, initialises chunked cross-attention and the encoder fresh.
+    # Start from a GPT: this toolkit's checkpoints/<stage> or iter_NNNNNNN folder, a .nemo
+    # package, a Hugging Face Llama/Mistral/Qwen2 folder, or a Megatron-LM GPT checkpoint
+    # folder. Loads the decoder; chunked cross-attention and the encoder start fresh.
     init_from: Optional[str] = filepath(None)
     # Retro-fitting: train only chunked cross-attention and the encoder.
     freeze_decoder: bool = False

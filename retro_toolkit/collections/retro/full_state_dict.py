@@ -35,13 +35,15 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
 
 
 def load_full_state_dict(model: RetroModel, full: Mapping[str, Tensor],
-                         after_copy: Optional[Callable[[str], None]] = None) -> None:
+                         after_copy: Optional[Callable[[str], None]] = None,
+                         missing_ok: Callable[[str], bool] = lambda name: False) -> None:
     """Load an unsharded (tensor-parallel size 1) state dict into this rank's shards.
 
     Each tensor-parallel parameter takes its slice along megatron-core's partition_dim; a
     gated (SwiGLU) fc1 keeps each rank's slice of both halves, as megatron-core lays it out.
     Tensors are copied one at a time into the model's own (converting dtype), and
     `after_copy(name)` runs after each: a memory-mapped source gives its pages back there.
+    A tensor `full` lacks is an error unless `missing_ok(name)` (it keeps its initial value).
     """
     from megatron.core import parallel_state
 
@@ -51,7 +53,7 @@ def load_full_state_dict(model: RetroModel, full: Mapping[str, Tensor],
     params = dict(model.named_parameters())
     for name, value in own.items():
         if name not in full:
-            if name.endswith("_extra_state"):
+            if name.endswith("_extra_state") or missing_ok(name):
                 continue
             raise UserError(f"{name} is missing from the full state dict")
         src = full[name]

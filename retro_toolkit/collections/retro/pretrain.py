@@ -18,7 +18,7 @@ from retro_toolkit.collections.retro import resume
 from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro import engine
 from retro_toolkit.collections.retro.engine import build, dataset, train_with_checkpoints
-from retro_toolkit.collections.retro.init_from_package import init_from_package, is_package
+from retro_toolkit.collections.retro.init_from_external import external_kind, init_from_external
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.stages.pretrain import ADDED_KEYS, RESUME_FREE, TWIN
 
@@ -43,11 +43,11 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
     if name == TWIN and not p.init_from:
         start_twin_like_retro(r, model, overrides)
         return
-    package = bool(p.init_from) and is_package(p.init_from)
-    if not p.init_from or (name != TWIN and section["arch"] != "retro" and not package):
+    kind = external_kind(p.init_from) if p.init_from else None
+    if not p.init_from or (name != TWIN and section["arch"] != "retro" and kind is None):
         return
-    if package:
-        new, loaded = init_from_package(Path(p.init_from), model, section, ctx.workdir)
+    if kind is not None:
+        new, loaded = init_from_external(Path(p.init_from), kind, model, section, ctx.workdir, log)
     elif name == TWIN:
         source = ckpt.resolve(p.init_from, "pretrain.init_from")
         ckpt.load_model(source, model, section, ctx.workdir)
