@@ -27,6 +27,9 @@ def _hf_model(kind: str):
 
     if kind == "llama":
         cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
+    elif kind == "nemotron":
+        cfg = transformers.NemotronConfig(**{k: v for k, v in SHAPE.items() if k != "rms_norm_eps"}, norm_eps=1e-5,
+                                          partial_rotary_factor=0.5, tie_word_embeddings=False)
     elif kind == "mistral":
         cfg = transformers.MistralConfig(**SHAPE, sliding_window=4096, tie_word_embeddings=False)
     else:
@@ -47,7 +50,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "nemotron"])
 def imported(request, tmp_path_factory, tokenizer_file):  # noqa: F811
     kind = request.param
     folder = tmp_path_factory.mktemp(kind)
@@ -172,7 +175,7 @@ def test_export_hf_gives_the_imported_model_back(imported, tmp_path):
     kind, _, pkg, want = imported
     out = export_hf(pkg, tmp_path / "back", log=lambda _: None)
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert back.config.model_type == ("qwen2" if kind == "qwen2" else "llama")
+    assert back.config.model_type == {"mistral": "llama"}.get(kind, kind)
     with torch.no_grad():
         got = back(_tokens()).logits
     assert _relative(got, want) < 1e-5, kind
@@ -187,6 +190,6 @@ def test_export_hf_refuses_a_decoder_no_transformers_class_computes(tmp_path, to
 
     pkg = write_model(random_model(1), SECTION, tokenizer_file, tmp_path / "m.nemo")  # LayerNorm-1p + SwiGLU + biases
     with pytest.raises(UserError, match=r"no transformers class computes this decoder: normalization LayerNorm, "
-                                        r"swiglu True, add_bias_linear True"):
+                                        r"swiglu True, squared_relu False, add_bias_linear True"):
         export_hf(pkg, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -5,6 +5,7 @@ cross-attention dropped) or a GPT twin package becomes the transformers architec
 computes the same function:
   RMSNorm + SwiGLU, no biases                 -> LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases)
   LayerNorm + GELU, biases, RoPE, multi-head  -> GPTNeoXForCausalLM (sequential residual)
+  LayerNorm + squared ReLU, no biases         -> NemotronForCausalLM
 Anything else (learned absolute positions, megatron_core's decoder without a final norm,
 biases on some layers only) is refused, naming the model keys no class expresses.
 DIR gets config.json, model.safetensors and the package's SentencePiece tokenizer.model.
@@ -30,20 +31,24 @@ def family(section: dict[str, Any]) -> str:
         why.append("flavor megatron_core (its decoder has no final norm; every transformers GPT has one)")
     norm, swiglu, bias = section.get("normalization", "LayerNorm"), section.get("swiglu", False), \
         section.get("add_bias_linear", True)
+    relu2 = section.get("squared_relu", False)
     heads = section["num_attention_heads"]
     grouped = (section.get("num_query_groups") or heads) != heads
     if norm == "RMSNorm" and swiglu and not bias and not section.get("apply_layernorm_1p"):
         kind = "qwen2" if section.get("add_qkv_bias") else "llama"
         if section.get("rotary_percent", 1.0) != 1.0:
             why.append(f"rotary_percent {section['rotary_percent']} ({kind} rotates every channel)")
-    elif norm == "LayerNorm" and not swiglu and bias:
+    elif norm == "LayerNorm" and relu2 and not bias and not section.get("add_qkv_bias"):
+        kind = "nemotron"
+    elif norm == "LayerNorm" and not swiglu and not relu2 and bias:
         kind = "gpt_neox"
         if grouped:
             why.append("num_query_groups with LayerNorm + GELU (GPT-NeoX has multi-head attention only)")
     else:
         kind = ""
-        why.append(f"normalization {norm}, swiglu {swiglu}, add_bias_linear {bias} (Llama/Qwen2 take RMSNorm + "
-                   "SwiGLU without biases, GPT-NeoX LayerNorm + GELU with biases)")
+        why.append(f"normalization {norm}, swiglu {swiglu}, squared_relu {relu2}, add_bias_linear {bias} (Llama/Qwen2 "
+                   "take RMSNorm + SwiGLU without biases, GPT-NeoX LayerNorm + GELU with biases, Nemotron "
+                   "LayerNorm + squared ReLU without biases)")
     if why:
         raise UserError("no transformers class computes this decoder: " + "; ".join(why) + ".")
     return kind
@@ -63,9 +68,15 @@ def hf_config(section: dict[str, Any], kind: str, special: dict[str, int]) -> An
         rope["partial_rotary_factor"] = float(section.get("rotary_percent", 1.0))
         return transformers.GPTNeoXConfig(**common, hidden_act="gelu", layer_norm_eps=section["layernorm_epsilon"],
                                           use_parallel_residual=False, attention_bias=True, rope_parameters=rope)
+    groups = section.get("num_query_groups") or section["num_attention_heads"]
+    if kind == "nemotron":
+        rope["partial_rotary_factor"] = float(section.get("rotary_percent", 1.0))
+        return transformers.NemotronConfig(**common, num_key_value_heads=groups, hidden_act="relu2",
+                                           norm_eps=section["layernorm_epsilon"], rope_parameters=rope,
+                                           attention_bias=False, mlp_bias=False)
     cls = transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig
     extra = {"use_sliding_window": False} if kind == "qwen2" else {"attention_bias": False, "mlp_bias": False}
-    return cls(**common, num_key_value_heads=section.get("num_query_groups") or section["num_attention_heads"],
+    return cls(**common, num_key_value_heads=groups,
                hidden_act="silu", rms_norm_eps=section["layernorm_epsilon"], rope_parameters=rope, **extra)
 
 
@@ -74,10 +85,11 @@ def hf_state(ours: dict[str, Any], section: dict[str, Any], kind: str) -> dict[s
     heads = section["num_attention_heads"]
     groups = section.get("num_query_groups") or heads
     d = section["hidden_size"] // heads
-    one_p = 1.0 if section.get("apply_layernorm_1p") else 0.0  # stored gamma - 1
+    # Ours stores gamma - 1 under apply_layernorm_1p; Nemotron's LayerNorm1P always does.
+    shift = (1.0 if section.get("apply_layernorm_1p") else 0.0) - (1.0 if kind == "nemotron" else 0.0)
 
     def norm(src: str, dst: str, out: dict[str, Any]) -> None:
-        out[f"{dst}.weight"] = ours[f"{src}.weight"] + one_p
+        out[f"{dst}.weight"] = ours[f"{src}.weight"] + shift
         if f"{src}.bias" in ours:
             out[f"{dst}.bias"] = ours[f"{src}.bias"]
 
@@ -106,8 +118,11 @@ def hf_state(ours: dict[str, Any], section: dict[str, Any], kind: str) -> dict[s
             for name, part in (("q", q), ("k", k), ("v", v)):
                 out[f"{dst}.self_attn.{name}_proj.{suffix}"] = part.reshape(-1, *t.shape[2:]).squeeze(-1)
         out[f"{dst}.self_attn.o_proj.weight"] = ours[f"{src}.self_attention.linear_proj.weight"]
-        gate, up = ours[f"{src}.mlp.linear_fc1.weight"].chunk(2)
-        out[f"{dst}.mlp.gate_proj.weight"], out[f"{dst}.mlp.up_proj.weight"] = gate, up
+        if kind == "nemotron":
+            out[f"{dst}.mlp.up_proj.weight"] = ours[f"{src}.mlp.linear_fc1.weight"]
+        else:
+            gate, up = ours[f"{src}.mlp.linear_fc1.weight"].chunk(2)
+            out[f"{dst}.mlp.gate_proj.weight"], out[f"{dst}.mlp.up_proj.weight"] = gate, up
         out[f"{dst}.mlp.down_proj.weight"] = ours[f"{src}.mlp.linear_fc2.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 

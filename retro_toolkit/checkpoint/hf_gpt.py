@@ -1,12 +1,13 @@
-"""Import a Hugging Face GPT (a `save_pretrained` folder: Llama, Mistral, Qwen2) as a .nemo package.
+"""Import a Hugging Face GPT (a `save_pretrained` folder: Llama, Mistral, Qwen2, Nemotron) as a .nemo package.
 
     import_hf_gpt("Llama-2-7b-hf/", "llama2-7b.nemo")
     retro-run import-gpt Llama-2-7b-hf/ --out llama2-7b.nemo
 
-The model section comes from config.json (layers, widths, grouped-query heads, RMSNorm epsilon,
-RoPE base, biases, tied or untied embeddings); the weights from model.safetensors or the shards
+The model section comes from config.json (layers, widths, grouped-query heads, norm and epsilon,
+RoPE base and rotated fraction, biases, tied or untied embeddings); the weights from model.safetensors or the shards
 model.safetensors.index.json lists. Query, key and value are fused per key/value group as
-megatron-core's linear_qkv holds them, and SwiGLU's gate and up projections into linear_fc1.
+megatron-core's linear_qkv holds them, and SwiGLU's gate and up projections into linear_fc1
+(Nemotron's squared-ReLU MLP has no gate; its LayerNorm1P stores gamma - 1, as ours does).
 What the toolkit's model would compute differently (RoPE scaling, sliding windows shorter than
 the sequence, biases on some projections only) is refused, naming the config key.
 """
@@ -23,7 +24,9 @@ from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.model import ModelConfig
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "nemotron")
+# The MLP activation each architecture's config.json must name.
+ACTIVATION = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "nemotron": "relu2"}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -51,8 +54,10 @@ def section_from_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         raise UserError(f"{where}: RoPE scaling {scaling} is set (rope_scaling / rope_parameters.rope_type); this "
                         "toolkit's rotary embedding applies no scaling, so the imported model would compute "
                         "something else.")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r}; only SwiGLU (silu) MLPs are read.")
+    kind = cfg["model_type"]
+    if cfg.get("hidden_act", ACTIVATION[kind]) != ACTIVATION[kind]:
+        raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r}; {kind} models are read with "
+                        f"{ACTIVATION[kind]} only.")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise UserError(f"{where}: attention_bias / mlp_bias put biases on some linear layers only, which this "
                         "toolkit's model (add_bias_linear: all or none) cannot express.")
@@ -70,13 +75,15 @@ def section_from_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         "ffn_hidden_size": int(cfg["intermediate_size"]),
         "seq_length": seq,
         "vocab_size": int(cfg["vocab_size"]),
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "swiglu": True,
+        "normalization": "LayerNorm" if kind == "nemotron" else "RMSNorm",
+        "apply_layernorm_1p": kind == "nemotron",
+        "layernorm_epsilon": float(cfg.get("norm_eps", 1e-5) if kind == "nemotron" else cfg.get("rms_norm_eps", 1e-6)),
+        "swiglu": kind != "nemotron",
+        "squared_relu": kind == "nemotron",
         "add_bias_linear": False,
-        "add_qkv_bias": cfg["model_type"] == "qwen2",
+        "add_qkv_bias": kind == "qwen2",
         "position_embedding_type": "rope",
-        "rotary_percent": 1.0,
+        "rotary_percent": float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0),
         "rotary_base": int(rope.get("rope_theta") or cfg.get("rope_theta") or 10000),
         "untie_embeddings_and_output_weights": not cfg.get("tie_word_embeddings", False),
         "hidden_dropout": 0.0,
@@ -129,22 +136,28 @@ def rename(hf: dict[str, Any], section: dict[str, Any], where: Path) -> dict[str
         k, v = (t.reshape(groups, d, *t.shape[1:]) for t in (k, v))
         return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
 
-    out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight"),
-           "decoder.final_layernorm.weight": take("model.norm.weight")}
+    def norm(src: str, dst: str) -> None:
+        out[f"{dst}.weight"] = take(f"{src}.weight")
+        if section["normalization"] == "LayerNorm":
+            out[f"{dst}.bias"] = take(f"{src}.bias")
+
+    out = {"embedding.word_embeddings.weight": take("model.embed_tokens.weight")}
+    norm("model.norm", "decoder.final_layernorm")
     if section["untie_embeddings_and_output_weights"]:
         out["output_layer.weight"] = take("lm_head.weight")
     else:
         hf.pop("lm_head.weight", None)  # the tied copy some checkpoints store
     for i in range(section["num_layers"]):
         src, dst = f"model.layers.{i}", f"decoder.layers.{i}"
-        out[f"{dst}.input_layernorm.weight"] = take(f"{src}.input_layernorm.weight")
+        norm(f"{src}.input_layernorm", f"{dst}.input_layernorm")
         out[f"{dst}.self_attention.linear_qkv.weight"] = fused_qkv(f"{src}.self_attn", "weight")
         if section["add_qkv_bias"]:
             out[f"{dst}.self_attention.linear_qkv.bias"] = fused_qkv(f"{src}.self_attn", "bias")
         out[f"{dst}.self_attention.linear_proj.weight"] = take(f"{src}.self_attn.o_proj.weight")
-        out[f"{dst}.pre_mlp_layernorm.weight"] = take(f"{src}.post_attention_layernorm.weight")
-        out[f"{dst}.mlp.linear_fc1.weight"] = torch.cat([take(f"{src}.mlp.gate_proj.weight"),
-                                                         take(f"{src}.mlp.up_proj.weight")])
+        norm(f"{src}.post_attention_layernorm", f"{dst}.pre_mlp_layernorm")
+        out[f"{dst}.mlp.linear_fc1.weight"] = (
+            torch.cat([take(f"{src}.mlp.gate_proj.weight"), take(f"{src}.mlp.up_proj.weight")])
+            if section["swiglu"] else take(f"{src}.mlp.up_proj.weight"))
         out[f"{dst}.mlp.linear_fc2.weight"] = take(f"{src}.mlp.down_proj.weight")
     leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))
     if leftover:
@@ -164,7 +177,7 @@ def _tokenizer_file(folder: Path, tokenizer: str | os.PathLike | None) -> Path:
 
 def import_hf_gpt(folder: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                   weights: str = "file", log: Callable[[str], None] = print) -> Path:
-    """Write `out` (.nemo, a GPT) from a Hugging Face Llama, Mistral or Qwen2 folder."""
+    """Write `out` (.nemo, a GPT) from a Hugging Face Llama, Mistral, Qwen2 or Nemotron folder."""
     from retro_toolkit.checkpoint.export import write_model
     from retro_toolkit.checkpoint.mapped import dtype_of
     from retro_toolkit.checkpoint.nemo import build_for, load_full

@@ -75,6 +75,7 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         "apply_layernorm_1p": bool(args.get("apply_layernorm_1p", False)),
         "layernorm_epsilon": float(args.get("norm_epsilon") or args.get("layernorm_epsilon") or 1e-5),
         "swiglu": bool(args.get("swiglu", False)),
+        "squared_relu": bool(args.get("squared_relu", False)),
         "add_bias_linear": bool(args.get("add_bias_linear", True)),
         "position_embedding_type": str(args.get("position_embedding_type") or "learned_absolute"),
         "rotary_percent": float(args.get("rotary_percent") or 1.0),

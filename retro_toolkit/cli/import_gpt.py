@@ -1,5 +1,5 @@
 """`retro-run import-gpt FOLDER --out FILE.nemo [--tokenizer MODEL]`: a Hugging Face GPT
-(Llama, Mistral, Qwen2) as a .nemo package that pretrain.init_from starts Retro from."""
+(Llama, Mistral, Qwen2, Nemotron) as a .nemo package that pretrain.init_from starts Retro from."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ NAME = "import-gpt"
 DESCRIPTION = """\
 Convert a Hugging Face GPT save_pretrained folder (config.json, model.safetensors or
 sharded safetensors with model.safetensors.index.json) into a .nemo package: a GPT whose
-logits equal transformers' (float32). Llama, Mistral and Qwen2 are read: grouped-query
-attention, the RoPE base, RMSNorm, SwiGLU, query/key/value biases (Qwen2), tied or untied
-embeddings. RoPE scaling and partial biases are refused, naming the config key.
+logits equal transformers' (float32). Llama, Mistral, Qwen2 and Nemotron are read:
+grouped-query attention, the RoPE base and rotated fraction, RMSNorm or LayerNorm1P, SwiGLU or
+squared ReLU, query/key/value biases (Qwen2), tied or untied embeddings. RoPE scaling and partial biases are refused, naming the config key.
 
 Start Retro from it with the package's tokenizer and its model settings:
   retro-run import-gpt Llama-2-7b-hf/ --out llama2.nemo
@@ -21,7 +21,7 @@ Start Retro from it with the package's tokenizer and its model settings:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, help="a Hugging Face GPT (Llama, Mistral, Qwen2) as a .nemo package",
+    p = sub.add_parser(NAME, help="a Hugging Face GPT (Llama, Mistral, Qwen2, Nemotron) as a .nemo package",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="the save_pretrained folder holding config.json")
     p.add_argument("--out", required=True, help="the .nemo file to write")

@@ -21,7 +21,8 @@ PositionType = Literal["rope", "learned_absolute"]
 # Keys added after work directories and checkpoints existed, with the value that reproduces the
 # old behaviour: at that value they stay out of fingerprints and resume checks, so those match.
 ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"),
-                                              ("num_query_groups", None), ("add_qkv_bias", False))
+                                              ("num_query_groups", None), ("add_qkv_bias", False),
+                                              ("squared_relu", False))
 
 
 def added_keys() -> tuple[tuple[str, object], ...]:
@@ -94,8 +95,9 @@ class DecoderSettings:
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     apply_layernorm_1p: bool = False
     layernorm_epsilon: float = 1e-5
-    # SwiGLU MLP (gated SiLU) instead of GELU.
+    # SwiGLU MLP (gated SiLU) instead of GELU; squared_relu: ReLU(x)^2, ungated (Nemotron).
     swiglu: bool = False
+    squared_relu: bool = False
     # Biases in the linear layers; add_qkv_bias: on the query/key/value projection even
     # without them (Qwen2).
     add_bias_linear: bool = True
@@ -126,6 +128,9 @@ def check(m: dict[str, Any]) -> None:
             f"model.seq_length ({m['seq_length']}) must be a multiple of model.chunk_length "
             f"({m['chunk_length']}): Retro splits every sample into whole chunks."
         )
+    if m["swiglu"] and m["squared_relu"]:
+        raise UserError("model.swiglu and model.squared_relu are both true: an MLP has one activation; "
+                        "set one of them false.")
     if m["encoder_rotary"] and m["position_embedding_type"] != "rope":
         raise UserError("model.encoder_rotary needs model.position_embedding_type rope (it is "
                         f"'{m['position_embedding_type']}'); set model.encoder_rotary false.")

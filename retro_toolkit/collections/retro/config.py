@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.activations import squared_relu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from retro_toolkit.errors import UserError
@@ -157,7 +158,7 @@ def config_from_model_section(
         m["cca_layers"] = []
     check_model(m)
     kwargs: dict[str, Any] = {_RENAMED.get(k, k): v for k, v in m.items() if _RENAMED.get(k, k) in _CONFIG_FIELDS}
-    kwargs["activation_func"] = F.silu if m["swiglu"] else F.gelu
+    kwargs["activation_func"] = F.silu if m["swiglu"] else squared_relu if m["squared_relu"] else F.gelu
     kwargs.update(cpu_flags())
     kwargs.update(overrides)
     config = RetroConfig(**kwargs)
