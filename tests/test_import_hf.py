@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from retro_toolkit.checkpoint import nemo
-from retro_toolkit.checkpoint.hf_gpt import import_hf_gpt
+from retro_toolkit.checkpoint.gpt_sources import import_gpt
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
 from retro_toolkit.errors import UserError
 from tests.test_export import VOCAB, tokenizer_file  # noqa: F401 (fixture)
@@ -59,7 +59,7 @@ def imported(request, tmp_path_factory, tokenizer_file):  # noqa: F811
     hf.save_pretrained(folder, safe_serialization=True, max_shard_size="40KB" if kind == "llama" else "1GB")
     with torch.no_grad():
         want = hf(_tokens()).logits
-    pkg = import_hf_gpt(folder, folder / "m.nemo", tokenizer=tokenizer_file, log=lambda _: None)
+    pkg = import_gpt(folder, folder / "m.nemo", tokenizer=tokenizer_file, log=lambda _: None)
     return kind, folder, pkg, want
 
 
@@ -97,19 +97,19 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file): 
     shard = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / "m" / shard).unlink()
     with pytest.raises(UserError, match=f"lists 1 shard.*{shard}.*Download every shard"):
-        import_hf_gpt(tmp_path / "m", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+        import_gpt(tmp_path / "m", tmp_path / "x.nemo", tokenizer=tokenizer_file)
 
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type 'gpt2' is not one this importer reads"):
-        import_hf_gpt(tmp_path / "gpt2", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+        import_gpt(tmp_path / "gpt2", tmp_path / "x.nemo", tokenizer=tokenizer_file)
 
     (tmp_path / "scaled").mkdir()
     scaled = {**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
     (tmp_path / "scaled" / "config.json").write_text(json.dumps(scaled))
     with pytest.raises(UserError, match="RoPE scaling .*llama3"):
-        import_hf_gpt(tmp_path / "scaled", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+        import_gpt(tmp_path / "scaled", tmp_path / "x.nemo", tokenizer=tokenizer_file)
 
     small = _hf_model("qwen2")
     small.config.vocab_size = 8
@@ -117,7 +117,7 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file): 
         small.save_pretrained(tmp_path / "q", safe_serialization=True)
         config = json.loads((tmp_path / "q" / "config.json").read_text())
         (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "vocab_size": 8}))
-        import_hf_gpt(tmp_path / "q", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+        import_gpt(tmp_path / "q", tmp_path / "x.nemo", tokenizer=tokenizer_file)
     assert not (tmp_path / "x.nemo").exists()
 
 
@@ -141,7 +141,7 @@ def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "llama")
     shutil.copyfile(tok, tmp_path / "llama" / "tokenizer.model")
-    pkg = import_hf_gpt(tmp_path / "llama", tmp_path / "llama.nemo", log=lambda _: None)
+    pkg = import_gpt(tmp_path / "llama", tmp_path / "llama.nemo", log=lambda _: None)
     llama = ["model.normalization=RMSNorm", "model.swiglu=true", "model.add_bias_linear=false",
              "model.num_query_groups=2", "model.untie_embeddings_and_output_weights=true"]
     common = [f"workdir={w}", *SMALL, *TRAIN, "pretrain.train_iters=2", "pretrain.freeze_decoder=true",

@@ -218,12 +218,13 @@ def test_init_from_a_tp2_legacy_gpt_checkpoint_loads_the_decoder_into_retro(tmp_
     import shutil
 
     from retro_toolkit.collections.retro.checkpointing import is_retrieval_param
-    from retro_toolkit.collections.retro.init_from_external import external_kind, init_from_external
+    from retro_toolkit.checkpoint.gpt_sources import kind_of
+    from retro_toolkit.collections.retro.init_from_external import init_from_external
     from retro_toolkit.recipe.model import ModelConfig
 
     gpt = random_model(22, {**SECTION, "arch": "gpt"})
     ckpt = write_legacy(tmp_path / "gpt", gpt, args={"retro_add_retriever": False})
-    assert external_kind(ckpt) == "megatron"
+    assert kind_of(ckpt) == "megatron"
     (tmp_path / "w" / "tokenizer").mkdir(parents=True)
     shutil.copyfile(tokenizer_file, tmp_path / "w" / "tokenizer" / "tokenizer.model")
     retro = random_model(23, SECTION)

@@ -1,7 +1,6 @@
-"""Import a Hugging Face GPT (a `save_pretrained` folder: Llama, Mistral, Qwen2, Nemotron) as a .nemo package.
+"""Read a Hugging Face GPT (a `save_pretrained` folder: Llama, Mistral, Qwen2, Nemotron) under our names.
 
-    import_hf_gpt("Llama-2-7b-hf/", "llama2-7b.nemo")
-    retro-run import-gpt Llama-2-7b-hf/ --out llama2-7b.nemo
+    retro-run import-gpt Llama-2-7b-hf/ --out llama2-7b.nemo     (gpt_sources.import_gpt)
 
 The model section comes from config.json (layers, widths, grouped-query heads, norm and epsilon,
 RoPE base and rotated fraction, biases, tied or untied embeddings); the weights from model.safetensors or the shards
@@ -16,9 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
@@ -164,36 +162,3 @@ def rename(hf: dict[str, Any], section: dict[str, Any], where: Path) -> dict[str
         raise UserError(f"{where}: {len(leftover)} checkpoint tensors map to nothing in the model: "
                         f"{', '.join(leftover[:8])}" + (" ..." if len(leftover) > 8 else ""))
     return out
-
-
-def _tokenizer_file(folder: Path, tokenizer: str | os.PathLike | None) -> Path:
-    path = Path(tokenizer) if tokenizer is not None else folder / "tokenizer.model"
-    if not path.is_file():
-        raise UserError(f"{path} does not exist: this importer needs the model's SentencePiece tokenizer.model "
-                        "(in the folder, or given with --tokenizer); tokenizer.json-only tokenizers are not "
-                        "read yet.")
-    return path
-
-
-def import_hf_gpt(folder: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                  weights: str = "file", log: Callable[[str], None] = print) -> Path:
-    """Write `out` (.nemo, a GPT) from a Hugging Face Llama, Mistral, Qwen2 or Nemotron folder."""
-    from retro_toolkit.checkpoint.export import write_model
-    from retro_toolkit.checkpoint.mapped import dtype_of
-    from retro_toolkit.checkpoint.nemo import build_for, load_full
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
-
-    folder = Path(folder)
-    cfg = read_config(folder)
-    section = section_from_config(cfg, folder / "config.json")
-    tok_file = _tokenizer_file(folder, tokenizer)
-    tok = Tokenizer(tok_file)
-    if tok.vocab_size > section["vocab_size"]:
-        raise UserError(f"{tok_file} has {tok.vocab_size} pieces but the model's embedding has "
-                        f"{section['vocab_size']} rows: it is not this model's tokenizer.")
-    ours = rename(dict(tensors(folder)), section, folder)
-    log(f"import-gpt: {cfg['model_type']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
-        f"{section['num_attention_heads']} heads / {section['num_query_groups']} key-value heads")
-    model = build_for(section, tok, 1, dtype_of(ours))
-    load_full(model, ours, folder)
-    return write_model(model, section, tok_file, Path(out), None, weights)

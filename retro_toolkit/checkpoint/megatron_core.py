@@ -53,10 +53,6 @@ def read_dist(sub: Path, trust: bool = False) -> tuple[dict[str, Any], dict[str,
     tensors are read at their global shapes; optimizer state is skipped. The args come from
     common.pt, loaded like a legacy shard (weights_only unless `trust`).
     """
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     from retro_toolkit.core import files
 
     meta = files.read_json(sub / "metadata.json")
@@ -72,6 +68,15 @@ def read_dist(sub: Path, trust: bool = False) -> tuple[dict[str, Any], dict[str,
     if args is None:
         raise UserError(f"{common_file} holds no 'args': not a Megatron-LM training checkpoint.")
     args = dict(args) if isinstance(args, dict) else vars(args)
+    return args, to_toolkit(read_dist_tensors(sub))
+
+
+def read_dist_tensors(sub: Path) -> dict[str, Any]:
+    """Every model tensor of a dist checkpoint folder at its global shape, under its saved name."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     reader = dcp.FileSystemReader(str(sub))
     tensors = {k: torch.empty(m.size, dtype=m.properties.dtype)
                for k, m in reader.read_metadata().state_dict_metadata.items()
@@ -80,4 +85,4 @@ def read_dist(sub: Path, trust: bool = False) -> tuple[dict[str, Any], dict[str,
     if not tensors:
         raise UserError(f"{sub} holds no model tensors.")
     dcp.load(tensors, storage_reader=reader, no_dist=True)
-    return args, to_toolkit(tensors)
+    return tensors

@@ -1,4 +1,5 @@
-"""Whole tensors from the tensor-parallel shards of a legacy Megatron-LM checkpoint.
+"""Whole tensors from the tensor-parallel shards of a Megatron checkpoint (legacy names by
+default; NeMo's megatron-core-named shards pass their own `Layout`).
 
 Each rank's `model` dict is flattened to dotted names; column-parallel tensors are joined
 along their output rows (SwiGLU's two halves kept apart: every rank's first halves, then
@@ -8,8 +9,9 @@ must be equal on every rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from retro_toolkit.errors import UserError
 
@@ -20,6 +22,19 @@ COLUMN_PARALLEL = ("self_attention.query_key_value.weight", "self_attention.quer
                    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
                    "word_embeddings.weight", "output_layer.weight")
 ROW_PARALLEL = ("self_attention.dense.weight", "inter_attention.dense.weight", "mlp.dense_4h_to_h.weight")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which tensors are split along their output rows (column-parallel), which along their
+    inputs (row-parallel), and the name part of SwiGLU's stacked fc1."""
+
+    column: Callable[[str], bool]
+    row: Callable[[str], bool]
+    gated_fc1: str
+
+
+LEGACY = Layout(lambda n: n.endswith(COLUMN_PARALLEL), lambda n: n.endswith(ROW_PARALLEL), ".mlp.dense_h_to_4h.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -35,8 +50,8 @@ def _leaves(tree: dict[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:
             yield f"{prefix}{k}", v
 
 
-def merge_shards(shards: list[dict[str, Any]], swiglu: bool, where: Path) -> dict[str, Any]:
-    """Full tensors from tensor-parallel shards (legacy names, flattened)."""
+def merge_shards(shards: list[dict[str, Any]], swiglu: bool, where: Path, layout: Layout = LEGACY) -> dict[str, Any]:
+    """Full tensors from tensor-parallel shards (flattened names, split as `layout` says)."""
     import torch
 
     names = set(shards[0])
@@ -51,13 +66,13 @@ def merge_shards(shards: list[dict[str, Any]], swiglu: bool, where: Path) -> dic
             continue
         if len(parts) == 1:
             full[name] = parts[0]
-        elif name.endswith(COLUMN_PARALLEL):
-            if swiglu and ".mlp.dense_h_to_4h." in name:
+        elif layout.column(name):
+            if swiglu and layout.gated_fc1 in name:
                 halves = [torch.chunk(p, 2, dim=0) for p in parts]
                 full[name] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
             else:
                 full[name] = torch.cat(parts, dim=0)
-        elif name.endswith(ROW_PARALLEL):
+        elif layout.row(name):
             full[name] = torch.cat(parts, dim=1)
         else:  # replicated: norms, row-parallel biases, position embeddings
             if not all(torch.equal(parts[0], p) for p in parts[1:]):

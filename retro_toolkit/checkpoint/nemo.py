@@ -82,22 +82,25 @@ def _artifact(root: Path, ref: Any, key: str, path: Path) -> Path:
     return found
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """model_config.yaml of a package, without unpacking the weights."""
+def read_config(path: str | os.PathLike, ours: bool = True) -> dict[str, Any]:
+    """model_config.yaml of a package, without unpacking the weights; `ours=False` accepts any
+    NeMo package's (e.g. NeMo 1.x's MegatronGPTModel)."""
     path = Path(path)
     with archive.open_checked(path) as tar:
         member = next((m for m in tar.getmembers() if os.path.normpath(m.name) == MODEL_CONFIG), None)
         if member is None or not member.isfile():
             raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
-        return _parse_config(tar.extractfile(member).read(), path)
+        return _parse_config(tar.extractfile(member).read(), path, ours)
 
 
-def _parse_config(data: bytes, path: Path) -> dict[str, Any]:
+def _parse_config(data: bytes, path: Path, ours: bool = True) -> dict[str, Any]:
     try:
         cfg = yaml.safe_load(io.BytesIO(data))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: {MODEL_CONFIG} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict) or "arch" not in cfg or "weights" not in cfg:
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: {MODEL_CONFIG} is not a mapping: not a .nemo package.")
+    if ours and ("arch" not in cfg or "weights" not in cfg):
         raise UserError(f"{path}: {MODEL_CONFIG} lacks 'arch' or 'weights': not a retro_toolkit package.")
     return cfg
 

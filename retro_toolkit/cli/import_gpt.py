@@ -1,5 +1,5 @@
-"""`retro-run import-gpt FOLDER --out FILE.nemo [--tokenizer MODEL]`: a Hugging Face GPT
-(Llama, Mistral, Qwen2, Nemotron) as a .nemo package that pretrain.init_from starts Retro from."""
+"""`retro-run import-gpt SOURCE --out FILE.nemo [--tokenizer MODEL]`: a GPT from Hugging Face,
+NeMo 1.x or Megatron-LM as a .nemo package that pretrain.init_from starts Retro from."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ import argparse
 
 NAME = "import-gpt"
 DESCRIPTION = """\
-Convert a Hugging Face GPT save_pretrained folder (config.json, model.safetensors or
-sharded safetensors with model.safetensors.index.json) into a .nemo package: a GPT whose
-logits equal transformers' (float32). Llama, Mistral, Qwen2 and Nemotron are read:
-grouped-query attention, the RoPE base and rotated fraction, RMSNorm or LayerNorm1P, SwiGLU or
-squared ReLU, query/key/value biases (Qwen2), tied or untied embeddings. RoPE scaling and partial biases are refused, naming the config key.
+Convert a GPT into this toolkit's .nemo package. SOURCE is detected:
+  a Hugging Face save_pretrained folder (config.json; model.safetensors or shards listed in
+    model.safetensors.index.json): logits equal transformers' (float32);
+  a NeMo 1.x megatron_gpt .nemo (e.g. GPT-2B-001, Nemotron-3-8B-Base-4k): model_weights.ckpt,
+    mp_rank_XX/ shards or a model_weights/ dist checkpoint, legacy or megatron-core names;
+  a Megatron-LM GPT checkpoint folder (latest_checkpointed_iteration.txt), legacy or torch_dist,
+    any tensor-parallel size (give --tokenizer: these carry none).
+Hugging Face architectures read: Llama, Mistral, Qwen2, Nemotron (grouped-query attention,
+RoPE base and rotated fraction, RMSNorm or LayerNorm1P, SwiGLU or squared ReLU, q/k/v biases,
+tied or untied embeddings); RoPE scaling and partial biases are refused, naming the key.
 
 Start Retro from it with the package's tokenizer and its model settings:
   retro-run import-gpt Llama-2-7b-hf/ --out llama2.nemo
@@ -21,11 +26,13 @@ Start Retro from it with the package's tokenizer and its model settings:
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(NAME, help="a Hugging Face GPT (Llama, Mistral, Qwen2, Nemotron) as a .nemo package",
+    p = sub.add_parser(NAME, help="a GPT (Hugging Face, NeMo 1.x, Megatron-LM) as a .nemo package",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", help="the save_pretrained folder holding config.json")
+    p.add_argument("source", help="a Hugging Face folder, a NeMo 1.x .nemo or a Megatron-LM checkpoint folder")
     p.add_argument("--out", required=True, help="the .nemo file to write")
-    p.add_argument("--tokenizer", help="the model's SentencePiece .model (default: FOLDER/tokenizer.model)")
+    p.add_argument("--tokenizer", help="the model's SentencePiece .model (default: the one SOURCE carries)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow full pickle loading of .pt/.ckpt files (runs code from them); only for files you trust")
     return p
 
 
@@ -33,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from retro_toolkit.core.cpu import quiet_warnings
 
     quiet_warnings()
-    from retro_toolkit.checkpoint.hf_gpt import import_hf_gpt
+    from retro_toolkit.checkpoint.gpt_sources import import_gpt
 
-    print(f"wrote {import_hf_gpt(args.folder, args.out, tokenizer=args.tokenizer)}")
+    print(f"wrote {import_gpt(args.source, args.out, tokenizer=args.tokenizer, trust=args.trust_checkpoint)}")
     return 0

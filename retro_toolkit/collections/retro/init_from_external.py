@@ -1,21 +1,24 @@
 """Start a model from a GPT that was not trained by this toolkit (`pretrain.init_from`):
 
-  FILE.nemo                               a package (`retro-run import-gpt` / `import-megatron` / `export`)
-  a folder with config.json               a Hugging Face Llama, Mistral or Qwen2 (save_pretrained)
+  FILE.nemo                               a package of this toolkit, or a NeMo 1.x megatron_gpt package
+  a folder with config.json               a Hugging Face Llama, Mistral, Qwen2 or Nemotron (save_pretrained)
   a folder with latest_checkpointed_iteration.txt
                                           a Megatron-LM GPT checkpoint, legacy or torch_dist, any TP size
-
+(checkpoint/gpt_sources.py reads each.)
 The checkpoint's own model section must describe this model's decoder (Retro-only keys may
 differ; the refusal names every differing key) and its tokenizer must be the work
-directory's where it carries one (packages and Hugging Face folders with tokenizer.model).
+directory's where it carries one (packages, and Hugging Face folders with tokenizer.model).
 A Retro model gets the decoder and keeps chunked cross-attention and its encoder as
 initialised; a GPT (the twin, or model.arch gpt) gets everything.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
+
+from retro_toolkit.checkpoint.gpt_sources import read
 
 from retro_toolkit.collections.retro.checkpointing import (
     EVAL_FREE_KEYS,
@@ -28,42 +31,6 @@ from retro_toolkit.errors import UserError
 KEY = "pretrain.init_from"
 
 
-def external_kind(path: str | Path) -> Optional[str]:
-    """"package", "hugging_face", "megatron", or None for this toolkit's own training checkpoints."""
-    from retro_toolkit.checkpoint.megatron_files import ITERATION_FILE
-
-    p = Path(path)
-    if p.is_file() and p.suffix == ".nemo":
-        return "package"
-    if (p / "config.json").is_file():
-        return "hugging_face"
-    if (p / ITERATION_FILE).is_file():
-        return "megatron"
-    return None
-
-
-def _read(path: Path, kind: str) -> tuple[dict[str, Any], dict[str, Any], Optional[str]]:
-    """(model section, unsharded tensors under our names, tokenizer sha256 or None)."""
-    from retro_toolkit.core import files
-
-    if kind == "package":
-        from retro_toolkit.checkpoint.nemo import full_state, restore
-
-        pkg = restore(path, tensor_model_parallel_size=1, device="cpu")
-        return pkg.section, full_state(pkg.model), (pkg.config.get("tokenizer") or {}).get("sha256")
-    if kind == "hugging_face":
-        from retro_toolkit.checkpoint import hf_gpt
-
-        section = hf_gpt.section_from_config(hf_gpt.read_config(path), path / "config.json")
-        tok = path / "tokenizer.model"
-        return section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path), (
-            files.sha256_file(tok) if tok.is_file() else None)
-    from retro_toolkit.checkpoint.megatron_legacy import read_megatron
-
-    _, section, ours, _ = read_megatron(path)
-    return section, ours, None
-
-
 def init_from_external(path: Path, kind: str, model, section: dict[str, Any], workdir: Path,
                        log: Callable[[str], None]) -> tuple[list[str], list[str]]:
     """Load the GPT at `path` into `model` (built from `section`); returns (new, loaded) names."""
@@ -71,7 +38,9 @@ def init_from_external(path: Path, kind: str, model, section: dict[str, Any], wo
     from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
     from retro_toolkit.core import files
 
-    saved, full, tokenizer_sha = _read(path, kind)
+    source = read(path, kind)
+    saved, full = source.section, source.tensors
+    tokenizer_sha = hashlib.sha256(source.tokenizer).hexdigest() if source.tokenizer is not None else None
     if saved.get("arch") != "gpt":
         raise UserError(f"{KEY}: {path} holds a {saved.get('arch')!r} model; init_from starts from a GPT. To "
                         "continue a Retro model, resume its training checkpoint.")

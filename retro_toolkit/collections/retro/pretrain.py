@@ -18,7 +18,8 @@ from retro_toolkit.collections.retro import resume
 from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro import engine
 from retro_toolkit.collections.retro.engine import build, dataset, train_with_checkpoints
-from retro_toolkit.collections.retro.init_from_external import external_kind, init_from_external
+from retro_toolkit.checkpoint.gpt_sources import kind_of
+from retro_toolkit.collections.retro.init_from_external import init_from_external
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.stages.pretrain import ADDED_KEYS, RESUME_FREE, TWIN
 
@@ -43,7 +44,7 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
     if name == TWIN and not p.init_from:
         start_twin_like_retro(r, model, overrides)
         return
-    kind = external_kind(p.init_from) if p.init_from else None
+    kind = kind_of(p.init_from) if p.init_from else None
     if not p.init_from or (name != TWIN and section["arch"] != "retro" and kind is None):
         return
     if kind is not None:

@@ -1,0 +1,113 @@
+"""The GPTs Retro starts from, whatever wrote them: recognise a path and read its decoder.
+
+  FILE.nemo, this toolkit's package        -> "package"
+  FILE.nemo, NeMo 1.x megatron_gpt         -> "nemo1"   (nemo1_gpt.py)
+  a folder with config.json                -> "hugging_face" (hf_gpt.py: Llama, Mistral, Qwen2, Nemotron)
+  a folder with latest_checkpointed_iteration.txt -> "megatron" (megatron_legacy.py: legacy or torch_dist)
+
+`read` gives the model section, the unsharded tensors under this toolkit's names and the
+SentencePiece tokenizer's bytes where the checkpoint carries one; `import_gpt` packages
+them (`retro-run import-gpt`), and pretrain.init_from loads them directly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from retro_toolkit.errors import UserError
+
+KINDS = ("package", "nemo1", "hugging_face", "megatron")
+
+
+@dataclass
+class GptSource:
+    section: dict[str, Any]
+    tensors: dict[str, Any]
+    tokenizer: Optional[bytes]  # the SentencePiece model, when the checkpoint carries one
+    kind: str
+
+
+def kind_of(path: str | os.PathLike) -> Optional[str]:
+    """What `path` holds, or None (e.g. this toolkit's own training checkpoints)."""
+    from retro_toolkit.checkpoint.megatron_files import ITERATION_FILE
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".nemo":
+        from retro_toolkit.checkpoint.nemo import read_config
+        from retro_toolkit.checkpoint.nemo1_gpt import is_nemo1
+
+        return "nemo1" if is_nemo1(read_config(p, ours=False)) else "package"
+    if (p / "config.json").is_file():
+        return "hugging_face"
+    if (p / ITERATION_FILE).is_file():
+        return "megatron"
+    return None
+
+
+def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
+    path = Path(path)
+    if kind == "package":
+        from retro_toolkit.checkpoint.nemo import full_state, restore
+
+        pkg = restore(path, tensor_model_parallel_size=1, device="cpu")
+        return GptSource(pkg.section, full_state(pkg.model), pkg.tokenizer.sp.serialized_model_proto(), kind)
+    if kind == "nemo1":
+        from retro_toolkit.checkpoint.nemo1_gpt import read_nemo1
+
+        return GptSource(*read_nemo1(path, trust), kind)
+    if kind == "hugging_face":
+        from retro_toolkit.checkpoint import hf_gpt
+
+        section = hf_gpt.section_from_config(hf_gpt.read_config(path), path / "config.json")
+        tok = path / "tokenizer.model"
+        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path),
+                         tok.read_bytes() if tok.is_file() else None, kind)
+    from retro_toolkit.checkpoint.megatron_legacy import read_megatron
+
+    _, section, tensors, _ = read_megatron(path, trust)
+    return GptSource(section, tensors, None, kind)
+
+
+def import_gpt(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+               trust: bool = False, weights: str = "file", log: Callable[[str], None] = print) -> Path:
+    """Write `out` (.nemo) from a GPT of any kind `kind_of` recognises; `tokenizer` (a SentencePiece
+    .model) is needed where the checkpoint carries none and replaces the one it carries."""
+    from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.mapped import dtype_of
+    from retro_toolkit.checkpoint.nemo import build_for, load_full
+    from retro_toolkit.collections.text.tokenizer import Tokenizer
+
+    kind = kind_of(src)
+    if kind is None or kind == "package":
+        raise UserError(f"{src} is not a Hugging Face folder (config.json), a NeMo 1.x megatron_gpt .nemo or a "
+                        "Megatron-LM checkpoint folder (latest_checkpointed_iteration.txt)"
+                        + (": it is already this toolkit's package." if kind else "."))
+    source = read(src, kind, trust)
+    if source.section.get("arch") != "gpt":
+        raise UserError(f"{src} holds a {source.section.get('arch')!r} model; import-gpt reads GPTs "
+                        "(import-megatron reads Retro checkpoints).")
+    with tempfile.TemporaryDirectory(prefix="import_gpt_") as tmp:
+        if tokenizer is not None:
+            tok_file = Path(tokenizer)
+            if not tok_file.is_file():
+                raise UserError(f"--tokenizer {tok_file} does not exist; give the model's SentencePiece .model.")
+        elif source.tokenizer is not None:
+            tok_file = Path(tmp) / "tokenizer.model"
+            tok_file.write_bytes(source.tokenizer)
+        else:
+            raise UserError(f"{src} carries no SentencePiece tokenizer.model: give the model's with --tokenizer "
+                            "(Hugging Face tokenizer.json-only tokenizers are not read yet).")
+        tok = Tokenizer(tok_file)
+        if tok.vocab_size > source.section["vocab_size"]:
+            raise UserError(f"{tok_file} has {tok.vocab_size} pieces but the model's embedding has "
+                            f"{source.section['vocab_size']} rows: it is not this model's tokenizer.")
+        s = source.section
+        log(f"import-gpt: {kind} GPT, {s['num_layers']} layers, hidden {s['hidden_size']}, "
+            f"{s['num_attention_heads']} heads / {s.get('num_query_groups') or s['num_attention_heads']} key-value heads")
+        model = build_for(s, tok, 1, dtype_of(source.tensors))
+        load_full(model, source.tensors, src)
+        return write_model(model, s, tok_file, Path(out), None, weights)
