@@ -98,6 +98,10 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file): 
     (tmp_path / "m" / shard).unlink()
     with pytest.raises(UserError, match=f"lists 1 shard.*{shard}.*Download every shard"):
         import_gpt(tmp_path / "m", tmp_path / "x.nemo", tokenizer=tokenizer_file)
+    from tests.conftest import retro_run
+
+    p = retro_run("import-gpt", str(tmp_path / "m"), "--out", str(tmp_path / "x.nemo"), "--tokenizer", str(tokenizer_file))
+    assert p.returncode == 2 and f"lists 1 shard(s) that are not in the folder: {shard}" in p.stderr
 
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "gpt2").mkdir()

@@ -165,7 +165,10 @@ def test_dist_weights_written_by_megatron_core(tmp_path, tokenizer_file):  # noq
 
 def test_packages_it_cannot_read_are_refused(tmp_path, tokenizer_file):  # noqa: F811
     model = random_model(35, SECTION)
-    weights = saved({"model." + legacy_name(k): v for k, v in state(model).items()})
+    legacy = {"model." + legacy_name(k): v for k, v in state(model).items()}
+    weights = saved(legacy)
+    norm = "model.language_model.encoder.layers.0.input_layernorm.weight"
+    other = saved({**legacy, norm: legacy[norm] + 1})  # a replicated tensor that differs between ranks
     tok = {"3f2a_tokenizer.model": tokenizer_file.read_bytes()}
     cases = [
         ({**CONFIG, "activation": "geglu"}, {**tok, "model_weights.ckpt": weights}, "activation 'geglu' is not one"),
@@ -175,6 +178,8 @@ def test_packages_it_cannot_read_are_refused(tmp_path, tokenizer_file):  # noqa:
         (CONFIG, {**tok, "mp_rank_00/model_weights.ckpt": weights, "mp_rank_02/model_weights.ckpt": weights},
          r"\['mp_rank_00', 'mp_rank_02'\] are not mp_rank_00.. in sequence"),
         (CONFIG, {**tok, "mp_rank_00_000/model_weights.ckpt": weights}, "pipeline-parallel shards are not read"),
+        (CONFIG, {**tok, "mp_rank_00/model_weights.ckpt": weights, "mp_rank_01/model_weights.ckpt": other},
+         "input_layernorm.weight should be identical on every tensor-parallel rank but differs"),
         (CONFIG, tok, "holds no weights"),
     ]
     for i, (config, files, message) in enumerate(cases):
