@@ -7,7 +7,6 @@ them. Settings this toolkit's model cannot compute the same way are refused here
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
