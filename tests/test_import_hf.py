@@ -25,8 +25,10 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_
 def _hf_model(kind: str):
     import transformers
 
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
+    if kind == "llama":  # Llama 3.1's RoPE scaling
+        cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": SHAPE["rope_theta"], "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     elif kind == "nemotron":
         cfg = transformers.NemotronConfig(**{k: v for k, v in SHAPE.items() if k != "rms_norm_eps"}, norm_eps=1e-5,
                                           partial_rotary_factor=0.5, tie_word_embeddings=False)
@@ -110,9 +112,10 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file): 
         import_gpt(tmp_path / "gpt2", tmp_path / "x.nemo", tokenizer=tokenizer_file)
 
     (tmp_path / "scaled").mkdir()
-    scaled = {**cfg, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    scaled = {**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}}
     (tmp_path / "scaled" / "config.json").write_text(json.dumps(scaled))
-    with pytest.raises(UserError, match="RoPE scaling .*llama3"):
+    with pytest.raises(UserError, match="RoPE scaling .*yarn.*the only scaling this toolkit's rotary embedding applies "
+                                        "is llama3"):
         import_gpt(tmp_path / "scaled", tmp_path / "x.nemo", tokenizer=tokenizer_file)
 
     small = _hf_model("qwen2")

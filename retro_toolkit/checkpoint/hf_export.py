@@ -64,6 +64,11 @@ def hf_config(section: dict[str, Any], kind: str, special: dict[str, int]) -> An
                   intermediate_size=section["ffn_hidden_size"], max_position_embeddings=section["seq_length"],
                   tie_word_embeddings=not section.get("untie_embeddings_and_output_weights", False))
     rope = {"rope_type": "default", "rope_theta": float(section.get("rotary_base", 10000))}
+    if section.get("rope_scaling_factor"):
+        from retro_toolkit.checkpoint.hf_gpt import LLAMA3_ROPE
+
+        rope.update(LLAMA3_ROPE, rope_type="llama3", factor=float(section["rope_scaling_factor"]))
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
     if kind == "gpt_neox":
         rope["partial_rotary_factor"] = float(section.get("rotary_percent", 1.0))
         return transformers.GPTNeoXConfig(**common, hidden_act="gelu", layer_norm_eps=section["layernorm_epsilon"],

@@ -23,6 +23,8 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.model import ModelConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "nemotron")
+# Llama 3.1's RoPE scaling constants, the ones megatron-core's rotary embedding applies.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0}
 # The MLP activation each architecture's config.json must name.
 ACTIVATION = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "nemotron": "relu2"}
 INDEX = "model.safetensors.index.json"
@@ -45,13 +47,11 @@ def section_from_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     if cfg.get("head_dim") not in (None, hidden // heads):
         raise UserError(f"{where}: head_dim {cfg['head_dim']} differs from hidden_size / num_attention_heads "
                         f"({hidden // heads}); this toolkit's attention derives it from those.")
-    # transformers 5 writes rope_parameters {rope_theta, rope_type}; earlier files rope_theta and rope_scaling.
+    # transformers 5 writes rope_parameters {rope_theta, rope_type, ...}; earlier files rope_theta and
+    # rope_scaling {rope_type (or type), factor, ...}.
     rope = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        raise UserError(f"{where}: RoPE scaling {scaling} is set (rope_scaling / rope_parameters.rope_type); this "
-                        "toolkit's rotary embedding applies no scaling, so the imported model would compute "
-                        "something else.")
+    factor = _llama3_factor(scaling, where) if scaling else None
     kind = cfg["model_type"]
     if cfg.get("hidden_act", ACTIVATION[kind]) != ACTIVATION[kind]:
         raise UserError(f"{where}: hidden_act {cfg['hidden_act']!r}; {kind} models are read with "
@@ -83,11 +83,24 @@ def section_from_config(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         "position_embedding_type": "rope",
         "rotary_percent": float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0),
         "rotary_base": int(rope.get("rope_theta") or cfg.get("rope_theta") or 10000),
+        "rope_scaling_factor": factor,
         "untie_embeddings_and_output_weights": not cfg.get("tie_word_embeddings", False),
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "flavor": "megatron_legacy",  # a final norm after the decoder, as every one of these has
     }
+
+
+def _llama3_factor(scaling: dict[str, Any], where: Path) -> float:
+    """The factor of Llama 3.1's RoPE scaling, the one kind (with its published constants) this
+    toolkit's rotary embedding applies."""
+    kind = scaling.get("rope_type") or scaling.get("type")
+    constants = {k: scaling.get(k) for k in LLAMA3_ROPE}
+    if kind != "llama3" or any(float(v or 0) != LLAMA3_ROPE[k] for k, v in constants.items()):
+        raise UserError(f"{where}: RoPE scaling {scaling} is set; the only scaling this toolkit's rotary "
+                        f"embedding applies is llama3 with {LLAMA3_ROPE} (Llama 3.1's), so the imported model "
+                        "would compute something else.")
+    return float(scaling["factor"])
 
 
 def _shards(folder: Path) -> list[Path]:

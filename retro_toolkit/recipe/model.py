@@ -22,7 +22,7 @@ PositionType = Literal["rope", "learned_absolute"]
 # old behaviour: at that value they stay out of fingerprints and resume checks, so those match.
 ADDED_KEYS: tuple[tuple[str, object], ...] = (("cca_zero_init", False), ("flavor", "megatron_legacy"),
                                               ("num_query_groups", None), ("add_qkv_bias", False),
-                                              ("squared_relu", False))
+                                              ("squared_relu", False), ("rope_scaling_factor", None))
 
 
 def added_keys() -> tuple[tuple[str, object], ...]:
@@ -70,6 +70,9 @@ class RetroSettings:
     position_embedding_type: PositionType = "rope"
     rotary_percent: float = 1.0
     rotary_base: int = bounded(10000, 1, 10**9, WHY_SHAPE)
+    # Llama 3.1's RoPE scaling with this factor (low/high frequency factors 1 and 4, original
+    # context 8192, as megatron-core implements it); null = none.
+    rope_scaling_factor: Optional[float] = None
 
 
 @dataclass
@@ -131,6 +134,9 @@ def check(m: dict[str, Any]) -> None:
     if m["swiglu"] and m["squared_relu"]:
         raise UserError("model.swiglu and model.squared_relu are both true: an MLP has one activation; "
                         "set one of them false.")
+    if m["rope_scaling_factor"] is not None and not m["rope_scaling_factor"] >= 1.0:
+        raise UserError(f"model.rope_scaling_factor ({m['rope_scaling_factor']}) must be at least 1, or null for "
+                        "no RoPE scaling.")
     if m["encoder_rotary"] and m["position_embedding_type"] != "rope":
         raise UserError("model.encoder_rotary needs model.position_embedding_type rope (it is "
                         f"'{m['position_embedding_type']}'); set model.encoder_rotary false.")

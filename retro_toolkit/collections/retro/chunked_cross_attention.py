@@ -57,6 +57,8 @@ def _rotary(config: RetroConfig) -> RotaryEmbedding:
         rotary_percent=config.rotary_percent,
         rotary_interleaved=config.rotary_interleaved,
         rotary_base=config.rotary_base,
+        rope_scaling=config.rope_scaling_factor is not None,
+        rope_scaling_factor=config.rope_scaling_factor or 8.0,
         use_cpu_initialization=config.use_cpu_initialization,
     )
 

@@ -64,6 +64,8 @@ class RetroModel(GPTModel):
             position_embedding_type=config.position_embedding_type,
             rotary_percent=config.rotary_percent,
             rotary_base=config.rotary_base,
+            rope_scaling=config.rope_scaling_factor is not None,
+            rope_scaling_factor=config.rope_scaling_factor or 8.0,
             pg_collection=pg_collection,
         )
 
