@@ -200,3 +200,17 @@ def test_export_hf_refuses_a_decoder_no_transformers_class_computes(tmp_path, to
                                         r"swiglu True, squared_relu False, add_bias_linear True"):
         export_hf(pkg, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_model_piece_import_gpt_writes_makes_a_recipe_that_init_from_accepts(imported):
+    from retro_toolkit.collections.retro.checkpointing import EVAL_FREE_KEYS, RETRIEVAL_KEYS, check_model_section
+    from retro_toolkit.collections.retro.engine import model_section
+    from retro_toolkit.recipe import load_recipe
+    from tests.conftest import SMOKE
+
+    kind, _, pkg, _ = imported
+    piece = pkg.with_name("m.model.yaml")
+    recipe = load_recipe(SMOKE, [f"model={piece}", "model.cca_layers=[2]"])  # 2 layers: Retro's rule has none
+    assert recipe.model.arch == "retro" and recipe.model.num_query_groups == 2
+    check_model_section(pkg, nemo.section_of(nemo.read_config(pkg)), model_section(recipe, "retro"),
+                        free=EVAL_FREE_KEYS | RETRIEVAL_KEYS)  # raises naming any key that differs

@@ -110,4 +110,26 @@ def import_gpt(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
             f"{s['num_attention_heads']} heads / {s.get('num_query_groups') or s['num_attention_heads']} key-value heads")
         model = build_for(s, tok, 1, dtype_of(source.tensors))
         load_full(model, source.tensors, src)
-        return write_model(model, s, tok_file, Path(out), None, weights)
+        package = write_model(model, s, tok_file, Path(out), None, weights)
+    piece = write_model_piece(s, package)
+    log(f"import-gpt: {piece} holds the recipe's model section for this decoder: model={piece}")
+    return package
+
+
+def write_model_piece(section: dict[str, Any], package: Path) -> Path:
+    """<package stem>.model.yaml: a yaml/model piece of a Retro model around this decoder, for
+    `retro-run RECIPE model=<it> pretrain.init_from=<package>` (Retro's own keys at their defaults)."""
+    import yaml
+
+    from retro_toolkit.checkpoint.nemo import TRAINING_ONLY_KEYS
+    from retro_toolkit.recipe.model import DecoderSettings, RetroSettings
+
+    decoder = {f: section[f] for f in DecoderSettings.__dataclass_fields__ if f in section}
+    rope = ("position_embedding_type", "rotary_percent", "rotary_base", "rope_scaling_factor", "flavor")
+    piece = {**{k: v for k, v in decoder.items() if k not in TRAINING_ONLY_KEYS}, "arch": "retro",
+             **{k: section[k] for k in rope if k in section and k in RetroSettings.__dataclass_fields__}}
+    path = package.with_name(package.name.removesuffix(".nemo") + ".model.yaml")
+    header = (f"# The decoder of {package.name} as a Retro model section (written by retro-run import-gpt).\n"
+              "# Retro's own keys (chunk_length, num_neighbors, cca_layers...) take their defaults; set them here.\n")
+    path.write_text(header + yaml.safe_dump(piece, sort_keys=False))
+    return path

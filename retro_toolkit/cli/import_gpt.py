@@ -18,10 +18,12 @@ Hugging Face architectures read: Llama, Mistral, Qwen2, Nemotron (grouped-query 
 RoPE base and rotated fraction, RMSNorm or LayerNorm1P, SwiGLU or squared ReLU, q/k/v biases,
 tied or untied embeddings); RoPE scaling and partial biases are refused, naming the key.
 
-Start Retro from it with the package's tokenizer and its model settings:
+Beside FILE.nemo it writes FILE.model.yaml, the recipe's model section for a Retro model around
+this decoder (Retro's own keys at their defaults). Start Retro from it:
   retro-run import-gpt Llama-2-7b-hf/ --out llama2.nemo
-  retro-run RECIPE pretrain.init_from=llama2.nemo tokenizer.model=Llama-2-7b-hf/tokenizer.model ...
-(`retro-run show-model`, and pretrain's refusal naming each differing key, tell which model keys to set.)
+  retro-run RECIPE model=llama2.model.yaml pretrain.init_from=llama2.nemo \
+      tokenizer.model=Llama-2-7b-hf/tokenizer.model
+(pretrain.init_from also reads SOURCE directly; it names every model key that differs.)
 """
 
 
