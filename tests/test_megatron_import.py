@@ -176,8 +176,8 @@ def test_layouts_it_cannot_read_are_refused(tmp_path, tokenizer_file):  # noqa: 
     with pytest.raises(UserError, match="pipeline stages"):
         import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
     ckpt = write_legacy(tmp_path / "gqa", model, args={"group_query_attention": True, "num_query_groups": 2})
-    with pytest.raises(UserError, match="grouped-query attention"):
-        import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
+    with pytest.raises(UserError, match="linear_qkv.weight: the saved tensor gives a shard of shape"):
+        import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")  # args say 2 groups, the weights have 4
     ckpt = write_legacy(tmp_path / "tp", model, args={"tensor_model_parallel_size": 4})
     with pytest.raises(UserError, match="tensor_model_parallel_size 4 but there are 2 shards"):
         import_checkpoint(ckpt, tokenizer_file, tmp_path / "x.nemo")
@@ -240,3 +240,57 @@ def test_init_from_a_tp2_legacy_gpt_checkpoint_loads_the_decoder_into_retro(tmp_
 
     with pytest.raises(UserError, match=r"another model \(hidden_size: checkpoint 32 vs recipe 64"):
         init_from_external(ckpt, "megatron", retro, {**section, "hidden_size": 64}, tmp_path / "w", said.append)
+
+
+def test_a_tp2_legacy_gpt_with_grouped_query_attention_imports_with_identical_logits(tmp_path, tokenizer_file):  # noqa: F811
+    section = {**SECTION, "arch": "gpt", "num_query_groups": 2}
+    model = random_model(24, section)
+    want = logits_of(model)
+    ckpt = write_legacy(tmp_path / "gqa", model, args={"group_query_attention": True, "num_query_groups": 2,
+                                                       "retro_add_retriever": False})
+    pkg = nemo.restore(import_checkpoint(ckpt, tokenizer_file, tmp_path / "gqa.nemo", log=lambda s: None))
+    assert pkg.section["num_query_groups"] == 2 and pkg.section["arch"] == "gpt"
+    assert torch.equal(logits_of(pkg.model), want)
+
+
+def test_a_gpt_dist_checkpoint_written_by_megatron_core_with_stacked_layers_imports(tmp_path, tokenizer_file):  # noqa: F811
+    """megatron-core's own GPTModel (local spec) saved by its own dist_checkpointing, as Megatron-LM's
+    torch_dist does: identical layers stacked into one tensor per name."""
+    import torch.nn.functional as F
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from retro_toolkit.collections.retro import initialize
+    from retro_toolkit.collections.retro.config import cpu_flags
+
+    initialize(1, seed=25)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+                            hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm", gated_linear_unit=True,
+                            activation_func=F.silu, add_bias_linear=False, **cpu_flags())
+    upstream = GPTModel(cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB,
+                        max_sequence_length=32, position_embedding_type="rope",
+                        share_embeddings_and_output_weights=False).eval()
+    g = torch.Generator().manual_seed(25)
+    with torch.no_grad():
+        for p in upstream.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    (tmp_path / "gpt" / "iter_0000001").mkdir(parents=True)
+    (tmp_path / "gpt" / "latest_checkpointed_iteration.txt").write_text("1")
+    sd = upstream.sharded_state_dict()
+    assert "decoder.layers.self_attention.linear_qkv.weight" in {t.key for t in sd.values() if hasattr(t, "key")}
+    sd["args"] = argparse.Namespace(**{**ARGS, "retro_add_retriever": False, "group_query_attention": True,
+                                       "num_query_groups": 2, "num_layers": 2, "normalization": "RMSNorm",
+                                       "add_bias_linear": False, "rotary_percent": 1.0, "apply_layernorm_1p": False,
+                                       "tensor_model_parallel_size": 1})
+    dist_checkpointing.save(sd, str(tmp_path / "gpt" / "iter_0000001"))
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=g)
+    with torch.no_grad():
+        want = upstream(tokens, torch.arange(32).expand(2, -1), None)
+    out = import_checkpoint(tmp_path / "gpt", tokenizer_file, tmp_path / "gpt.nemo", log=lambda s: None)
+    pkg = nemo.restore(out)
+    assert pkg.section["num_layers"] == 2 and pkg.section["num_query_groups"] == 2
+    with torch.no_grad():
+        got = pkg.model(tokens)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -41,9 +41,6 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         return args[key]
 
     heads = int(need("num_attention_heads"))
-    if args.get("group_query_attention") and int(args.get("num_query_groups") or heads) != heads:
-        raise UserError(f"{where}: grouped-query attention (num_query_groups={args['num_query_groups']}) is not "
-                        "supported by this importer; Retro's released models use full multi-head attention.")
     if int(args.get("num_experts") or 0) > 1:
         raise UserError(f"{where}: mixture-of-experts checkpoints are not supported.")
     if args.get("apply_residual_connection_post_layernorm"):
@@ -62,6 +59,7 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         "num_layers": int(need("num_layers")),
         "hidden_size": int(need("hidden_size")),
         "num_attention_heads": heads,
+        "num_query_groups": int(args.get("num_query_groups") or heads) if args.get("group_query_attention") else heads,
         "ffn_hidden_size": int(args.get("ffn_hidden_size") or 4 * int(need("hidden_size"))),
         "seq_length": int(need("seq_length")),
         "vocab_size": int(need("padded_vocab_size")),

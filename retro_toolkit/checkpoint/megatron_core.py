@@ -85,4 +85,21 @@ def read_dist_tensors(sub: Path) -> dict[str, Any]:
     if not tensors:
         raise UserError(f"{sub} holds no model tensors.")
     dcp.load(tensors, storage_reader=reader, no_dist=True)
-    return tensors
+    return unstack_layers(tensors)
+
+
+_STACKED = re.compile(r"^(.*\blayers)\.(?!\d)(.+)$")
+
+
+def unstack_layers(tensors: dict[str, Any]) -> dict[str, Any]:
+    """megatron-core saves a block of identical layers (a GPT's) as one tensor per name with the
+    layer as its first axis ("decoder.layers.mlp.linear_fc1.weight" [L, ...]); give each layer
+    its own name ("decoder.layers.<i>.mlp.linear_fc1.weight"), as heterogeneous blocks (Retro's) save."""
+    out = {}
+    for name, t in tensors.items():
+        m = _STACKED.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            out.update({f"{m[1]}.{i}.{m[2]}": layer for i, layer in enumerate(t.unbind(0))})
+    return out

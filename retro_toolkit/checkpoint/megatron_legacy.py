@@ -104,7 +104,8 @@ def read_megatron(folder: Path, trust: bool = False, extra: dict[str, Any] | Non
         args, ours = megatron_core.read_dist(sub, trust)
         args = {**args, **extra}
         section = section_from_args(args, sub)
-        section["flavor"] = megatron_core.FLAVOR
+        if section["arch"] == "retro":  # megatron-core's RetroModel; its GPTModel has the final norm
+            section["flavor"] = megatron_core.FLAVOR
         return args, section, ours, "megatron-core dist checkpoint"
     args, section, ours = _read_legacy(sub, trust, extra)
     return args, section, ours, f"{int(args.get('tensor_model_parallel_size') or 1)} tensor-parallel shard(s)"

@@ -25,11 +25,14 @@ from retro_toolkit.recipe.model import check as check_model
 def stored_model_section(section: Mapping[str, Any]) -> dict[str, Any]:
     """A model section read back from a checkpoint or package, with every key it predates set
     to the behaviour its weights were trained with: the ADDED_KEYS at their old values, and
-    encoder_rotary as a RoPE Retro had it before the key existed (on)."""
+    encoder_rotary as a RoPE Retro had it before the key existed (on). num_query_groups equal to
+    the heads is written as null, so the two spellings of multi-head attention compare equal."""
     out = dict(section)
     for key, value in ADDED_KEYS:
         out.setdefault(key, value)
     out.setdefault("encoder_rotary", out.get("position_embedding_type", "rope") == "rope")
+    if out.get("num_query_groups") == out.get("num_attention_heads"):
+        out["num_query_groups"] = None  # a key/value head per query head is multi-head attention
     return out
 
 
