@@ -294,3 +294,36 @@ def test_a_gpt_dist_checkpoint_written_by_megatron_core_with_stacked_layers_impo
     with torch.no_grad():
         got = pkg.model(tokens)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_a_tp2_gpt_dist_checkpoint_written_by_megatron_core_imports_with_the_tp1_logits(tmp_path, tokenizer_file):  # noqa: F811
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent / "dist_scripts" / "gpt_dist_tp.py"
+    spec = importlib.util.spec_from_file_location("gpt_dist_tp", script)
+    helper = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helper)
+    upstream = helper.build(1)
+    g = torch.Generator().manual_seed(26)
+    with torch.no_grad():
+        for p in upstream.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=g)
+    with torch.no_grad():
+        want = upstream(tokens, torch.arange(64).expand(2, -1), None)
+    state = {k: v for k, v in upstream.state_dict().items() if isinstance(v, torch.Tensor)}
+    torch.save({"state_dict": state, "tokens": tokens}, tmp_path / "ref.pt")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / "ref.pt"), str(tmp_path / "gpt")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    tp2 = torch.load(tmp_path / "gpt" / "logits.pt", weights_only=True)
+    assert float((tp2 - want).abs().max() / want.abs().max()) < 1e-5  # the sharded upstream model itself
+    pkg = nemo.restore(import_checkpoint(tmp_path / "gpt", tokenizer_file, tmp_path / "gpt.nemo", log=lambda s: None))
+    with torch.no_grad():
+        got = pkg.model(tokens)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
