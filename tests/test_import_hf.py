@@ -214,3 +214,26 @@ def test_the_model_piece_import_gpt_writes_makes_a_recipe_that_init_from_accepts
     assert recipe.model.arch == "retro" and recipe.model.num_query_groups == 2
     check_model_section(pkg, nemo.section_of(nemo.read_config(pkg)), model_section(recipe, "retro"),
                         free=EVAL_FREE_KEYS | RETRIEVAL_KEYS)  # raises naming any key that differs
+
+
+def test_init_from_checks_the_work_directory_tokenizer_against_the_one_the_package_carries(imported, tmp_path,
+                                                                                           tokenizer_file):  # noqa: F811
+    from retro_toolkit.collections.retro.init_from_external import init_from_external
+    from retro_toolkit.collections.text.tokenizer import train_sentencepiece
+
+    kind, _, pkg, want = imported
+    section = nemo.section_of(nemo.read_config(pkg))
+    initialize(1, seed=2)
+    config, args = config_from_model_section(section)
+    gpt = build_model(config, args).eval()
+    (tmp_path / "w" / "tokenizer").mkdir(parents=True)
+    texts = ["another corpus with another vocabulary: the tokenizer differs from the package's own one",
+             "pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow 0123456789"] * 30
+    train_sentencepiece(texts, tmp_path / "w" / "tokenizer" / "tokenizer.model", VOCAB, "bpe", 1.0, 10000, False, 1)
+    with pytest.raises(UserError, match="was made with another tokenizer .*set tokenizer.model to the checkpoint's"):
+        init_from_external(pkg, "package", gpt, section, tmp_path / "w", print)
+    shutil.copyfile(tokenizer_file, tmp_path / "w" / "tokenizer" / "tokenizer.model")
+    new, loaded = init_from_external(pkg, "package", gpt, section, tmp_path / "w", print)
+    assert not new and loaded
+    with torch.no_grad():
+        assert _relative(gpt(_tokens()), want) < 1e-5, kind
