@@ -230,7 +230,7 @@ def test_init_from_checks_the_work_directory_tokenizer_against_the_one_the_packa
     texts = ["another corpus with another vocabulary: the tokenizer differs from the package's own one",
              "pack my box with five dozen liquor jugs; sphinx of black quartz, judge my vow 0123456789"] * 30
     train_sentencepiece(texts, tmp_path / "w" / "tokenizer" / "tokenizer.model", VOCAB, "bpe", 1.0, 10000, False, 1)
-    with pytest.raises(UserError, match="was made with another tokenizer .*set tokenizer.model to the checkpoint's"):
+    with pytest.raises(UserError, match="was trained with another tokenizer .*Use the checkpoint's tokenizer"):
         init_from_external(pkg, "package", gpt, section, tmp_path / "w", print)
     shutil.copyfile(tokenizer_file, tmp_path / "w" / "tokenizer" / "tokenizer.model")
     new, loaded = init_from_external(pkg, "package", gpt, section, tmp_path / "w", print)

@@ -327,3 +327,13 @@ def test_a_tp2_gpt_dist_checkpoint_written_by_megatron_core_imports_with_the_tp1
     with torch.no_grad():
         got = pkg.model(tokens)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+def test_rope_scaling_and_qkv_biases_come_from_the_args():
+    from retro_toolkit.checkpoint.megatron_args import section_from_args
+
+    llama31 = section_from_args({**ARGS, "use_rope_scaling": True, "rope_scaling_factor": 8.0, "add_qkv_bias": True},
+                                Path("ckpt"))
+    assert llama31["rope_scaling_factor"] == 8.0 and llama31["add_qkv_bias"] is True
+    plain = section_from_args(ARGS, Path("ckpt"))
+    assert plain["rope_scaling_factor"] is None and plain["add_qkv_bias"] is False

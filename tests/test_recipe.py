@@ -95,6 +95,7 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
         (["pretrain.train_iter=5"], "unknown recipe key 'pretrain.train_iter'. Did you mean 'pretrain.train_iters'?"),
         (["model.num_layers=4", "model.cca_layers=null"], "model.num_layers is 4: Retro's rule puts chunked"),
         (["model.cca_layers=[0,2]"], "model.cca_layers [0, 2] names layers outside 1..2"),
+        (["model.cca_layers=[2,2]"], "model.cca_layers [2, 2] names a layer twice"),
         (["model.num_attention_heads=3"], "model.hidden_size (64) must be a multiple of model.num_attention_heads (3)"),
         (["model.swiglu=true", "model.squared_relu=true"], "model.swiglu and model.squared_relu are both true"),
         (["model.num_query_groups=3"], "model.num_attention_heads (4) must be a multiple of model.num_query_groups (3)"),

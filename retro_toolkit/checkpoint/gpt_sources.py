@@ -131,12 +131,13 @@ def write_model_piece(section: dict[str, Any], package: Path) -> Path:
     import yaml
 
     from retro_toolkit.checkpoint.nemo import TRAINING_ONLY_KEYS
-    from retro_toolkit.recipe.model import DecoderSettings, RetroSettings
+    from retro_toolkit.recipe.model import DecoderSettings
 
     decoder = {f: section[f] for f in DecoderSettings.__dataclass_fields__ if f in section}
-    rope = ("position_embedding_type", "rotary_percent", "rotary_base", "rope_scaling_factor", "flavor")
+    # The Retro settings a decoder has too: its positions and which upstream's final norm.
+    from_decoder = ("position_embedding_type", "rotary_percent", "rotary_base", "rope_scaling_factor", "flavor")
     piece = {**{k: v for k, v in decoder.items() if k not in TRAINING_ONLY_KEYS}, "arch": "retro",
-             **{k: section[k] for k in rope if k in section and k in RetroSettings.__dataclass_fields__}}
+             **{k: section[k] for k in from_decoder if k in section}}
     path = package.with_name(package.name.removesuffix(".nemo") + ".model.yaml")
     header = (f"# The decoder of {package.name} as a Retro model section (written by retro-run import-gpt).\n"
               "# Retro's own keys (chunk_length, num_neighbors, cca_layers...) take their defaults; set them here.\n")

@@ -14,7 +14,6 @@ the sequence, biases on some projections only) is refused, naming the config key
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,13 +104,13 @@ def _llama3_factor(scaling: dict[str, Any], where: Path) -> float:
 
 def _shards(folder: Path) -> list[Path]:
     if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-        files = sorted(set(index.get("weight_map", {}).values()))
-        missing = [f for f in files if not (folder / f).is_file()]
+        index = files.read_user_json(folder / INDEX, str(folder / INDEX), "download the model's index file.")
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [f for f in shards if not (folder / f).is_file()]
         if missing:
             raise UserError(f"{folder / INDEX} lists {len(missing)} shard(s) that are not in the folder: "
                             f"{', '.join(missing[:5])}. Download every shard the index names.")
-        return [folder / f for f in files]
+        return [folder / f for f in shards]
     if (folder / SINGLE).is_file():
         return [folder / SINGLE]
     raise UserError(f"{folder} has neither {SINGLE} nor {INDEX}: save the model with safe_serialization=True "

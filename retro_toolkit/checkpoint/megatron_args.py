@@ -74,6 +74,8 @@ def section_from_args(args: dict[str, Any], where: Path) -> dict[str, Any]:
         "swiglu": bool(args.get("swiglu", False)),
         "squared_relu": bool(args.get("squared_relu", False)),
         "add_bias_linear": bool(args.get("add_bias_linear", True)),
+        "add_qkv_bias": bool(args.get("add_qkv_bias", False)),
+        "rope_scaling_factor": float(args.get("rope_scaling_factor") or 8.0) if args.get("use_rope_scaling") else None,
         "position_embedding_type": str(args.get("position_embedding_type") or "learned_absolute"),
         "rotary_percent": float(args.get("rotary_percent") or 1.0),
         "rotary_base": int(args.get("rotary_base") or 10000),

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from retro_toolkit.checkpoint.megatron_legacy_shards import Layout, merge_shards
+from retro_toolkit.checkpoint.megatron_legacy_shards import LEGACY, Layout, merge_shards
 from retro_toolkit.errors import UserError
 
 NORMS = {"layernorm": ("LayerNorm", False), "layernorm1p": ("LayerNorm", True), "rmsnorm": ("RMSNorm", False)}
@@ -137,14 +137,12 @@ def read_nemo1(path: Path, trust: bool = False) -> tuple[dict[str, Any], dict[st
             for k in [k for k in s if ".dense_h_to_4h_2." in k]:
                 s[k.replace(".dense_h_to_4h_2.", ".dense_h_to_4h.")] = torch.cat(
                     [s[k.replace(".dense_h_to_4h_2.", ".dense_h_to_4h.")], s.pop(k)])
+    merged = merge_shards(shards, swiglu, path, MCORE if mcore else LEGACY)
+    embedding = "embedding.word_embeddings.weight" if mcore else "language_model.embedding.word_embeddings.weight"
+    section = section_from_config(cfg, merged[embedding].shape[0], path)
     if mcore:
-        full = {rename_mcore(k): v for k, v in merge_shards(shards, swiglu, path, MCORE).items()}
-        vocab = full["embedding.word_embeddings.weight"].shape[0]
-        section = section_from_config(cfg, vocab, path)
+        full = {rename_mcore(k): v for k, v in merged.items()}
     else:
-        merged = merge_shards(shards, swiglu, path)
-        vocab = merged["language_model.embedding.word_embeddings.weight"].shape[0]
-        section = section_from_config(cfg, vocab, path)
         full, unknown = rename_legacy(merged, section, path)
         if unknown:
             raise UserError(f"{path}: {len(unknown)} tensors map to nothing in the model: {', '.join(unknown[:8])}")

@@ -156,6 +156,8 @@ def check(m: dict[str, Any]) -> None:
         outside = [x for x in cca if not 1 <= x <= n]
         if outside:
             raise UserError(f"model.cca_layers {cca} names layers outside 1..{n} (model.num_layers; 1-based).")
+        if len(set(cca)) != len(cca):
+            raise UserError(f"model.cca_layers {cca} names a layer twice; list each layer once.")
     if m["hidden_size"] % m["num_attention_heads"]:
         raise UserError(f"model.hidden_size ({m['hidden_size']}) must be a multiple of model.num_attention_heads "
                         f"({m['num_attention_heads']}).")

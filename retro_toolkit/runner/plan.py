@@ -40,12 +40,6 @@ def check_stages(recipe: DictConfig) -> None:
     arch = OmegaConf.select(recipe, "model.arch", default="retro")
     for s in recipe.stages:
         spec = STAGES[s]
-        if spec.entry is None:
-            raise UserError(
-                f"stage '{s}' ({spec.summary}) is not implemented in this version of retro_toolkit. "
-                f"Remove it from 'stages' (implemented: "
-                f"{', '.join(n for n, v in STAGES.items() if v.entry)})."
-            )
         for d in spec.needs(arch):
             if d not in recipe.stages:
                 why = " (a Retro model retrieves from its database; model.arch=gpt trains without one)" \

@@ -99,7 +99,7 @@ def _preflight(r) -> None:
 
 
 # Version 2: num_candidates per query chunk, so samples can drop their own documents.
-STAGE = StageSpec("build_db", "retrieval", RetrievalConfig, depends_on=("prepare_corpus",),
+STAGE = StageSpec("build_db", "retrieval", depends_on=("prepare_corpus",),
                   config_keys=("retrieval", "model.chunk_length", "model.num_neighbors"),
                   entry="retro_toolkit.collections.retrieval.build_db:run", summary=__doc__, version=2, check=check,
                   preflight=_preflight, reads=_reads)

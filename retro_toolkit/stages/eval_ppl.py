@@ -25,5 +25,5 @@ def check(r: dict[str, Any]) -> None:
         raise UserError("recipe key 'eval_ppl.splits' is empty: list at least one split, e.g. [valid].")
 
 
-STAGE = StageSpec("eval_ppl", "eval_ppl", EvalPplConfig, depends_on=("pretrain",), config_keys=("eval_ppl",),
+STAGE = StageSpec("eval_ppl", "eval_ppl", depends_on=("pretrain",), config_keys=("eval_ppl",),
                   entry="retro_toolkit.collections.retro.eval_ppl:run", summary=__doc__, check=check)

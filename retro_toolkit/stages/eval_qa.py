@@ -60,5 +60,5 @@ def _reads(r) -> list[tuple[str, Any]]:
     return out + ([("eval_qa.checkpoint", q.checkpoint)] if os.path.isabs(q.checkpoint) else [])
 
 
-STAGE = StageSpec("eval_qa", "eval_qa", EvalQaConfig, depends_on=("sft",), config_keys=("eval_qa", "sft.system_prompt"),
+STAGE = StageSpec("eval_qa", "eval_qa", depends_on=("sft",), config_keys=("eval_qa", "sft.system_prompt"),
                   entry="retro_toolkit.collections.qa.eval_qa:run", summary=__doc__, check=check, gated=True, reads=_reads)

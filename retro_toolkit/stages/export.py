@@ -37,7 +37,7 @@ def check(r: dict[str, Any]) -> None:
     check_exists(e["checkpoint"], "export.checkpoint", "; use auto, sft, pretrain or a checkpoint folder.")
 
 
-STAGE = StageSpec("export", "export", ExportConfig, depends_on=("pretrain",), after=("sft",),
+STAGE = StageSpec("export", "export", depends_on=("pretrain",), after=("sft",),
                   config_keys=("model", "export"), entry="retro_toolkit.checkpoint.export:run", summary=__doc__,
                   added_keys=model.added_keys(), check=check, gated=True,
                   reads=lambda r: [("export.checkpoint", r.export.checkpoint)] if os.path.isabs(r.export.checkpoint) else [])

@@ -68,7 +68,7 @@ def check(r: dict[str, Any]) -> None:
 
 
 # Version 2: each source split on its own (every split holds every source).
-STAGE = StageSpec("prepare_corpus", "data", DataConfig, depends_on=("tokenizer",), config_keys=("data",),
+STAGE = StageSpec("prepare_corpus", "data", depends_on=("tokenizer",), config_keys=("data",),
                   entry="retro_toolkit.collections.text.prepare_corpus:run", summary=__doc__, version=2,
                   added_keys=(("data.split_by", "document"), ("data.passage_chars", 2000)), check=check,
                   preflight=check_sources, reads=source_paths)

@@ -56,7 +56,8 @@ def check(r: dict[str, Any]) -> None:
             "must come from somewhere: set pretrain.init_from to a GPT checkpoint."
         )
     check_exists(p["init_from"], "pretrain.init_from",
-                 ". Give a checkpoints/<stage> folder (with its 'latest' file) or one iter_NNNNNNN folder.")
+                 ". Give a GPT: a checkpoints/<stage> folder (with its 'latest' file) or one iter_NNNNNNN folder, a "
+                 ".nemo package, a Hugging Face folder or a Megatron-LM checkpoint folder.")
     w = p["source_weights"]
     if w is not None:
         n = len(r["data"]["sources"])
@@ -67,7 +68,7 @@ def check(r: dict[str, Any]) -> None:
             )
 
 
-STAGE = StageSpec("pretrain", "pretrain", PretrainConfig, depends_on=("build_db",), gpt_depends_on=("prepare_corpus",),
+STAGE = StageSpec("pretrain", "pretrain", depends_on=("build_db",), gpt_depends_on=("prepare_corpus",),
                   config_keys=("model", "pretrain", "seed"), entry="retro_toolkit.collections.retro.pretrain:run",
                   summary=__doc__, added_keys=model.added_keys() + tuple((f"pretrain.{k}", v) for k, v in ADDED_KEYS),
                   check=check, reads=lambda r: [("pretrain.init_from", r.pretrain.init_from)])

@@ -75,7 +75,7 @@ def check(r: dict[str, Any]) -> None:
     check_exists(s["init_from"], "sft.init_from", ".")
 
 
-STAGE = StageSpec("sft", "sft", SftConfig, depends_on=("pretrain",), config_keys=("model", "sft", "seed"),
+STAGE = StageSpec("sft", "sft", depends_on=("pretrain",), config_keys=("model", "sft", "seed"),
                   entry="retro_toolkit.collections.instruct.sft:run", summary=__doc__,
                   added_keys=model.added_keys() + tuple((f"sft.{k}", v) for k, v in ADDED_KEYS), check=check, gated=True,
                   reads=lambda r: [("sft.init_from", r.sft.init_from),

@@ -14,9 +14,8 @@ from typing import Any, Callable, Optional
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    # The stage's own recipe section and its dataclass (None: it reads only shared sections).
+    # The stage's own recipe section (its dataclass is in the stage's file; recipe/schema.py lists them).
     section: Optional[str]
-    config: Optional[type]
     depends_on: tuple[str, ...]
     config_keys: tuple[str, ...]
     entry: str  # "module:function" run inside the stage's job

@@ -32,13 +32,14 @@ def _reads(r) -> list[tuple[str, Any]]:
 
 def _preflight(r) -> None:
     if not r.tokenizer.model:
-        check_sources(r)
+        if "prepare_corpus" not in r.stages:  # that stage's preflight reads the same sources
+            check_sources(r)
     elif not Path(r.tokenizer.model).is_file():
         raise UserError(f"tokenizer.model: SentencePiece model {r.tokenizer.model} does not exist. "
                         "Fix the path, or set tokenizer.model=null to train one on the corpus.")
 
 
-STAGE = StageSpec("tokenizer", "tokenizer", TokenizerConfig, depends_on=(),
+STAGE = StageSpec("tokenizer", "tokenizer", depends_on=(),
                   config_keys=("tokenizer", "data.sources", "data.on_invalid_utf8"),
                   entry="retro_toolkit.collections.text.tokenizer_stage:run", summary=__doc__,
                   preflight=_preflight, reads=_reads)

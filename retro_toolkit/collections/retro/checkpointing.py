@@ -59,7 +59,10 @@ def resolve(path: str | os.PathLike, key: str) -> Path:
     if found is None:
         raise UserError(
             f"{key}: {p} holds no finished checkpoint (no '{LATEST}' file pointing to an iter_NNNNNNN "
-            "folder with metadata.json). Give a checkpoints/<stage> folder or one iter_NNNNNNN folder."
+            "folder with metadata.json). Give a checkpoints/<stage> folder or one iter_NNNNNNN folder"
+            + (", or for a GPT to start from: a .nemo package, a Hugging Face folder (config.json) or a "
+               "Megatron-LM checkpoint folder (latest_checkpointed_iteration.txt)." if key.endswith("init_from")
+               else ".")
         )
     return found
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retro_toolkit.checkpoint.gpt_sources import read
-
 from retro_toolkit.collections.retro.checkpointing import (
     EVAL_FREE_KEYS,
     RETRIEVAL_KEYS,
     check_model_section,
+    check_tokenizer,
     is_retrieval_param,
 )
 from retro_toolkit.errors import UserError
@@ -35,8 +35,6 @@ def init_from_external(path: Path, kind: str, model, section: dict[str, Any], wo
                        log: Callable[[str], None]) -> tuple[list[str], list[str]]:
     """Load the GPT at `path` into `model` (built from `section`); returns (new, loaded) names."""
     from retro_toolkit.collections.retro.full_state_dict import load_full_state_dict
-    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
-    from retro_toolkit.core import files
 
     source = read(path, kind)
     saved, full = source.section, source.tensors
@@ -45,13 +43,10 @@ def init_from_external(path: Path, kind: str, model, section: dict[str, Any], wo
         raise UserError(f"{KEY}: {path} holds a {saved.get('arch')!r} model; init_from starts from a GPT. To "
                         "continue a Retro model, resume its training checkpoint.")
     check_model_section(path, saved, section, free=EVAL_FREE_KEYS | RETRIEVAL_KEYS)
-    current = files.sha256_file(workdir / MODEL_FILE)
     if tokenizer_sha is None:
         log(f"init_from {path}: the checkpoint carries no tokenizer; make sure tokenizer.model is the one it was "
             "trained with")
-    elif tokenizer_sha != current:
-        raise UserError(f"{KEY}: {path} was made with another tokenizer (sha256 {tokenizer_sha[:12]}, this work "
-                        f"directory's {current[:12]}): set tokenizer.model to the checkpoint's tokenizer.model.")
+    check_tokenizer(path, {"tokenizer_sha256": tokenizer_sha}, workdir)
     own = [k for k in model.state_dict() if not k.endswith("_extra_state")]
     extra = sorted(set(full) - set(own))
     missing = sorted(k for k in own if k not in full)

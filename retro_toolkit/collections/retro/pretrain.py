@@ -41,18 +41,17 @@ def initial_weights(ctx: StageContext, name: str, model, section: dict[str, Any]
     the GPT twin the same decoder as the Retro model (both random-initialised alike, or both
     from init_from)."""
     r, p = ctx.recipe, ctx.recipe.pretrain
-    if name == TWIN and not p.init_from:
-        start_twin_like_retro(r, model, overrides)
+    if not p.init_from:
+        if name == TWIN:
+            start_twin_like_retro(r, model, overrides)
         return
-    kind = kind_of(p.init_from) if p.init_from else None
-    if not p.init_from or (name != TWIN and section["arch"] != "retro" and kind is None):
-        return
+    kind = kind_of(p.init_from)
     if kind is not None:
         new, loaded = init_from_external(Path(p.init_from), kind, model, section, ctx.workdir, log)
-    elif name == TWIN:
+    elif section["arch"] == "gpt":  # the twin, or model.arch gpt: the whole model
         source = ckpt.resolve(p.init_from, "pretrain.init_from")
         ckpt.load_model(source, model, section, ctx.workdir)
-        log(f"init_from {source}: the whole GPT twin")
+        log(f"init_from {source}: the whole GPT")
         return
     else:
         new, loaded = ckpt.init_from_gpt(ckpt.resolve(p.init_from, "pretrain.init_from"), model, section,
