@@ -237,3 +237,19 @@ def test_init_from_checks_the_work_directory_tokenizer_against_the_one_the_packa
     assert not new and loaded
     with torch.no_grad():
         assert _relative(gpt(_tokens()), want) < 1e-5, kind
+
+
+@pytest.mark.parametrize("weights", ["file", "dist"])
+def test_a_package_is_read_as_a_gpt_source_without_building_its_model(tmp_path, tokenizer_file, weights):  # noqa: F811
+    from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.gpt_sources import kind_of, read
+    from tests.test_export import SECTION, random_model
+
+    model = random_model(4, {**SECTION, "arch": "gpt"})
+    pkg = write_model(model, {**SECTION, "arch": "gpt"}, tokenizer_file, tmp_path / "g.nemo", None, weights)
+    assert kind_of(pkg) == "package"
+    source = read(pkg, "package")
+    assert source.tokenizer == tokenizer_file.read_bytes() and source.section["arch"] == "gpt"
+    want = nemo.full_state(model)
+    assert sorted(source.tensors) == sorted(want)
+    assert all(torch.equal(source.tensors[k], want[k]) for k in want)

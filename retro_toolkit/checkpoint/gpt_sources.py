@@ -51,10 +51,9 @@ def kind_of(path: str | os.PathLike) -> Optional[str]:
 def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
     path = Path(path)
     if kind == "package":
-        from retro_toolkit.checkpoint.nemo import TOKENIZER_FILE, full_state, restore
+        from retro_toolkit.checkpoint.nemo import read_weights
 
-        pkg = restore(path, tensor_model_parallel_size=1, device="cpu")
-        return GptSource(pkg.section, full_state(pkg.model), _member(path, TOKENIZER_FILE), kind)
+        return GptSource(*read_weights(path), kind)
     if kind == "nemo1":
         from retro_toolkit.checkpoint.nemo1_gpt import read_nemo1
 
@@ -70,15 +69,6 @@ def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
 
     _, section, tensors, _ = read_megatron(path, trust)
     return GptSource(section, tensors, None, kind)
-
-
-def _member(path: Path, name: str) -> Optional[bytes]:
-    """One file of a package as stored (its bytes are what the tokenizer's sha256 was taken of)."""
-    from retro_toolkit.checkpoint import archive
-
-    with archive.open_checked(path) as tar:
-        member = next((m for m in tar.getmembers() if os.path.normpath(m.name) == name), None)
-        return tar.extractfile(member).read() if member is not None and member.isfile() else None
 
 
 def import_gpt(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,

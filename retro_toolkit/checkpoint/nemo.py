@@ -130,36 +130,58 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
-        root = archive.extract(path, tmp)
-        cfg_file = root / MODEL_CONFIG
-        if not cfg_file.is_file():
-            raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
-        cfg = _parse_config(cfg_file.read_bytes(), path)
-        tok_file = _artifact(root, (cfg.get("tokenizer") or {}).get("model"), "tokenizer.model", path)
-        tokenizer = Tokenizer.from_bytes(tok_file.read_bytes(), f"{path}:{tok_file.name}")
+        root, cfg, tok_bytes, weights_at = _unpack(path, tmp)
+        tokenizer = Tokenizer.from_bytes(tok_bytes, f"{path}:{TOKENIZER_FILE}")
         retrieval = None
         if cfg.get("retrieval") is not None:
             retrieval = yaml.safe_load(_artifact(root, cfg["retrieval"], "retrieval", path).read_text())
         section = section_of(cfg)
-        if cfg["weights"] == WEIGHTS_FILE:
-            file = root / WEIGHTS_FILE
-            if not file.is_file():
-                raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_FILE}, which is missing.")
-            weights = MappedWeights(file)
+        if weights_at.name == WEIGHTS_FILE:
+            weights = MappedWeights(weights_at)
             model = build_for(section, tokenizer, tensor_model_parallel_size, dtype or weights.dtype(), device)
             load_full(model, weights, path, after_copy=weights.release)
             del weights
-        elif cfg["weights"] == WEIGHTS_DIR:
-            if not (root / WEIGHTS_DIR / "metadata.json").is_file():
-                raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_DIR}/, which holds no "
-                                "dist checkpoint (metadata.json).")
-            saved = ckpt.saved_dtype(root / WEIGHTS_DIR)
-            model = build_for(section, tokenizer, tensor_model_parallel_size, dtype or saved, device)
-            ckpt.load_weights(root / WEIGHTS_DIR, model)
         else:
-            raise UserError(f"{path}: {MODEL_CONFIG} key 'weights' is {cfg['weights']!r}; expected "
-                            f"{WEIGHTS_FILE} or {WEIGHTS_DIR}.")
+            saved = ckpt.saved_dtype(weights_at)
+            model = build_for(section, tokenizer, tensor_model_parallel_size, dtype or saved, device)
+            ckpt.load_weights(weights_at, model)
     return Package(model.eval(), tokenizer, cfg, retrieval, path, section)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+    """(model section, every tensor at its full shape by name, the tokenizer file's bytes) of a
+    package, without building its model (what `pretrain.init_from` loads a decoder from)."""
+    import torch
+
+    from retro_toolkit.checkpoint.megatron_core import read_dist_tensors, to_toolkit
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
+        _, cfg, tok_bytes, weights_at = _unpack(path, tmp)
+        tensors = (torch.load(weights_at, map_location="cpu", weights_only=True) if weights_at.name == WEIGHTS_FILE
+                   else to_toolkit(read_dist_tensors(weights_at)))  # dist names norms as TE fuses them
+    return section_of(cfg), {k: v for k, v in tensors.items() if not k.endswith("_extra_state")}, tok_bytes
+
+
+def _unpack(path: Path, tmp: str) -> tuple[Path, dict[str, Any], bytes, Path]:
+    """(unpacked root, model_config.yaml, tokenizer bytes, the weights file or folder) of a package."""
+    root = archive.extract(path, tmp)
+    cfg_file = root / MODEL_CONFIG
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
+    cfg = _parse_config(cfg_file.read_bytes(), path)
+    tok_bytes = _artifact(root, (cfg.get("tokenizer") or {}).get("model"), "tokenizer.model", path).read_bytes()
+    if cfg["weights"] == WEIGHTS_FILE:
+        if not (root / WEIGHTS_FILE).is_file():
+            raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_FILE}, which is missing.")
+        return root, cfg, tok_bytes, root / WEIGHTS_FILE
+    if cfg["weights"] == WEIGHTS_DIR:
+        if not (root / WEIGHTS_DIR / "metadata.json").is_file():
+            raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_DIR}/, which holds no "
+                            "dist checkpoint (metadata.json).")
+        return root, cfg, tok_bytes, root / WEIGHTS_DIR
+    raise UserError(f"{path}: {MODEL_CONFIG} key 'weights' is {cfg['weights']!r}; expected "
+                    f"{WEIGHTS_FILE} or {WEIGHTS_DIR}.")
 
 
 def build_for(section: dict[str, Any], tokenizer, tensor_model_parallel_size: Optional[int] = None,
