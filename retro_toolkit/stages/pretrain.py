@@ -9,16 +9,15 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.recipe import model
 from retro_toolkit.recipe.checker import check_exists
 from retro_toolkit.recipe.fields import filepath
+from retro_toolkit.stages import training
 from retro_toolkit.stages.spec import StageSpec
 from retro_toolkit.stages.training import TrainingConfig, check_training
 
 # The GPT twin's checkpoints/<name> (pretrain.gpt_twin).
 TWIN = "pretrain_gpt_twin"
 # Keys added after checkpoints existed, at the value that reproduces the old behaviour.
-ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0), ("exit_duration_minutes", None))
-# Keys a resumed run may change: how long to train and how to report, not what.
-RESUME_FREE = frozenset({"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from",
-                         "gpt_twin", "exit_duration_minutes"})
+ADDED_KEYS: tuple[tuple[str, object], ...] = (("retrieval_lr_mult", 1.0), *training.ADDED_KEYS)
+RESUME_FREE = training.RESUME_FREE | {"gpt_twin"}
 
 
 @dataclass

@@ -10,12 +10,12 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.recipe import model
 from retro_toolkit.recipe.checker import check_data_file, check_exists
 from retro_toolkit.recipe.fields import WHY_SHAPE, bounded, filepath, redefault
+from retro_toolkit.stages import training
 from retro_toolkit.stages.spec import StageSpec
 from retro_toolkit.stages.training import DecayStyle, TrainingConfig, check_training
 
-ADDED_KEYS: tuple[tuple[str, object], ...] = (("exit_duration_minutes", None),)
-RESUME_FREE = frozenset({"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from",
-                         "exit_duration_minutes"})
+ADDED_KEYS = training.ADDED_KEYS
+RESUME_FREE = training.RESUME_FREE
 
 
 @dataclass

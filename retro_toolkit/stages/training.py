@@ -9,6 +9,11 @@ from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.fields import STEPS, WHY_BATCH, WHY_STEPS, bounded
 
 DecayStyle = Literal["cosine", "linear", "constant"]
+# Keys a resumed run may change: how long to train and how to report, not what.
+RESUME_FREE = frozenset({"train_iters", "save_interval", "log_interval", "tensorboard", "resume", "init_from",
+                         "exit_duration_minutes"})
+# Keys added after checkpoints existed, at the value that reproduces the old behaviour.
+ADDED_KEYS: tuple[tuple[str, object], ...] = (("exit_duration_minutes", None),)
 
 
 @dataclass

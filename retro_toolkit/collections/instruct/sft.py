@@ -23,7 +23,7 @@ from retro_toolkit.collections.text.tokenizer import Tokenizer
 from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.data import data_file
-from retro_toolkit.stages.sft import RESUME_FREE
+from retro_toolkit.stages.sft import ADDED_KEYS, RESUME_FREE
 
 NAME = "sft"
 
@@ -52,7 +52,7 @@ def run(ctx: StageContext) -> StageResult:
     model, config, section = build(r, arch, overrides)
     root = ctx.workdir / "checkpoints" / NAME
 
-    current = resume_settings(r, section, NAME, RESUME_FREE)
+    current = resume_settings(r, section, NAME, RESUME_FREE, ADDED_KEYS)
     found = resume.resume_point(root, s.resume, "sft.resume", current, ctx.env.is_main, log)
     if found is None:
         source = ckpt.resolve(s.init_from or ctx.workdir / "checkpoints" / "pretrain", "sft.init_from")
