@@ -20,7 +20,7 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 
 from retro_toolkit.errors import UserError
-from retro_toolkit.recipe.fields import bounds
+from retro_toolkit.recipe.fields import INT64, bounds
 
 _MISSING = "???"
 
@@ -97,7 +97,7 @@ def _shown(value: int) -> str:
 
 
 def _check_bounds(value: int, key: str, f: dataclasses.Field | None) -> None:
-    lo, hi, why = bounds(f) if f is not None else bounds(dataclasses.field())
+    lo, hi, why = bounds(f) if f is not None else INT64
     if value < lo:
         raise UserError(f"recipe key '{key}' must be at least {lo} (got {_shown(value)}).")
     if value > hi:
