@@ -33,13 +33,12 @@ def train_in_process(recipe, tmp: Path, iters: int, overrides: dict | None = Non
     workdir = Path(recipe.workdir)
     if stage == "sft":
         from retro_toolkit.collections.instruct.sft import sft_dataset
-        from retro_toolkit.collections.text.tokenizer import Tokenizer
-        from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+        from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 
         ckpt.load_model(ckpt.latest(workdir / "checkpoints" / "pretrain"), model, section, workdir)
         for n, param in model.named_parameters():
             param.requires_grad_(not ckpt.is_retrieval_param(n))
-        data = sft_dataset(recipe, Tokenizer(workdir / MODEL_FILE), iters * 4, lambda _: None)
+        data = sft_dataset(recipe, workdir_tokenizer(workdir), iters * 4, lambda _: None)
     else:
         data = pt.dataset(recipe, "train", "retro", iters * 4)
     ddp, opt, sched = training.wrap_and_optimizer(model, p, config)

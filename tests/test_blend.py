@@ -54,11 +54,11 @@ def two_sources(tmp_path_factory, ):
 
 def test_every_split_holds_every_source(two_sources):
     from retro_toolkit.collections.text.token_stream import TokenStream
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 
     meta = json.loads((two_sources / "corpus" / "meta.json").read_text())["splits"]
     assert [meta[s]["source_documents"] for s in ("train", "valid", "test")] == [[8, 16], [1, 2], [1, 2]]
-    tok = Tokenizer(two_sources / "tokenizer" / "tokenizer.model")
+    tok = workdir_tokenizer(two_sources)
     valid = TokenStream(two_sources / "corpus", "valid")
     texts = [tok.decode(list(valid.tokens[a:b - 1])) for a, b in zip(valid.doc_offsets, valid.doc_offsets[1:])]
     assert [t.split()[0][:4] for t in texts] == ["alph", "beta", "beta"]

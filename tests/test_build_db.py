@@ -61,11 +61,11 @@ def test_neighbours_are_the_exact_nearest_chunks(small_db):
     """Recompute test-split neighbours by brute force from the stored embeddings."""
     from retro_toolkit.collections.retrieval.build_db import chunk_text
     from retro_toolkit.collections.retrieval.embedder import BertEmbedder
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 
     db_emb = np.concatenate([blocks.read(f) for f in sorted((small_db / "db" / "embeddings").glob("*.h5"))])
     assert len(db_emb) == len(chunk_db.load(small_db / "db" / "chunks.h5"))
-    tok = Tokenizer(small_db / "tokenizer" / "tokenizer.model")
+    tok = workdir_tokenizer(small_db)
     test = TokenStream(small_db / "corpus", "test")
     texts = [chunk_text(tok, test.tokens[i:i + 64]) for i in range(0, len(test), 64)]
     q = BertEmbedder("builtin:all-minilm-l6-v2", batch_size=64).embed(texts)

@@ -78,7 +78,7 @@ BAD_INPUT = [
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
     (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
     (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
-    (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: SentencePiece model /nonexistent/t.model does not exist"),
+    (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: /nonexistent/t.model does not exist. Give a SentencePiece .model, a Hugging Face tokenizer.json"),
 ]
 
 

@@ -130,7 +130,7 @@ def test_retrofit_gpt_keeps_the_decoder_and_trains_the_new_parts(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer_96(tmp_path_factory) -> Path:
     """A 96-piece SentencePiece model: the vocabulary of the upstream-written test checkpoints."""
-    from retro_toolkit.collections.text.tokenizer import train_sentencepiece
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import train_sentencepiece
 
     out = tmp_path_factory.mktemp("tok96") / "tokenizer.model"
     texts = ["the quick brown fox jumps over the lazy dog", "def main(): return 0 if x else 1",

@@ -17,7 +17,7 @@ from retro_toolkit.checkpoint import archive, nemo
 from retro_toolkit.checkpoint.export import export_checkpoint, write_model
 from retro_toolkit.checkpoint.safetensors_io import export_safetensors, load_safetensors
 from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
-from retro_toolkit.collections.text.tokenizer import Tokenizer, train_sentencepiece
+from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer as Tokenizer, train_sentencepiece
 from retro_toolkit.errors import UserError
 from tests.retro_small import UNTIED_SECTION
 

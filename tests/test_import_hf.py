@@ -120,7 +120,7 @@ def test_bad_checkpoints_are_refused_naming_the_file(tmp_path, tokenizer_file): 
 
     small = _hf_model("qwen2")
     small.config.vocab_size = 8
-    with pytest.raises(UserError, match="pieces but the model's embedding has 8 rows"):
+    with pytest.raises(UserError, match="tokenizer .*tokenizer.model has 96 ids but the model's embedding has 8 rows"):
         small.save_pretrained(tmp_path / "q", safe_serialization=True)
         config = json.loads((tmp_path / "q" / "config.json").read_text())
         (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "vocab_size": 8}))
@@ -134,7 +134,7 @@ def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_
 
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.retro.engine import build
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
     from retro_toolkit.recipe import load_recipe
     from tests.conftest import SMALL, SMOKE, retro_run
     from tests.test_pretrain import TRAIN, copy_db, losses
@@ -142,7 +142,7 @@ def test_init_from_an_imported_llama_trains_retro_with_the_decoder_frozen(small_
     w = copy_db(small_db, tmp_path / "fit")
     tok = w / "tokenizer" / "tokenizer.model"
     # retro_tiny's decoder as a Llama with two key/value heads.
-    cfg = transformers.LlamaConfig(vocab_size=Tokenizer(tok).vocab_size, hidden_size=64, intermediate_size=128,
+    cfg = transformers.LlamaConfig(vocab_size=open_tokenizer(tok).vocab_size, hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -219,7 +219,7 @@ def test_the_model_piece_import_gpt_writes_makes_a_recipe_that_init_from_accepts
 def test_init_from_checks_the_work_directory_tokenizer_against_the_one_the_package_carries(imported, tmp_path,
                                                                                            tokenizer_file):  # noqa: F811
     from retro_toolkit.collections.retro.init_from_external import init_from_external
-    from retro_toolkit.collections.text.tokenizer import train_sentencepiece
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import train_sentencepiece
 
     kind, _, pkg, want = imported
     section = nemo.section_of(nemo.read_config(pkg))
@@ -249,7 +249,7 @@ def test_a_package_is_read_as_a_gpt_source_without_building_its_model(tmp_path, 
     pkg = write_model(model, {**SECTION, "arch": "gpt"}, tokenizer_file, tmp_path / "g.nemo", None, weights)
     assert kind_of(pkg) == "package"
     source = read(pkg, "package")
-    assert source.tokenizer == tokenizer_file.read_bytes() and source.section["arch"] == "gpt"
+    assert source.tokenizer.proto == tokenizer_file.read_bytes() and source.section["arch"] == "gpt"
     want = nemo.full_state(model)
     assert sorted(source.tensors) == sorted(want)
     assert all(torch.equal(source.tensors[k], want[k]) for k in want)

@@ -13,8 +13,7 @@ from retro_toolkit.collections.instruct.dataset import SftDataset
 from retro_toolkit.collections.instruct.format import Context
 from retro_toolkit.collections.instruct.readers import read_dataset
 from retro_toolkit.collections.qa.tasks import TASKS, load_task
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.data import BUILTIN_FILES
 from retro_toolkit.errors import UserError
 
@@ -29,7 +28,7 @@ MULTI = {"messages": [
 
 @pytest.fixture(scope="module")
 def tok(smoke_local) -> Tokenizer:
-    return Tokenizer(smoke_local / MODEL_FILE)
+    return workdir_tokenizer(smoke_local)
 
 
 def write_jsonl(path, records) -> str:

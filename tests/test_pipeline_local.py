@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from retro_toolkit.collections.text.token_stream import TokenStream
-from retro_toolkit.collections.text.tokenizer import Tokenizer
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from tests.conftest import CORPUS_ONLY, SMOKE
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _manifest(workdir: Path, stage: str) -> dict:
 def test_smoke_writes_token_streams_and_manifests(smoke_local):
     w = smoke_local
     assert (w / "recipe.resolved.yaml").is_file()
-    tok = Tokenizer(w / "tokenizer" / "tokenizer.model")
+    tok = workdir_tokenizer(w)
     assert tok.vocab_size == 4000 and tok.eod_id == 3 and tok.pad_id == 0
     meta = json.loads((w / "corpus" / "meta.json").read_text())
     assert meta["dtype"] == "uint16"

@@ -181,7 +181,7 @@ def test_export_hf_of_the_tuned_package_computes_its_decoder_in_transformers(tun
     package = tuned / "export" / "smoke.nemo"
     out = export_hf(package, tmp_path / "hf", log=lambda _: None)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                      "tokenizer.model"]
+                                                      "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == "GPTNeoXForCausalLM"
     pkg = nemo.restore(package, device="cpu")
@@ -192,12 +192,16 @@ def test_export_hf_of_the_tuned_package_computes_its_decoder_in_transformers(tun
         ours, theirs = pkg.model(tokens, missing), hf(tokens).logits
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-5
 
-    prompt = pkg.tokenizer.encode(["Question: What does the pass statement do?"])[0]
+    question = "Question: What does the pass statement do?"
+    prompt = pkg.tokenizer.encode([question])[0]
     eod = pkg.tokenizer.special_ids()["eod"]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)  # the SentencePiece model's tokenizer.json
+    assert hf_tok(question, add_special_tokens=False).input_ids == prompt and hf_tok.eos_token_id == eod
     ours = generate_ids(pkg.model, [prompt], SamplingParams(max_new_tokens=24), eos_id=eod)[0]
     with torch.no_grad():  # transformers stops at the config's eos_token_id, the end-of-document token
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
     assert ours.tokens and ours.tokens + ([eod] if ours.finish_reason == "eos" else []) == theirs
+    assert hf_tok.decode(theirs, skip_special_tokens=True) == pkg.tokenizer.decode(theirs)
 
 
 @pytest.mark.parametrize("override,match", [

@@ -81,11 +81,11 @@ def passage_corpus(tmp_path_factory):
 
 def test_valid_and_test_are_unseen_passages_of_trained_documents(passage_corpus):
     from retro_toolkit.collections.text.token_stream import TokenStream
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 
     meta = json.loads((passage_corpus / "corpus" / "meta.json").read_text())
     assert meta["split_by"] == "passage"
-    tok = Tokenizer(passage_corpus / "tokenizer" / "tokenizer.model")
+    tok = workdir_tokenizer(passage_corpus)
     text = {}
     for split in ("train", "valid", "test"):
         s = TokenStream(passage_corpus / "corpus", split)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from retro_toolkit.collections.text.tokenizer import Tokenizer, train_sentencepiece
+from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer as Tokenizer, train_sentencepiece
 from retro_toolkit.errors import UserError
 from tests.conftest import CORPUS_ONLY, SMOKE
 

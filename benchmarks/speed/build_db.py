@@ -62,12 +62,12 @@ def raw_embed_rate(workdir: Path, limit: int) -> tuple[float, int]:
     from retro_toolkit.collections.retrieval import chunk_db
     from retro_toolkit.collections.retrieval.build_db import chunk_text, database_tokens
     from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
     from retro_toolkit.recipe import load_recipe
 
     r = load_recipe(str(workdir / "recipe.resolved.yaml"))
     db = chunk_db.load(workdir / chunk_db.CHUNKS_FILE)
-    tokens, tok = database_tokens(workdir, db), Tokenizer(workdir / "tokenizer" / "tokenizer.model")
+    tokens, tok = database_tokens(workdir, db), workdir_tokenizer(workdir)
     n = min(limit, len(db)) if limit else len(db)
     texts = [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[:n], db.chunk_end[:n])]
     e = r.retrieval.embedder

@@ -50,7 +50,7 @@ def make(a, tmp: Path) -> dict:
 
     from retro_toolkit.checkpoint.export import write_model
     from retro_toolkit.collections.retro import build_model, config_from_model_section, initialize
-    from retro_toolkit.collections.text.tokenizer import train_sentencepiece
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import train_sentencepiece
 
     tok = tmp / "tokenizer.model"
     train_sentencepiece(["the quick brown fox jumps over the lazy dog", "def f(x): return x + 1"] * 50, tok, 64,

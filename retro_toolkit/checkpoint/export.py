@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from retro_toolkit.checkpoint import archive
-from retro_toolkit.checkpoint.nemo import (MODEL_CONFIG, RETRIEVAL_FILE, TOKENIZER_FILE, WEIGHTS_DIR, WEIGHTS_FILE,
-                                           build_for, full_state, model_config, write_yaml)
+from retro_toolkit.checkpoint.nemo import (MODEL_CONFIG, RETRIEVAL_FILE, WEIGHTS_DIR, WEIGHTS_FILE, build_for, full_state,
+                                           model_config, write_yaml)
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.errors import UserError
@@ -49,9 +49,10 @@ def retrieval_settings(workdir: Path, recipe, section: dict[str, Any]) -> Option
     return out
 
 
-def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
+def write_model(model, section: dict[str, Any], tokenizer, out: Path,
                 retrieval: Optional[dict[str, Any]] = None, weights: str = "file") -> Path:
-    """Package a model built from `section` (on every rank of its job) as `out` (.nemo).
+    """Package a model built from `section` (on every rank of its job) and its `tokenizer` (a
+    Tokenizer, or the path of a SentencePiece .model, a tokenizer.json or its folder) as `out` (.nemo).
 
     weights "file" needs tensor-parallel size 1; "dist" works at any size. The package is
     assembled in a staging folder next to `out` and packed atomically by rank 0.
@@ -60,8 +61,11 @@ def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
     import torch.distributed as td
     from megatron.core import dist_checkpointing, parallel_state
 
+    from retro_toolkit.collections.text.tokenizer import Tokenizer, open_tokenizer
     from retro_toolkit.core import dist
 
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = open_tokenizer(tokenizer, "tokenizer")
     if weights not in ("file", "dist"):
         raise UserError(f"export.weights must be 'file' or 'dist' (got {weights!r}).")
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -85,13 +89,14 @@ def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
         torch.save(full_state(model), staging / WEIGHTS_FILE)
     dist.barrier()
     if is_main:
-        shutil.copyfile(tokenizer_file, staging / TOKENIZER_FILE)
+        for name, data in tokenizer.files().items():
+            (staging / name).write_bytes(data)
         if retrieval is not None:
             write_yaml(staging / RETRIEVAL_FILE, retrieval)
         # Stated, not left to defaults: a package without them reads as one from before they existed.
         section = {**section, "flavor": model.config.flavor, "encoder_rotary": model.config.encoder_rotary}
         cfg = model_config(section, WEIGHTS_FILE if weights == "file" else WEIGHTS_DIR, retrieval is not None,
-                           files.sha256_file(tokenizer_file))
+                           tokenizer)
         write_yaml(staging / MODEL_CONFIG, cfg)
         archive.pack(staging, out)
         shutil.rmtree(staging)
@@ -99,13 +104,14 @@ def write_model(model, section: dict[str, Any], tokenizer_file: Path, out: Path,
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.PathLike, out: str | os.PathLike,
+def export_checkpoint(checkpoint: str | os.PathLike, tokenizer: str | os.PathLike, out: str | os.PathLike,
                       retrieval: Optional[dict[str, Any]] = None, weights: str = "file",
                       log: Callable[[str], None] = print) -> Path:
-    """Package a training checkpoint (checkpoints/<stage>[/iter_NNNNNNN], any tensor-parallel size)."""
+    """Package a training checkpoint (checkpoints/<stage>[/iter_NNNNNNN], any tensor-parallel size);
+    `tokenizer`: the one it was trained with (a SentencePiece .model, a tokenizer.json or its folder)."""
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.retro.config import stored_model_section
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
 
     source = ckpt.resolve(checkpoint, "export.checkpoint")
     common = ckpt.common_state(source)
@@ -114,19 +120,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, tokenizer_file: str | os.Pa
         raise UserError(f"{source} records no model section (an older retro_toolkit wrote it), so the package "
                         "could not say which model it holds. Retrain, or re-save it with this version.")
     section = stored_model_section(section)
-    tokenizer_file = Path(tokenizer_file)
+    tok = open_tokenizer(tokenizer, "tokenizer")
     saved_sha = common.get("tokenizer_sha256")
-    if saved_sha is not None and saved_sha != files.sha256_file(tokenizer_file):
-        raise UserError(f"{source} was trained with another tokenizer than {tokenizer_file} (sha256 "
-                        f"{saved_sha[:12]} vs {files.sha256_file(tokenizer_file)[:12]}): package the tokenizer "
-                        "it was trained with.")
+    if saved_sha is not None and saved_sha != tok.sha256:
+        raise UserError(f"{source} was trained with another tokenizer than {tokenizer} (sha256 "
+                        f"{saved_sha[:12]} vs {tok.sha256[:12]}): package the tokenizer it was trained with.")
     if retrieval is not None:  # the checkpoint's own shapes win over the recipe's
         retrieval = None if section.get("arch") != "retro" else {
             **retrieval, **{k: section[k] for k in ("chunk_length", "num_neighbors", "num_retrieved_chunks")}}
-    model = build_for(section, Tokenizer(tokenizer_file), 1, ckpt.saved_dtype(source))  # a bf16 run packs bf16
+    model = build_for(section, tok, 1, ckpt.saved_dtype(source))  # a bf16 run packs bf16
     ckpt.load_weights(source, model)
     log(f"export: weights from {source} (trained at tensor-parallel size {section.get('tensor_model_parallel_size', 1)})")
-    return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
+    return write_model(model, section, tok, Path(out), retrieval, weights)
 
 
 def source_checkpoint(recipe, workdir: Path) -> Path:
@@ -139,13 +144,13 @@ def source_checkpoint(recipe, workdir: Path) -> Path:
 
 def run(ctx: StageContext) -> StageResult:
     from retro_toolkit.collections.retro.engine import model_section
-    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+    from retro_toolkit.collections.text.tokenizer import TOKENIZER_DIR
 
     r, e = ctx.recipe, ctx.recipe.export
     name = e.name or r.name
     out = ctx.workdir / OUTPUT_DIR / f"{name}.nemo"
     retrieval = retrieval_settings(ctx.workdir, r, model_section(r, r.model.arch))
-    export_checkpoint(source_checkpoint(r, ctx.workdir), ctx.workdir / MODEL_FILE, out, retrieval, e.weights, ctx.log)
+    export_checkpoint(source_checkpoint(r, ctx.workdir), ctx.workdir / TOKENIZER_DIR, out, retrieval, e.weights, ctx.log)
     outputs = [f"{OUTPUT_DIR}/{name}.nemo"]
     if e.safetensors and ctx.env.is_main:
         from retro_toolkit.checkpoint.safetensors_io import export_safetensors

@@ -6,14 +6,14 @@
   a folder with latest_checkpointed_iteration.txt -> "megatron" (megatron_legacy.py: legacy or torch_dist)
 
 `read` gives the model section, the unsharded tensors under this toolkit's names and the
-SentencePiece tokenizer's bytes where the checkpoint carries one; `import_gpt` packages
+tokenizer where the checkpoint carries one (a Hugging Face folder's tokenizer.json or
+tokenizer.model, a package's own); `import_gpt` packages
 them (`retro-run import-gpt`), and pretrain.init_from loads them directly.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,7 +27,7 @@ KINDS = ("package", "nemo1", "hugging_face", "megatron")
 class GptSource:
     section: dict[str, Any]
     tensors: dict[str, Any]
-    tokenizer: Optional[bytes]  # the SentencePiece model, when the checkpoint carries one
+    tokenizer: Any  # a collections.text.tokenizer.Tokenizer, when the checkpoint carries one
     kind: str
 
 
@@ -57,14 +57,17 @@ def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
     if kind == "nemo1":
         from retro_toolkit.checkpoint.nemo1_gpt import read_nemo1
 
-        return GptSource(*read_nemo1(path, trust), kind)
+        from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
+
+        section, tensors, sp = read_nemo1(path, trust)
+        return GptSource(section, tensors, SentencePieceTokenizer.from_bytes(sp, f"{path}:tokenizer"), kind)
     if kind == "hugging_face":
         from retro_toolkit.checkpoint import hf_gpt
+        from retro_toolkit.collections.text.tokenizer import HF_FILE, SP_FILE, open_tokenizer
 
         section = hf_gpt.section_from_config(hf_gpt.read_config(path), path / "config.json")
-        tok = path / "tokenizer.model"
-        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path),
-                         tok.read_bytes() if tok.is_file() else None, kind)
+        tok = open_tokenizer(path) if (path / HF_FILE).is_file() or (path / SP_FILE).is_file() else None
+        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path), tok, kind)
     from retro_toolkit.checkpoint.megatron_legacy import read_megatron
 
     _, section, tensors, _ = read_megatron(path, trust)
@@ -74,11 +77,12 @@ def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
 def import_gpt(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
                trust: bool = False, weights: str = "file", log: Callable[[str], None] = print) -> Path:
     """Write `out` (.nemo) from a GPT of any kind `kind_of` recognises; `tokenizer` (a SentencePiece
-    .model) is needed where the checkpoint carries none and replaces the one it carries."""
+    .model, a tokenizer.json or its folder) is needed where the checkpoint carries none and replaces
+    the one it carries."""
     from retro_toolkit.checkpoint.export import write_model
     from retro_toolkit.checkpoint.mapped import dtype_of
     from retro_toolkit.checkpoint.nemo import build_for, load_full
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
 
     kind = kind_of(src)
     if kind is None or kind == "package":
@@ -89,30 +93,31 @@ def import_gpt(src: str | os.PathLike, out: str | os.PathLike, tokenizer: str | 
     if source.section.get("arch") != "gpt":
         raise UserError(f"{src} holds a {source.section.get('arch')!r} model; import-gpt reads GPTs "
                         "(import-megatron reads Retro checkpoints).")
-    with tempfile.TemporaryDirectory(prefix="import_gpt_") as tmp:
-        if tokenizer is not None:
-            tok_file = Path(tokenizer)
-            if not tok_file.is_file():
-                raise UserError(f"--tokenizer {tok_file} does not exist; give the model's SentencePiece .model.")
-        elif source.tokenizer is not None:
-            tok_file = Path(tmp) / "tokenizer.model"
-            tok_file.write_bytes(source.tokenizer)
-        else:
-            raise UserError(f"{src} carries no SentencePiece tokenizer.model: give the model's with --tokenizer "
-                            "(Hugging Face tokenizer.json-only tokenizers are not read yet).")
-        tok = Tokenizer(tok_file)
-        if tok.vocab_size > source.section["vocab_size"]:
-            raise UserError(f"{tok_file} has {tok.vocab_size} pieces but the model's embedding has "
-                            f"{source.section['vocab_size']} rows: it is not this model's tokenizer.")
-        s = source.section
-        log(f"import-gpt: {kind} GPT, {s['num_layers']} layers, hidden {s['hidden_size']}, "
-            f"{s['num_attention_heads']} heads / {s.get('num_query_groups') or s['num_attention_heads']} key-value heads")
-        model = build_for(s, tok, 1, dtype_of(source.tensors))
-        load_full(model, source.tensors, src)
-        package = write_model(model, s, tok_file, Path(out), None, weights)
+    if tokenizer is not None:
+        tok = open_tokenizer(tokenizer, "--tokenizer")
+    elif source.tokenizer is not None:
+        tok = source.tokenizer
+    else:
+        raise UserError(f"{src} carries no tokenizer: give the model's with --tokenizer (a SentencePiece .model, "
+                        "a tokenizer.json, or the folder holding it).")
+    check_vocabulary(tok, source.section, "--tokenizer" if tokenizer is not None else str(src))
+    s = source.section
+    log(f"import-gpt: {kind} GPT, {s['num_layers']} layers, hidden {s['hidden_size']}, "
+        f"{s['num_attention_heads']} heads / {s.get('num_query_groups') or s['num_attention_heads']} key-value heads")
+    model = build_for(s, tok, 1, dtype_of(source.tensors))
+    load_full(model, source.tensors, src)
+    package = write_model(model, s, tok, Path(out), None, weights)
     piece = write_model_piece(s, package)
     log(f"import-gpt: {piece} holds the recipe's model section for this decoder: model={piece}")
     return package
+
+
+def check_vocabulary(tok, section: dict[str, Any], where: str) -> None:
+    """A tokenizer whose ids run past the model's embedding rows is not this model's."""
+    if tok.vocab_size > section["vocab_size"]:
+        raise UserError(f"{where}: the tokenizer {tok.name} has {tok.vocab_size} ids but the model's embedding has "
+                        f"{section['vocab_size']} rows: it is not this model's tokenizer. Give the tokenizer the "
+                        "model was trained with.")
 
 
 def write_model_piece(section: dict[str, Any], package: Path) -> Path:

@@ -8,7 +8,9 @@ computes the same function:
   LayerNorm + squared ReLU, no biases         -> NemotronForCausalLM
 Anything else (learned absolute positions, megatron_core's decoder without a final norm,
 biases on some layers only) is refused, naming the model keys no class expresses.
-DIR gets config.json, model.safetensors and the package's SentencePiece tokenizer.model.
+DIR gets config.json, generation_config.json, model.safetensors and the tokenizer for
+transformers' AutoTokenizer: a Hugging Face tokenizer as the package holds it, or a
+SentencePiece model as tokenizer.model beside its tokenizer.json (sentencepiece_convert.py).
 """
 
 from __future__ import annotations
@@ -132,6 +134,17 @@ def hf_state(ours: dict[str, Any], section: dict[str, Any], kind: str) -> dict[s
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def tokenizer_files(tokenizer, seq_length: int) -> dict[str, bytes]:
+    """The files that make `tokenizer` load with AutoTokenizer.from_pretrained."""
+    from retro_toolkit.collections.text import sentencepiece_convert as convert
+    from retro_toolkit.collections.text.tokenizer import HF_CONFIG, HF_FILE
+
+    if tokenizer.kind == "huggingface":
+        return tokenizer.files()
+    data, special = convert.tokenizer_json(tokenizer.proto, tokenizer.name)
+    return {**tokenizer.files(), HF_FILE: data, HF_CONFIG: convert.tokenizer_config(special, seq_length)}
+
+
 def export_hf(package: str | os.PathLike, out: str | os.PathLike, log: Callable[[str], None] = print) -> Path:
     """Write folder `out` (save_pretrained layout) with the decoder of `package` as a transformers model."""
     import transformers
@@ -154,7 +167,8 @@ def export_hf(package: str | os.PathLike, out: str | os.PathLike, log: Callable[
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        (staging / "tokenizer.model").write_bytes(pkg.tokenizer.sp.serialized_model_proto())
+        for name, data in tokenizer_files(pkg.tokenizer, section["seq_length"]).items():
+            (staging / name).write_bytes(data)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -59,25 +59,22 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
                       trust: bool = False, weights: str = "file", log: Callable[[str], None] = print,
                       retro_args: str | os.PathLike | None = None) -> Path:
     """Write `out` (.nemo) from a Megatron-LM checkpoint folder (legacy or megatron-core
-    torch_dist) and its SentencePiece model. `retro_args`: the Retro workdir's args.json, whose
+    torch_dist) and its tokenizer (a SentencePiece .model, a tokenizer.json or its folder). `retro_args`: the Retro workdir's args.json, whose
     settings (the chunk length) complete the checkpoint's args."""
     from retro_toolkit.checkpoint.export import write_model
+    from retro_toolkit.checkpoint.gpt_sources import check_vocabulary
     from retro_toolkit.checkpoint.mapped import dtype_of
     from retro_toolkit.checkpoint.nemo import build_for, load_full
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
 
     folder, tokenizer_file = Path(folder), Path(tokenizer_file)
-    if not tokenizer_file.is_file():
-        raise UserError(f"--tokenizer {tokenizer_file} does not exist; give the model's SentencePiece .model file.")
-    tokenizer = Tokenizer(tokenizer_file)
+    tokenizer = open_tokenizer(tokenizer_file, "--tokenizer")
     args, section, ours, kind = read_megatron(folder, trust, read_retro_args(retro_args) if retro_args else {})
     if section["arch"] == "retro" and chunk_length(args) is None:
         log(f"import-megatron: the checkpoint's args do not record the chunk length (legacy Megatron-LM read it "
             f"from {args.get('retro_workdir') or '<retro_workdir>'}/args.json); taking Retro's 64. If the run used "
             "another, pass that file as --retro-args.")
-    if tokenizer.vocab_size > section["vocab_size"]:
-        raise UserError(f"--tokenizer {tokenizer_file} has {tokenizer.vocab_size} pieces but the checkpoint's "
-                        f"embedding has {section['vocab_size']} rows: it is not this model's tokenizer.")
+    check_vocabulary(tokenizer, section, "--tokenizer")
     log(f"import-megatron: {section['arch']} model, {section['num_layers']} layers, hidden {section['hidden_size']}, "
         f"{kind}")
     model = build_for(section, tokenizer, 1, dtype_of(ours))
@@ -89,7 +86,7 @@ def import_checkpoint(folder: str | os.PathLike, tokenizer_file: str | os.PathLi
         retrieval["megatron_args"] = {k: v for k, v in sorted(args.items())
                                       if k.startswith("retro_") and isinstance(v, (str, int, float, bool))}
         retrieval["source"] = f"Megatron-LM checkpoint {folder.resolve()}"
-    return write_model(model, section, tokenizer_file, Path(out), retrieval, weights)
+    return write_model(model, section, tokenizer, Path(out), retrieval, weights)
 
 
 def read_megatron(folder: Path, trust: bool = False, extra: dict[str, Any] | None = None

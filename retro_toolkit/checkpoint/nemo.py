@@ -4,10 +4,14 @@
                             artifacts referenced as nemo:<file>
     ./model_weights.ckpt    one unsharded state dict (torch.save, loads with weights_only)
     ./model_weights/        or: a megatron-core dist checkpoint (for models too large for one file)
-    ./tokenizer.model       the decoder's SentencePiece model      (tokenizer.model: nemo:tokenizer.model)
+    ./tokenizer.model       the decoder's SentencePiece model      (tokenizer: {library: sentencepiece,
+                                                                    model: nemo:tokenizer.model})
+    ./tokenizer.json        or its Hugging Face tokenizer          (tokenizer: {library: huggingface,
+      tokenizer_config.json                                         model: nemo:tokenizer.json,
+                                                                    config: nemo:tokenizer_config.json})
     ./retrieval.yaml        embedder, index string, chunk length, k (retrieval: nemo:retrieval.yaml)
 
-    export.write_model(model, section, tokenizer_file, "export/smoke.nemo", retrieval)
+    export.write_model(model, section, tokenizer, "export/smoke.nemo", retrieval)
     pkg = restore("export/smoke.nemo")                 # any tensor-parallel size, CPU or GPU
     pkg.model(tokens, neighbor_tokens)
 
@@ -32,7 +36,6 @@ from retro_toolkit.errors import UserError
 MODEL_CONFIG = "model_config.yaml"
 WEIGHTS_FILE = "model_weights.ckpt"
 WEIGHTS_DIR = "model_weights"
-TOKENIZER_FILE = "tokenizer.model"
 RETRIEVAL_FILE = "retrieval.yaml"
 NEMO_PREFIX = "nemo:"
 FORMAT_VERSION = 1
@@ -41,15 +44,26 @@ TRAINING_ONLY_KEYS = ("hidden_dropout", "attention_dropout", "encoder_hidden_dro
                       "init_method_std", "tensor_model_parallel_size")
 
 
-def model_config(section: dict[str, Any], weights: str, retrieval: bool, tokenizer_sha256: str) -> dict[str, Any]:
-    """model_config.yaml's content for a model section (as checkpoints record it)."""
+def tokenizer_entry(tokenizer) -> dict[str, Any]:
+    """model_config.yaml's `tokenizer`: its library, the member files holding it, its identity."""
+    from retro_toolkit.collections.text.tokenizer import HF_CONFIG, HF_FILE, SP_FILE
+
+    if tokenizer.kind == "huggingface":
+        entry = {"library": "huggingface", "model": NEMO_PREFIX + HF_FILE, "config": NEMO_PREFIX + HF_CONFIG}
+    else:
+        entry = {"library": "sentencepiece", "model": NEMO_PREFIX + SP_FILE}
+    return {**entry, "sha256": tokenizer.sha256}
+
+
+def model_config(section: dict[str, Any], weights: str, retrieval: bool, tokenizer) -> dict[str, Any]:
+    """model_config.yaml's content for a model section (as checkpoints record it) and its tokenizer."""
     cfg = {k: v for k, v in section.items() if k not in TRAINING_ONLY_KEYS}
     cfg.update(
         target="retro_toolkit.collections.retro.model.RetroModel" if section.get("arch") == "retro"
         else "retro_toolkit.collections.retro.model.GPTTwinModel",
         retro_toolkit_package_version=FORMAT_VERSION,
         weights=weights,
-        tokenizer={"library": "sentencepiece", "model": NEMO_PREFIX + TOKENIZER_FILE, "sha256": tokenizer_sha256},
+        tokenizer=tokenizer_entry(tokenizer),
         retrieval=NEMO_PREFIX + RETRIEVAL_FILE if retrieval else None,
     )
     return cfg
@@ -126,12 +140,9 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
     """
     from retro_toolkit.checkpoint.mapped import MappedWeights
     from retro_toolkit.collections.retro import checkpointing as ckpt
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
-
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
-        root, cfg, tok_bytes, weights_at = _unpack(path, tmp)
-        tokenizer = Tokenizer.from_bytes(tok_bytes, f"{path}:{TOKENIZER_FILE}")
+        root, cfg, tokenizer, weights_at = _unpack(path, tmp)
         retrieval = None
         if cfg.get("retrieval") is not None:
             retrieval = yaml.safe_load(_artifact(root, cfg["retrieval"], "retrieval", path).read_text())
@@ -148,8 +159,8 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
     return Package(model.eval(), tokenizer, cfg, retrieval, path, section)
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], bytes]:
-    """(model section, every tensor at its full shape by name, the tokenizer file's bytes) of a
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """(model section, every tensor at its full shape by name, the tokenizer) of a
     package, without building its model (what `pretrain.init_from` loads a decoder from)."""
     import torch
 
@@ -157,31 +168,44 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
-        _, cfg, tok_bytes, weights_at = _unpack(path, tmp)
+        _, cfg, tokenizer, weights_at = _unpack(path, tmp)
         tensors = (torch.load(weights_at, map_location="cpu", weights_only=True) if weights_at.name == WEIGHTS_FILE
                    else to_toolkit(read_dist_tensors(weights_at)))  # dist names norms as TE fuses them
-    return section_of(cfg), {k: v for k, v in tensors.items() if not k.endswith("_extra_state")}, tok_bytes
+    return section_of(cfg), {k: v for k, v in tensors.items() if not k.endswith("_extra_state")}, tokenizer
 
 
-def _unpack(path: Path, tmp: str) -> tuple[Path, dict[str, Any], bytes, Path]:
-    """(unpacked root, model_config.yaml, tokenizer bytes, the weights file or folder) of a package."""
+def _unpack(path: Path, tmp: str) -> tuple[Path, dict[str, Any], Any, Path]:
+    """(unpacked root, model_config.yaml, the tokenizer, the weights file or folder) of a package."""
     root = archive.extract(path, tmp)
     cfg_file = root / MODEL_CONFIG
     if not cfg_file.is_file():
         raise UserError(f"{path} has no {MODEL_CONFIG}: it is not a .nemo package.")
     cfg = _parse_config(cfg_file.read_bytes(), path)
-    tok_bytes = _artifact(root, (cfg.get("tokenizer") or {}).get("model"), "tokenizer.model", path).read_bytes()
+    tokenizer = _tokenizer(root, cfg, path)
     if cfg["weights"] == WEIGHTS_FILE:
         if not (root / WEIGHTS_FILE).is_file():
             raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_FILE}, which is missing.")
-        return root, cfg, tok_bytes, root / WEIGHTS_FILE
+        return root, cfg, tokenizer, root / WEIGHTS_FILE
     if cfg["weights"] == WEIGHTS_DIR:
         if not (root / WEIGHTS_DIR / "metadata.json").is_file():
             raise UserError(f"{path}: {MODEL_CONFIG} says weights are in {WEIGHTS_DIR}/, which holds no "
                             "dist checkpoint (metadata.json).")
-        return root, cfg, tok_bytes, root / WEIGHTS_DIR
+        return root, cfg, tokenizer, root / WEIGHTS_DIR
     raise UserError(f"{path}: {MODEL_CONFIG} key 'weights' is {cfg['weights']!r}; expected "
                     f"{WEIGHTS_FILE} or {WEIGHTS_DIR}.")
+
+
+def _tokenizer(root: Path, cfg: dict[str, Any], path: Path):
+    """The tokenizer the package's `tokenizer` entry names (library sentencepiece or huggingface)."""
+    from retro_toolkit.collections.text.hf_tokenizer import HFTokenizer
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    entry = cfg.get("tokenizer") or {}
+    model = _artifact(root, entry.get("model"), "tokenizer.model", path)
+    if entry.get("library") == "huggingface":
+        config = _artifact(root, entry.get("config"), "tokenizer.config", path)
+        return HFTokenizer(model.read_bytes(), config.read_bytes(), f"{path}:{model.name}")
+    return SentencePieceTokenizer.from_bytes(model.read_bytes(), f"{path}:{model.name}")
 
 
 def build_for(section: dict[str, Any], tokenizer, tensor_model_parallel_size: Optional[int] = None,

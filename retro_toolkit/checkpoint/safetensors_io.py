@@ -3,7 +3,7 @@
     <out>/model.safetensors   every tensor, unsharded (tensor-parallel size 1), named as in
                               retro_toolkit's model (megatron-core local-spec names)
     <out>/config.json         the model section, tokenizer and retrieval settings
-    <out>/tokenizer.model     the decoder's SentencePiece model
+    <out>/tokenizer.model     the decoder's SentencePiece model (or tokenizer.json + tokenizer_config.json)
 
     export_safetensors("export/smoke.nemo", "export/smoke.safetensors")
     pkg = load_safetensors("export/smoke.safetensors")       # back into a model
@@ -28,13 +28,13 @@ FORMAT = "retro_toolkit.safetensors.v1"
 
 
 def export_safetensors(package: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a .nemo package's model as safetensors + config.json + tokenizer.model (atomically)."""
+    """Write a .nemo package's model as safetensors + config.json + its tokenizer's files (atomically)."""
     from safetensors.torch import save_file
 
     pkg = nemo.restore(package, tensor_model_parallel_size=1, device="cpu")
     out = Path(out)
     state = nemo.full_state(pkg.model)
-    cfg = {"format": FORMAT, "model": pkg.section, "weights": WEIGHTS, "tokenizer": nemo.TOKENIZER_FILE,
+    cfg = {"format": FORMAT, "model": pkg.section, "weights": WEIGHTS, "tokenizer": nemo.tokenizer_entry(pkg.tokenizer)["model"].removeprefix(nemo.NEMO_PREFIX),
            "tokenizer_sha256": pkg.config["tokenizer"]["sha256"], "retrieval": pkg.retrieval,
            "parameters": {k: list(v.shape) for k, v in state.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,8 @@ def export_safetensors(package: str | os.PathLike, out: str | os.PathLike) -> Pa
     try:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "source": str(package)})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / nemo.TOKENIZER_FILE).write_bytes(pkg.tokenizer.sp.serialized_model_proto())
+        for name, data in pkg.tokenizer.files().items():
+            (tmp / name).write_bytes(data)
         umask = os.umask(0)
         os.umask(umask)
         for f in tmp.iterdir():
@@ -62,7 +63,7 @@ def load_safetensors(folder: str | os.PathLike, tensor_model_parallel_size: Opti
     as saved, on `device`, then filled one tensor at a time)."""
     from safetensors import safe_open
 
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
 
     folder = Path(folder)
     cfg_file = folder / CONFIG
@@ -71,7 +72,7 @@ def load_safetensors(folder: str | os.PathLike, tensor_model_parallel_size: Opti
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("format") != FORMAT:
         raise UserError(f"{cfg_file}: format is {cfg.get('format')!r}, expected {FORMAT!r}.")
-    tokenizer = Tokenizer(folder / cfg["tokenizer"])
+    tokenizer = open_tokenizer(folder / cfg["tokenizer"], f"{cfg_file}: tokenizer")
     with safe_open(str(folder / cfg["weights"]), framework="pt") as f:
         weights = SafetensorsWeights(f)  # read one tensor at a time, as load_full asks
         model = nemo.build_for(cfg["model"], tokenizer, tensor_model_parallel_size, dtype or weights.dtype(), device)

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(NAME, description=hf_export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="the decoder of a .nemo package as a transformers model (Llama, Qwen2, GPT-NeoX)")
     p.add_argument("package", help="the .nemo package (Retro or GPT)")
-    p.add_argument("--out", required=True, help="a new folder for config.json, model.safetensors, tokenizer.model")
+    p.add_argument("--out", required=True, help="a new folder for config.json, model.safetensors and the tokenizer (tokenizer.json, tokenizer_config.json)")
     return p
 
 

@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     es = sub.add_parser(NAME, help="a .nemo package as safetensors + config.json + tokenizer",
                         description="Writes OUT/model.safetensors (unsharded tensors, retro_toolkit's parameter "
                         "names), OUT/config.json (model settings, tokenizer, retrieval settings, every tensor's "
-                        "shape) and OUT/tokenizer.model, for other inference engines. Load it back with "
+                        "shape) and the tokenizer's files, for other inference engines. Load it back with "
                         "retro_toolkit.checkpoint.safetensors_io.load_safetensors.")
     es.add_argument("package", help="a .nemo file")
     es.add_argument("--out", required=True, help="output folder (replaced atomically)")

@@ -16,13 +16,16 @@ Convert a GPT into this toolkit's .nemo package. SOURCE is detected:
     any tensor-parallel size (give --tokenizer: these carry none).
 Hugging Face architectures read: Llama, Mistral, Qwen2, Nemotron (grouped-query attention,
 RoPE base and rotated fraction, RMSNorm or LayerNorm1P, SwiGLU or squared ReLU, q/k/v biases,
-tied or untied embeddings); RoPE scaling and partial biases are refused, naming the key.
+tied or untied embeddings, llama3 RoPE scaling); other RoPE scaling kinds and partial biases are
+refused, naming the key. The tokenizer comes along: a Hugging Face folder's tokenizer.json
+(special tokens from tokenizer_config.json) or tokenizer.model, a NeMo package's SentencePiece
+model; --tokenizer replaces it.
 
 Beside FILE.nemo it writes FILE.model.yaml, the recipe's model section for a Retro model around
 this decoder (Retro's own keys at their defaults). Start Retro from it:
   retro-run import-gpt Llama-2-7b-hf/ --out llama2.nemo
   retro-run RECIPE model=llama2.model.yaml pretrain.init_from=llama2.nemo \
-      tokenizer.model=Llama-2-7b-hf/tokenizer.model
+      tokenizer.model=Llama-2-7b-hf/
 (pretrain.init_from also reads SOURCE directly; it names every model key that differs.)
 """
 
@@ -32,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="a Hugging Face folder, a NeMo 1.x .nemo or a Megatron-LM checkpoint folder")
     p.add_argument("--out", required=True, help="the .nemo file to write")
-    p.add_argument("--tokenizer", help="the model's SentencePiece .model (default: the one SOURCE carries)")
+    p.add_argument("--tokenizer", help="the model's tokenizer: a SentencePiece .model, a tokenizer.json or its "
+                   "folder (default: the one SOURCE carries)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full pickle loading of .pt/.ckpt files (runs code from them); only for files you trust")
     return p

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     im = sub.add_parser(NAME, help="a Megatron-LM Retro checkpoint (legacy or torch_dist) as a .nemo package",
                         description=IMPORT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     im.add_argument("checkpoint", help="the folder holding latest_checkpointed_iteration.txt")
-    im.add_argument("--tokenizer", required=True, help="the model's SentencePiece .model file")
+    im.add_argument("--tokenizer", required=True, help="the model's tokenizer: a SentencePiece .model, a tokenizer.json, or its folder")
     im.add_argument("--out", required=True, help="the .nemo file to write")
     im.add_argument("--trust-checkpoint", action="store_true",
                     help="allow full pickle loading (runs code from the file); only for checkpoints you trust")

@@ -1,4 +1,5 @@
-"""Stage `tokenizer`: train (or load) the decoder's SentencePiece tokenizer."""
+"""Stage `tokenizer`: train the decoder's SentencePiece tokenizer, or take a given SentencePiece or
+Hugging Face tokenizer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from retro_toolkit.stages.spec import StageSpec
 
 @dataclass
 class TokenizerConfig:
-    # An existing SentencePiece .model to use as is; null = train one on the corpus.
+    # An existing tokenizer to use as is: a SentencePiece .model, a Hugging Face tokenizer.json, or
+    # the folder save_pretrained wrote (tokenizer.json + tokenizer_config.json, whose eos_token ends
+    # documents). null = train a SentencePiece model on the corpus.
     model: Optional[str] = filepath(None)
     vocab_size: int = bounded(8000, 16, VOCAB, WHY_VOCAB)
     # SentencePiece model type when training: unigram or bpe.
@@ -34,9 +37,14 @@ def _preflight(r) -> None:
     if not r.tokenizer.model:
         if "prepare_corpus" not in r.stages:  # that stage's preflight reads the same sources
             check_sources(r)
-    elif not Path(r.tokenizer.model).is_file():
-        raise UserError(f"tokenizer.model: SentencePiece model {r.tokenizer.model} does not exist. "
-                        "Fix the path, or set tokenizer.model=null to train one on the corpus.")
+    elif not Path(r.tokenizer.model).exists():
+        raise UserError(f"tokenizer.model: {r.tokenizer.model} does not exist. Give a SentencePiece .model, a "
+                        "Hugging Face tokenizer.json or its folder, or set tokenizer.model=null to train one on "
+                        "the corpus.")
+    else:  # a file that is no tokenizer, or special tokens missing, fails before any work directory exists
+        from retro_toolkit.collections.text.tokenizer import open_tokenizer
+
+        open_tokenizer(r.tokenizer.model)
 
 
 STAGE = StageSpec("tokenizer", "tokenizer", depends_on=(),

@@ -89,8 +89,7 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
         return _nemo_session(Path(nemo), workdir, checkpoint)
     from retro_toolkit.collections.retro import checkpointing as ckpt
     from retro_toolkit.collections.retro.engine import build_trained
-    from retro_toolkit.collections.text.tokenizer import Tokenizer
-    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
     from retro_toolkit.recipe import load_recipe
 
     if checkpoint is None and workdir is None:
@@ -110,13 +109,12 @@ def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.
     recipe = load_recipe(str(recipe_file))
     arch = ckpt.common_state(source).get("model_section", {}).get("arch", recipe.model.arch)
     model, _ = build_trained(recipe, arch, source, wd)
-    return Session(model, Tokenizer(wd / MODEL_FILE), wd, source)
+    return Session(model, workdir_tokenizer(wd), wd, source)
 
 
 def _nemo_session(package: Path, workdir: str | os.PathLike | None, checkpoint) -> Session:
     from retro_toolkit.checkpoint.nemo import restore
-    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
-    from retro_toolkit.core import files
+    from retro_toolkit.collections.text.tokenizer import TOKENIZER_DIR, workdir_tokenizer
 
     if checkpoint is not None:
         raise UserError("give either --nemo or --checkpoint, not both.")
@@ -124,10 +122,13 @@ def _nemo_session(package: Path, workdir: str | os.PathLike | None, checkpoint) 
     wd = None
     if workdir is not None:
         wd = Path(workdir).resolve()
-        tok = wd / MODEL_FILE
         want = pkg.config["tokenizer"]["sha256"]
-        if not tok.is_file() or files.sha256_file(tok) != want:
-            raise UserError(f"--workdir {wd}: its tokenizer ({tok}) is not the one {package} was trained with "
+        try:
+            have = workdir_tokenizer(wd).sha256
+        except UserError:
+            have = None
+        if have != want:
+            raise UserError(f"--workdir {wd}: its tokenizer ({wd / TOKENIZER_DIR}) is not the one {package} was trained with "
                             f"(sha256 {want[:12]}), so its database's tokens would mean other text. Use the work "
                             "directory the package was exported from, or one built with that tokenizer.")
     return Session(pkg.model, pkg.tokenizer, wd, package)

@@ -19,8 +19,7 @@ from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import resume
 from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro.engine import build, resume_settings, train_with_checkpoints
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.data import data_file
 from retro_toolkit.stages.sft import ADDED_KEYS, RESUME_FREE
@@ -71,7 +70,7 @@ def run(ctx: StageContext) -> StageResult:
 
     dp_rank, dp_size = training.data_parallel()
     training.grad_accumulation(s.global_batch_size, s.micro_batch_size, dp_size)
-    tokenizer = Tokenizer(ctx.workdir / MODEL_FILE)
+    tokenizer = workdir_tokenizer(ctx.workdir)
     data = sft_dataset(r, tokenizer, s.train_iters * s.global_batch_size, log)
     batches = training.Batches(data, s.global_batch_size, s.micro_batch_size, dp_rank, dp_size)
     seq = s.seq_length or r.model.seq_length

@@ -27,8 +27,7 @@ from retro_toolkit.collections.qa.metrics import exact_match, f1_score
 from retro_toolkit.collections.qa.tasks import load_task
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro.engine import build_trained
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 
@@ -90,7 +89,7 @@ def run(ctx: StageContext) -> StageResult:
     source = ckpt.resolve(where, "eval_qa.checkpoint")
     model, _ = build_trained(r, r.model.arch, source, ctx.workdir)
     ctx.log(f"eval_qa: weights from {source} ({str(model.config.params_dtype)[6:]})")
-    tokenizer = Tokenizer(ctx.workdir / MODEL_FILE)
+    tokenizer = workdir_tokenizer(ctx.workdir)
     retriever = None
     if q.contexts == "retrieve" or q.live_retrieval:
         from retro_toolkit.collections.retrieval.retriever import Retriever

@@ -23,8 +23,7 @@ from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
 from retro_toolkit.collections.text import token_stream as ts
 from retro_toolkit.collections.text.sources import iter_documents
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 
@@ -75,7 +74,7 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
     if not sources:
         return None
     folder = ctx.workdir / EXTRA_DIR
-    key = _sha([dict(s) for s in sources], files.sha256_file(tok.model_file))
+    key = _sha([dict(s) for s in sources], tok.sha256)
     if ctx.env.is_main:
         meta_file = folder / "meta.json"
         if not meta_file.is_file() or files.read_json(meta_file).get("key") != key:
@@ -84,7 +83,7 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
             dtype = ts.dtype_for_vocab(tok.vocab_size)
             counts = ts.write_stream(folder, "extra", (tok.encode([t])[0] for t in texts), dtype, tok.eod_id)
             files.write_json(meta_file, {"key": key, "dtype": dtype.name, "special_ids": tok.special_ids(),
-                                         "tokenizer_sha256": files.sha256_file(tok.model_file),
+                                         "tokenizer_sha256": tok.sha256,
                                          "splits": {"extra": counts}})
     dist.barrier()
     return ts.TokenStream(folder, "extra")
@@ -95,7 +94,7 @@ def run(ctx: StageContext) -> StageResult:
     cfg, m, k = r.retrieval, r.model.chunk_length, r.model.num_neighbors
     c = neighbors.num_candidates(cfg.num_candidates, k, cfg.k_query)
     w = ctx.workdir
-    tok = Tokenizer(w / MODEL_FILE)
+    tok = workdir_tokenizer(w)
     train = ts.TokenStream(w / ts.CORPUS_DIR, "train")
     extra = _extra_stream(ctx, tok)
     streams = [train] + ([extra] if extra else [])

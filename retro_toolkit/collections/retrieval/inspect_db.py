@@ -15,8 +15,7 @@ from retro_toolkit.collections.retrieval.build_db import (
     load_neighbors,
 )
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
 
@@ -31,7 +30,7 @@ class Inspector:
         if not (self.w / NEIGHBORS_META).is_file():
             raise UserError(f"{self.w} has no finished build_db ({self.w / NEIGHBORS_META} is missing).")
         self.meta = files.read_json(self.w / NEIGHBORS_META)
-        self.tok = Tokenizer(self.w / MODEL_FILE)
+        self.tok = workdir_tokenizer(self.w)
         self.db = chunk_db.load(self.w / chunk_db.CHUNKS_FILE)
         self.tokens = database_tokens(self.w, self.db)
 

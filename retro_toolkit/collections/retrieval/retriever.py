@@ -18,8 +18,7 @@ import numpy as np
 from retro_toolkit.collections.retrieval import chunk_db, index as faiss_index
 from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, chunk_text, database_tokens
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
 
@@ -41,7 +40,7 @@ class Retriever:
             raise UserError(f"{self.workdir} has no retrieval database ({meta_file} is missing): run the build_db stage.")
         self.meta = files.read_json(meta_file)
         self.recipe = load_recipe(str(self.workdir / "recipe.resolved.yaml"))
-        self.tokenizer = Tokenizer(self.workdir / MODEL_FILE)
+        self.tokenizer = workdir_tokenizer(self.workdir)
         self.db = chunk_db.load(self.workdir / chunk_db.CHUNKS_FILE)
         self.tokens = database_tokens(self.workdir, self.db)
         self.chunk_length = self.db.chunk_length

@@ -142,10 +142,10 @@ def check_model_section(ckpt: Path, saved: dict[str, Any], current: dict[str, An
 
 def check_tokenizer(ckpt: Path, common: dict[str, Any], workdir: Path) -> None:
     """The checkpoint's tokenizer must be the work directory's (same vocabulary size is not enough)."""
-    from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+    from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 
     saved = common.get("tokenizer_sha256")
-    current = files.sha256_file(workdir / MODEL_FILE)
+    current = workdir_tokenizer(workdir).sha256
     if saved is not None and saved != current:
         raise UserError(f"{ckpt} was trained with another tokenizer (sha256 {saved[:12]}, this work directory's "
                         f"{current[:12]}): token ids would mean different text. Use the checkpoint's tokenizer "

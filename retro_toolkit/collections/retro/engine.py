@@ -18,8 +18,7 @@ from retro_toolkit.collections.retro.config import config_from_model_section, in
 from retro_toolkit.collections.retro.dataset import RetroDataset
 from retro_toolkit.collections.retro.model import build_model
 from retro_toolkit.collections.retro.parallel import initialize
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext
 from retro_toolkit.recipe.model import ADDED_KEYS as MODEL_ADDED_KEYS
@@ -47,14 +46,14 @@ def model_section(recipe, arch: str) -> dict[str, Any]:
         if section.get(key) == default:
             del section[key]
     if not section.get("vocab_size"):
-        section["vocab_size"] = Tokenizer(Path(recipe.workdir) / MODEL_FILE).vocab_size
+        section["vocab_size"] = workdir_tokenizer(recipe.workdir).vocab_size
     return section
 
 
 def build(recipe, arch: str, overrides: dict[str, Any] | None = None):
     """(model on this job's device, its config, its section) for the recipe's model as `arch`."""
     section = model_section(recipe, arch)
-    pad_id = Tokenizer(Path(recipe.workdir) / MODEL_FILE).pad_id
+    pad_id = workdir_tokenizer(recipe.workdir).pad_id
     config, args = config_from_model_section(section, neighbor_pad_id=pad_id, **(overrides or {}))
     initialize(config.tensor_model_parallel_size, recipe.seed)
     model = build_model(config, args)
@@ -76,7 +75,7 @@ def dataset(recipe, split: str, arch: str, num_samples: int | None, shuffle: boo
     """A split's samples for `arch`; `blend` applies pretrain.source_weights (training only)."""
     m = recipe.model
     weights = recipe.pretrain.source_weights if blend else None
-    pad_id = Tokenizer(Path(recipe.workdir) / MODEL_FILE).pad_id
+    pad_id = workdir_tokenizer(recipe.workdir).pad_id
     return RetroDataset(recipe.workdir, split, m.seq_length, m.chunk_length, m.num_neighbors,
                         m.num_retrieved_chunks * m.chunk_length, pad_id, seed=recipe.seed,
                         num_samples=num_samples, with_neighbors=arch == "retro", shuffle=shuffle,
@@ -89,7 +88,7 @@ def train_with_checkpoints(ctx: StageContext, name: str, root: Path, parts: tupl
     """Iterations start+1 .. p.train_iters with checkpoints (every p.save_interval and at the end) and
     metrics/<name>.jsonl; parts = (model, ddp, optimizer, scheduler). Returns the last metrics row."""
     model, ddp, opt, sched = parts
-    common = {**common, "consumed_samples": 0, "tokenizer_sha256": files.sha256_file(ctx.workdir / MODEL_FILE)}
+    common = {**common, "consumed_samples": 0, "tokenizer_sha256": workdir_tokenizer(ctx.workdir).sha256}
 
     def save(iteration: int) -> None:
         common["consumed_samples"] = iteration * p.global_batch_size

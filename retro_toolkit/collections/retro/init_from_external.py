@@ -7,14 +7,14 @@
 (checkpoint/gpt_sources.py reads each.)
 The checkpoint's own model section must describe this model's decoder (Retro-only keys may
 differ; the refusal names every differing key) and its tokenizer must be the work
-directory's where it carries one (packages, and Hugging Face folders with tokenizer.model).
+directory's where it carries one (packages, and Hugging Face folders with tokenizer.json or
+tokenizer.model).
 A Retro model gets the decoder and keeps chunked cross-attention and its encoder as
 initialised; a GPT (the twin, or model.arch gpt) gets everything.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ def init_from_external(path: Path, kind: str, model, section: dict[str, Any], wo
 
     source = read(path, kind)
     saved, full = source.section, source.tensors
-    tokenizer_sha = hashlib.sha256(source.tokenizer).hexdigest() if source.tokenizer is not None else None
+    tokenizer_sha = source.tokenizer.sha256 if source.tokenizer is not None else None
     if saved.get("arch") != "gpt":
         raise UserError(f"{KEY}: {path} holds a {saved.get('arch')!r} model; init_from starts from a GPT. To "
                         "continue a Retro model, resume its training checkpoint.")

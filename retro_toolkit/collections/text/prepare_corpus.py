@@ -19,8 +19,7 @@ from retro_toolkit.collections.text import token_stream as ts
 from retro_toolkit.collections.text.decoding import ReadStats
 from retro_toolkit.collections.text.sources import iter_documents
 from retro_toolkit.collections.text.splits import Splitter
-from retro_toolkit.collections.text.tokenizer import Tokenizer
-from retro_toolkit.collections.text.tokenizer_stage import MODEL_FILE
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.errors import UserError
@@ -34,7 +33,7 @@ def _part(corpus: Path, split: str, rank: int) -> tuple[Path, Path]:
 def run(ctx: StageContext) -> StageResult:
     data = ctx.recipe.data
     corpus = ctx.workdir / ts.CORPUS_DIR
-    tok = Tokenizer(ctx.workdir / MODEL_FILE)
+    tok = workdir_tokenizer(ctx.workdir)
     dtype = ts.dtype_for_vocab(tok.vocab_size)
 
     passage_chars = data.passage_chars if data.split_by == "passage" else None
@@ -97,7 +96,7 @@ def run(ctx: StageContext) -> StageResult:
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
             "special_ids": tok.special_ids(),
-            "tokenizer_sha256": files.sha256_file(tok.model_file),
+            "tokenizer_sha256": tok.sha256,
             "split_by": data.split_by,
             "empty_skipped": stats.empty_skipped,
             "invalid_utf8_replaced": stats.invalid_utf8_replaced,

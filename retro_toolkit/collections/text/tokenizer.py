@@ -1,121 +1,112 @@
-"""The decoder tokenizer: a SentencePiece model, trained on the corpus or given.
+"""The decoder tokenizer: a SentencePiece model or a Hugging Face tokenizer (tokenizer.json).
 
-Special ids are fixed when we train (pad 0, unk 1, bos 2, eos 3); eos doubles as the
-end-of-document token between documents of a token stream. A given model keeps its own
-ids; a missing pad falls back to eos.
+Both kinds answer the same questions: encode text without special tokens, decode ids, the
+vocabulary size (highest id + 1) and the special ids. eod (the end-of-document token between
+documents of a token stream, and the end of an answer) is the tokenizer's EOS; pad falls
+back to it where the tokenizer has none.
+
+    tok = open_tokenizer("tokenizer.model")          # a SentencePiece .model
+    tok = open_tokenizer("Llama-3.2-1B/")            # a folder with tokenizer.json (+ tokenizer_config.json)
+    tok = workdir_tokenizer(workdir)                 # what the `tokenizer` stage put in a work directory
 """
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
-from typing import Iterable
 
 from retro_toolkit.errors import UserError
 
+# The work directory's tokenizer folder: tokenizer.model, or tokenizer.json + tokenizer_config.json.
+TOKENIZER_DIR = "tokenizer"
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_MAP = "special_tokens_map.json"
+
 
 class Tokenizer:
-    def __init__(self, model_file: str | os.PathLike, model_proto: bytes | None = None) -> None:
-        """model_file: a SentencePiece .model; with model_proto (its bytes) it only names the source."""
-        import sentencepiece as spm
+    """What every stage asks of a tokenizer (subclasses: SentencePieceTokenizer, HFTokenizer)."""
 
-        self.model_file = str(model_file)
-        try:
-            if model_proto is not None:
-                self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-            else:
-                self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"cannot load SentencePiece model {model_file}: {e}".splitlines()[0]) from None
-        self.vocab_size: int = self.sp.get_piece_size()
-        self.eod_id: int = self.sp.eos_id()
-        if self.eod_id < 0:
-            raise UserError(f"SentencePiece model {model_file} has no end-of-sentence id; retrain it with eos_id set.")
-        self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eod_id
-        self.bos_id: int = self.sp.bos_id()
-        self.unk_id: int = self.sp.unk_id()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, name: str) -> "Tokenizer":
-        """A tokenizer from a .model file's bytes (e.g. a .nemo artifact); name is for messages."""
-        return cls(name, model_proto=data)
+    kind: str  # "sentencepiece" or "huggingface"
+    name: str  # where it came from, for messages
+    vocab_size: int
+    eod_id: int
+    pad_id: int
+    bos_id: int  # -1 where the tokenizer has none
+    unk_id: int
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+        raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        raise NotImplementedError
+
+    def files(self) -> dict[str, bytes]:
+        """The files that hold this tokenizer (packages and work directories carry these)."""
+        raise NotImplementedError
+
+    @property
+    def sha256(self) -> str:
+        """Identity: equal only when the same text gives the same ids (and the same special ids)."""
+        raise NotImplementedError
 
     def special_ids(self) -> dict[str, int]:
         return {"pad": self.pad_id, "eod": self.eod_id, "bos": self.bos_id, "unk": self.unk_id}
 
 
-def _lines(texts: Iterable[str]) -> Iterable[str]:
-    for text in texts:
-        for line in text.split("\n"):
-            if line.strip():
-                yield line
+def open_tokenizer(path: str | os.PathLike, key: str = "tokenizer.model") -> Tokenizer:
+    """A SentencePiece .model file, a tokenizer.json file, or a folder holding either (tokenizer.json
+    wins where a folder has both, as in transformers). `key` names the setting in messages."""
+    from retro_toolkit.collections.text.hf_tokenizer import HFTokenizer
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / HF_FILE).is_file():
+            return HFTokenizer.from_folder(p)
+        if (p / SP_FILE).is_file():
+            return SentencePieceTokenizer(p / SP_FILE)
+        raise UserError(f"{key}: folder {p} holds neither {HF_FILE} (a Hugging Face tokenizer) nor {SP_FILE} "
+                        "(SentencePiece). Point it at the tokenizer's file or at the folder that holds it.")
+    if not p.is_file():
+        raise UserError(f"{key}: {p} does not exist. Give a SentencePiece .model, a tokenizer.json, or the folder "
+                        "holding one.")
+    if p.name.endswith(".json"):
+        return HFTokenizer.from_folder(p.parent, p)
+    return SentencePieceTokenizer(p)
 
 
-def train_sentencepiece(
-    texts: Iterable[str],
-    out_file: Path,
-    vocab_size: int,
-    model_type: str,
-    character_coverage: float,
-    max_lines: int,
-    byte_fallback: bool,
-    seed: int,
-) -> None:
-    """Train on the lines of `texts`; write the .model to `out_file` (caller makes it atomic)."""
-    import sentencepiece as spm
+def tokenizer_from_files(files: dict[str, bytes], name: str) -> Tokenizer:
+    """The tokenizer held by these files (a package's members): tokenizer.json or tokenizer.model."""
+    from retro_toolkit.collections.text.hf_tokenizer import HFTokenizer
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
 
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    # SentencePiece turns an exception raised by the iterator into a RuntimeError; keep
-    # the original (e.g. a UserError naming a bad file) and raise that instead.
-    reader_error: list[BaseException] = []
+    if HF_FILE in files:
+        return HFTokenizer.from_bytes(files[HF_FILE], files.get(HF_CONFIG), name, files.get(HF_SPECIAL_MAP))
+    if SP_FILE in files:
+        return SentencePieceTokenizer.from_bytes(files[SP_FILE], name)
+    raise UserError(f"{name} holds no tokenizer ({HF_FILE} or {SP_FILE}).")
 
-    def lines() -> Iterable[str]:
-        try:
-            yield from _lines(texts)
-        except Exception as e:
-            reader_error.append(e)
-            raise
 
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines()),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            byte_fallback=byte_fallback,
-            input_sentence_size=max_lines,
-            shuffle_input_sentence=True,
-            # identity + kept whitespace: decode(encode(text)) gives the text back, which
-            # the retrieval embedder (it re-tokenises decoded chunks for BERT) relies on.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            max_sentence_length=1 << 16,
-            pad_id=0,
-            unk_id=1,
-            bos_id=2,
-            eos_id=3,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
-    except RuntimeError as e:
-        if reader_error:
-            raise reader_error[0] from None
-        msg = str(e).strip().splitlines()[-1].split("] ")[-1]  # drop "INTERNAL: src/x.cc(744) [...]"
-        if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise UserError(
-                f"tokenizer.vocab_size = {vocab_size} does not fit this corpus (SentencePiece: {msg}). "
-                "Change tokenizer.vocab_size, or add text to data.sources."
-            ) from None
-        raise
-    out_file.write_bytes(model.getvalue())
+def workdir_tokenizer(workdir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer the `tokenizer` stage wrote into a work directory."""
+    folder = Path(workdir) / TOKENIZER_DIR
+    if not ((folder / HF_FILE).is_file() or (folder / SP_FILE).is_file()):
+        raise UserError(f"{folder} holds no tokenizer: run the tokenizer stage first (--stages tokenizer).")
+    return open_tokenizer(folder, str(folder))
+
+
+def write_tokenizer(tok: Tokenizer, folder: Path) -> list[str]:
+    """Put `tok`'s files into `folder` (each atomically), removing the other kind's; returns the names."""
+    from retro_toolkit.core import files as f
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = tok.files()
+    for stale in (SP_FILE, HF_FILE, HF_CONFIG, HF_SPECIAL_MAP):
+        if stale not in names:
+            (folder / stale).unlink(missing_ok=True)
+    for name, data in names.items():
+        with f.atomic_path(folder / name) as tmp:
+            tmp.write_bytes(data)
+    return sorted(names)
