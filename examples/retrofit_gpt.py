@@ -57,7 +57,7 @@ def main() -> None:
     gpt = run(root / "gpt", a.docs, a.gpt_iters,
               ["model.arch=gpt", "model.cca_layers=[]", "stages=[tokenizer,prepare_corpus,pretrain]"])
     retro = run(root / "retro", a.docs, a.retro_iters, [
-        f"tokenizer.model={gpt / 'tokenizer' / 'tokenizer.model'}",  # the GPT's token ids, not a new tokenizer
+        f"tokenizer.model={gpt / 'tokenizer'}",  # the GPT's token ids, not a new tokenizer
         f"pretrain.init_from={gpt / 'checkpoints' / 'pretrain'}",
         "pretrain.freeze_decoder=true", "model.cca_zero_init=true",
         "stages=[tokenizer,prepare_corpus,build_db,pretrain]",

@@ -32,6 +32,7 @@ def test_a_hugging_face_folder_encodes_and_decodes_as_transformers(hf_folder, tm
     assert tok.special_ids() == {"pad": eos, "eod": eos, "bos": -1, "unk": -1}  # no pad token: the EOS pads
     ids = tok.encode(TEXTS)
     assert ids == [theirs(t, add_special_tokens=False).input_ids for t in TEXTS]
+    assert tok.encode(TEXTS * 8) == ids * 8  # a batch cut into slices over threads comes back in order
     assert [tok.decode(i) for i in ids] == TEXTS  # byte-level BPE round-trips any text
     assert tok.decode(ids[0] + [eos]) == TEXTS[0]  # special tokens do not decode, as SentencePiece's control ids
 
@@ -155,3 +156,23 @@ def test_a_llama_with_its_tokenizer_json_goes_through_retro_and_back_to_transfor
     p = retro_run(SMOKE, f"workdir={w}", *SMALL, CORPUS_ONLY, "tokenizer.model=null", *overrides)
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(f.name for f in (w / "tokenizer").iterdir()) == ["tokenizer.model"]
+
+
+def test_special_tokens_in_text_stay_text_and_the_special_tokens_map_counts(hf_folder, tmp_path):
+    """Text spelling "<|endoftext|>" is not the EOS (SentencePiece never matches its control
+    symbols either); special_tokens_map.json overrides tokenizer_config.json, as in transformers."""
+    tok = open_tokenizer(hf_folder)
+    ids = tok.encode(["a <|endoftext|> b"])[0]
+    assert tok.eod_id not in ids and tok.decode(ids) == "a <|endoftext|> b"
+
+    folder = tmp_path / "tok"
+    shutil.copytree(hf_folder, folder)
+    _config(folder, eos_token=None)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|pad|>", "pad_token": EOS}))
+    mapped = open_tokenizer(folder)
+    assert (mapped.eod_id, mapped.pad_id) == (tok.tk.token_to_id("<|pad|>"), tok.eod_id)
+    # Packages hold no special_tokens_map.json: the config they hold says the same ids.
+    from retro_toolkit.collections.text.tokenizer import tokenizer_from_files
+
+    again = tokenizer_from_files(mapped.files(), "package")
+    assert again.special_ids() == mapped.special_ids() and again.sha256 == mapped.sha256

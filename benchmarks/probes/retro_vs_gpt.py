@@ -35,7 +35,7 @@ command is run as `python benchmarks/probes/retro_vs_gpt.py ARGS --out benchmark
   wiki_gpt_600                  recipes/gpt_demo.yaml
   wiki_continued_300            recipes/retro_vs_gpt_demo.yaml data=wiki_sample data.split_by=passage
                                 model.chunk_length=64 workdir=runs/wiki_continued_300 model.cca_zero_init=true
-                                pretrain.train_iters=300 tokenizer.model=runs/gpt_demo/tokenizer/tokenizer.model
+                                pretrain.train_iters=300 tokenizer.model=runs/gpt_demo/tokenizer/
                                 pretrain.init_from=runs/gpt_demo/checkpoints/pretrain pretrain.lr=5e-4
                                 pretrain.min_lr=5e-5
   wiki_continued_900            the same with workdir=runs/wiki_continued_900 pretrain.train_iters=900
@@ -47,7 +47,7 @@ command is run as `python benchmarks/probes/retro_vs_gpt.py ARGS --out benchmark
   stdlib_continued_600          recipes/retro_vs_gpt_demo.yaml data=python_stdlib data.split_by=passage
                                 model.chunk_length=64 model.cca_zero_init=true pretrain.train_iters=600
                                 pretrain.init_from=runs/stdlib_gpt_600/checkpoints/pretrain pretrain.lr=5e-4
-                                pretrain.min_lr=5e-5 tokenizer.model=runs/stdlib_gpt_600/tokenizer/tokenizer.model
+                                pretrain.min_lr=5e-5 tokenizer.model=runs/stdlib_gpt_600/tokenizer/
                                 workdir=runs/stdlib_continued_600
 (*) measured with transformers 5.24.0 and neighbours excluded only from the query chunk's and
 the next chunk's documents, not from every document of the sample's window (docs/retro_vs_gpt.md).

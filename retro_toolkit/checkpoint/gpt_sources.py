@@ -29,6 +29,9 @@ class GptSource:
     tensors: dict[str, Any]
     tokenizer: Any  # a collections.text.tokenizer.Tokenizer, when the checkpoint carries one
     kind: str
+    # The identities of the same tokenizer in other files it carries (a Hugging Face folder's
+    # tokenizer.model beside its tokenizer.json): a work directory made from either matches.
+    also_sha256: tuple[str, ...] = ()
 
 
 def kind_of(path: str | os.PathLike) -> Optional[str]:
@@ -67,7 +70,9 @@ def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
 
         section = hf_gpt.section_from_config(hf_gpt.read_config(path), path / "config.json")
         tok = open_tokenizer(path) if (path / HF_FILE).is_file() or (path / SP_FILE).is_file() else None
-        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path), tok, kind)
+        both = (path / HF_FILE).is_file() and (path / SP_FILE).is_file()
+        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path), tok, kind,
+                         (open_tokenizer(path / SP_FILE).sha256,) if both else ())
     from retro_toolkit.checkpoint.megatron_legacy import read_megatron
 
     _, section, tensors, _ = read_megatron(path, trust)

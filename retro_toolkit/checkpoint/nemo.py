@@ -201,8 +201,12 @@ def _tokenizer(root: Path, cfg: dict[str, Any], path: Path):
     from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
 
     entry = cfg.get("tokenizer") or {}
+    library = entry.get("library", "sentencepiece")
+    if library not in ("sentencepiece", "huggingface"):
+        raise UserError(f"{path}: model_config.yaml's tokenizer.library is {library!r}; packages hold a "
+                        "'sentencepiece' or 'huggingface' tokenizer.")
     model = _artifact(root, entry.get("model"), "tokenizer.model", path)
-    if entry.get("library") == "huggingface":
+    if library == "huggingface":
         config = _artifact(root, entry.get("config"), "tokenizer.config", path)
         return HFTokenizer(model.read_bytes(), config.read_bytes(), f"{path}:{model.name}")
     return SentencePieceTokenizer.from_bytes(model.read_bytes(), f"{path}:{model.name}")

@@ -23,7 +23,7 @@ class ExportConfig:
     # "file": model_weights.ckpt, one unsharded state dict; "dist": model_weights/, a
     # megatron-core dist checkpoint (for models too large for one torch.save).
     weights: Literal["file", "dist"] = "file"
-    # Also write export/<name>.safetensors/ (safetensors + config.json + tokenizer.model).
+    # Also write export/<name>.safetensors/ (safetensors + config.json + the tokenizer's files).
     safetensors: bool = False
 
 

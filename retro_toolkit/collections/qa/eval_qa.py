@@ -27,7 +27,7 @@ from retro_toolkit.collections.qa.metrics import exact_match, f1_score
 from retro_toolkit.collections.qa.tasks import load_task
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro.engine import build_trained
-from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 

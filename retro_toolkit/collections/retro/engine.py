@@ -19,7 +19,6 @@ from retro_toolkit.collections.retro.dataset import RetroDataset
 from retro_toolkit.collections.retro.model import build_model
 from retro_toolkit.collections.retro.parallel import initialize
 from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
-from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext
 from retro_toolkit.recipe.model import ADDED_KEYS as MODEL_ADDED_KEYS
 

@@ -26,6 +26,7 @@ from retro_toolkit.collections.retro.checkpointing import (
     check_tokenizer,
     is_retrieval_param,
 )
+from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.errors import UserError
 
 KEY = "pretrain.init_from"
@@ -46,6 +47,8 @@ def init_from_external(path: Path, kind: str, model, section: dict[str, Any], wo
     if tokenizer_sha is None:
         log(f"init_from {path}: the checkpoint carries no tokenizer; make sure tokenizer.model is the one it was "
             "trained with")
+    if tokenizer_sha is not None and workdir_tokenizer(workdir).sha256 in source.also_sha256:
+        tokenizer_sha = None  # the work directory took the folder's tokenizer.model: the same tokenizer
     check_tokenizer(path, {"tokenizer_sha256": tokenizer_sha}, workdir)
     own = [k for k in model.state_dict() if not k.endswith("_extra_state")]
     extra = sorted(set(full) - set(own))

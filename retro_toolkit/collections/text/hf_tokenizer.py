@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +41,7 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
 
     def __init__(self, tokenizer_json: bytes, config: Optional[bytes], name: str,
-                 special_map: Optional[bytes] = None) -> None:
+                 special_map: Optional[bytes] = None, json_name: Optional[str] = None) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
         self.name = name
@@ -48,17 +49,25 @@ class HFTokenizer(Tokenizer):
         try:
             self.tk = RustTokenizer.from_str(tokenizer_json.decode("utf-8"))
         except Exception as e:  # tokenizers raises plain Exception on a bad file
-            raise UserError(f"cannot load Hugging Face tokenizer {name}/{HF_FILE}: {str(e).splitlines()[0]}. "
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot load Hugging Face tokenizer {json_name or name + '/' + HF_FILE}: {why}. "
                             "Give a tokenizer.json written by tokenizers or transformers' save_pretrained.") from None
         self.tk.no_padding()
         self.tk.no_truncation()
+        # Text that spells a special token ("<|endoftext|>") stays text, as SentencePiece never
+        # matches its control symbols: a document cannot end or split where its text says so.
+        self.tk.encode_special_tokens = True
         vocab = self.tk.get_vocab(with_added_tokens=True)
         if not vocab:
             raise UserError(f"Hugging Face tokenizer {name}/{HF_FILE} has an empty vocabulary.")
         self.vocab_size = max(vocab.values()) + 1
-        source = HF_CONFIG if config is not None else HF_SPECIAL_MAP
-        settings = _json(config, f"{name}/{HF_CONFIG}") if config is not None else \
-            _json(special_map, f"{name}/{HF_SPECIAL_MAP}") if special_map is not None else {}
+        # As transformers reads them: tokenizer_config.json, its special tokens overridden by
+        # special_tokens_map.json's where both exist.
+        source = " + ".join(n for n, data in ((HF_CONFIG, config), (HF_SPECIAL_MAP, special_map)) if data is not None)
+        settings = _json(config, f"{name}/{HF_CONFIG}") if config is not None else {}
+        if special_map is not None:
+            overrides = _json(special_map, f"{name}/{HF_SPECIAL_MAP}")
+            settings.update({f"{r}_token": overrides[f"{r}_token"] for r in ROLES if f"{r}_token" in overrides})
         ids: dict[str, int] = {}
         for role in ROLES:
             token = _content(settings.get(f"{role}_token"))
@@ -72,7 +81,9 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"Hugging Face tokenizer {name} names no eos_token (in {HF_CONFIG} or {HF_SPECIAL_MAP}); "
                             "the decoder needs one to end documents and answers. Add \"eos_token\" to "
                             f"{name}/{HF_CONFIG}.")
-        self.config = config if config is not None else self._config_from(settings)
+        # Kept as given where it says everything; else written with the special tokens resolved,
+        # so a package (which holds no special_tokens_map.json) reads the same ids.
+        self.config = config if config is not None and special_map is None else self._config_from(settings)
         self.eod_id = ids["eos"]
         self.pad_id = ids.get("pad", self.eod_id)
         self.bos_id = ids.get("bos", -1)
@@ -80,8 +91,7 @@ class HFTokenizer(Tokenizer):
 
     @staticmethod
     def _config_from(settings: dict[str, Any]) -> bytes:
-        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        cfg.update({f"{r}_token": settings[f"{r}_token"] for r in ROLES if settings.get(f"{r}_token") is not None})
+        cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **settings}
         return json.dumps(cfg, indent=2).encode()
 
     @classmethod
@@ -89,8 +99,12 @@ class HFTokenizer(Tokenizer):
         """A folder as save_pretrained writes it; `tokenizer_json` names the file when given directly."""
         file = tokenizer_json or folder / HF_FILE
         config, special = folder / HF_CONFIG, folder / HF_SPECIAL_MAP
-        return cls(file.read_bytes(), config.read_bytes() if config.is_file() else None, str(folder),
-                   special.read_bytes() if special.is_file() else None)
+        try:
+            return cls(file.read_bytes(), config.read_bytes() if config.is_file() else None, str(folder),
+                       special.read_bytes() if special.is_file() else None, str(file))
+        except OSError as e:
+            raise UserError(f"cannot read Hugging Face tokenizer file {e.filename or file}: {e.strerror}. Fix its "
+                            "permissions or the path.") from None
 
     @classmethod
     def from_bytes(cls, tokenizer_json: bytes, config: Optional[bytes], name: str,
@@ -98,7 +112,21 @@ class HFTokenizer(Tokenizer):
         return cls(tokenizer_json, config, name, special_map)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        # Jobs run with TOKENIZERS_PARALLELISM=false (the embedder's tokenizer must not fork
+        # threads), so a batch is cut into one slice per core here; encode_batch drops the GIL.
+        n = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                len(texts) // 8)
+        if n < 2:
+            return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = -(-len(texts) // n)
+        with ThreadPoolExecutor(n) as pool:
+            parts = pool.map(lambda lo: [e.ids for e in self.tk.encode_batch(texts[lo:lo + step],
+                                                                             add_special_tokens=False)],
+                             range(0, len(texts), step))
+            return [ids for part in parts for ids in part]
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode([int(i) for i in ids], skip_special_tokens=True)  # as SentencePiece drops control ids

@@ -38,7 +38,13 @@ def tokenizer_json(proto: bytes, name: str) -> tuple[bytes, dict[str, Any]]:
 
     m = pb.ModelProto()
     m.ParseFromString(proto)
-    pieces = [(p.piece, p.score, p.type) for p in m.pieces]
+    ns = m.normalizer_spec
+    if m.trainer_spec.treat_whitespace_as_suffix or not ns.escape_whitespaces:
+        raise UserError(f"{name}: a SentencePiece model with treat_whitespace_as_suffix or without "
+                        "escape_whitespaces has no tokenizer.json counterpart here.")
+    # Pieces SentencePiece never picks for text (control, byte, unused) cannot win a segmentation.
+    never = min((p.score for p in m.pieces), default=0.0) - 1e4
+    pieces = [(p.piece, p.score if p.type in (NORMAL, USER_DEFINED, UNKNOWN) else never, p.type) for p in m.pieces]
     unk_id = next((i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN), None)
     byte_fallback = bool(m.trainer_spec.byte_fallback)
     if m.trainer_spec.model_type == UNIGRAM:
@@ -50,12 +56,14 @@ def tokenizer_json(proto: bytes, name: str) -> tuple[bytes, dict[str, Any]]:
     else:
         raise UserError(f"{name}: SentencePiece model type {m.trainer_spec.model_type} (word or char) has no "
                         "tokenizer.json counterpart here; export-hf writes unigram and BPE models.")
-    ns = m.normalizer_spec
     steps = []
     if ns.precompiled_charsmap:
         steps.append(normalizers.Precompiled(ns.precompiled_charsmap))
     if ns.remove_extra_whitespaces:
         steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    # The dummy prefix as a normalizer, not tokenizers' Metaspace: Metaspace skips it where the
+    # text already starts with a space, SentencePiece never does. No pre-tokenizer: pieces may
+    # span several spaces.
     if ns.add_dummy_prefix:
         steps.append(normalizers.Prepend(SPACE))
     steps.append(normalizers.Replace(" ", SPACE))
