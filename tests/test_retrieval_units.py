@@ -234,3 +234,39 @@ def test_block_keys_hash_whole_arrays():
     b[2500] = -1  # a change numpy's repr would hide behind "..."
     assert _sha([a]) != _sha([b]) and _sha([a]) == _sha([a.copy()])
     assert _sha([a[:10], a[10:20]]) != _sha([a[:20]])
+
+
+def test_the_chunk_db_is_built_a_block_of_documents_at_a_time_and_read_through_memory_maps(tmp_path, monkeypatch):
+    """Built in steps of BUILD_DOCS documents, the database equals chunking every document at once;
+    load() maps its per-chunk columns instead of reading them into memory."""
+    rng = np.random.default_rng(0)
+
+    def offsets(n):
+        return np.concatenate([[0], np.cumsum(rng.integers(1, 300, n))]).astype(np.int64)
+
+    parts = [("train", offsets(1000)), ("extra", offsets(333)), ("empty", np.zeros(1, np.int64))]
+    monkeypatch.setattr(chunk_db, "BUILD_DOCS", 97)
+    db = chunk_db.build(parts, 64, tmp_path / "chunks.h5")
+    whole = np.concatenate([[0], parts[0][1][1:], parts[1][1][1:] + parts[0][1][-1]])
+    doc, start, end = chunk_db.cut_chunks(whole, 64)
+    assert np.array_equal(db.chunk_doc, doc) and np.array_equal(db.chunk_start, start)
+    assert np.array_equal(db.chunk_end, end) and np.array_equal(db.doc_offsets, whole)
+    assert db.part_chunks.tolist() == np.searchsorted(start, [0, parts[0][1][-1], whole[-1], whole[-1]]).tolist()
+    assert all(isinstance(c, np.memmap) for c in (db.chunk_doc, db.chunk_start, db.chunk_end, db.doc_offsets))
+
+
+def test_neighbour_blocks_read_as_one_array_with_few_open_maps(tmp_path):
+    n, spans = 1000, blocks.ranges(1000, 128)
+    want = np.arange(n * 3).reshape(n, 3)
+    for s, e in spans:
+        blocks.write(blocks.path(tmp_path, s, e, n), want[s:e], key=str(s))
+    rows = blocks.map_rows(tmp_path, n, spans, lambda s, e: str(s), 3)
+    rows.open_blocks = 2
+    rng = np.random.default_rng(0)
+    for lo, hi in (sorted(rng.integers(0, n + 1, 2)) for _ in range(200)):
+        assert np.array_equal(rows[lo:hi], want[lo:hi])
+    assert len(rows._open) == 2 and np.array_equal(np.asarray(rows), want)
+    damaged = blocks.path(tmp_path, *spans[3], n)
+    damaged.write_bytes(b"not hdf5")
+    with pytest.raises(RuntimeError, match=f"block {damaged} is missing or damaged"):
+        blocks.map_rows(tmp_path, n, spans, lambda s, e: str(s), 3)[spans[3][0]:spans[3][0] + 1]

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 from retro_toolkit.errors import UserError
 from retro_toolkit.recipe.fields import INT32, WHY_BATCH, WHY_SEED, bounded
-from retro_toolkit.stages.prepare_corpus import SourceConfig
+from retro_toolkit.stages.prepare_corpus import SourceConfig, check_token_ids
 from retro_toolkit.stages.spec import StageSpec
 
 Split = Literal["train", "valid", "test"]
@@ -96,6 +96,7 @@ def _preflight(r) -> None:
     resolve_path(r.retrieval.embedder.path)
     for i, src in enumerate(r.retrieval.extra_sources):
         check_source(src, f"retrieval.extra_sources[{i}]", r.data.on_invalid_utf8)
+    check_token_ids(r, r.retrieval.extra_sources, "retrieval.extra_sources")
 
 
 # Version 2: num_candidates per query chunk, so samples can drop their own documents.

@@ -16,13 +16,16 @@ from retro_toolkit.stages.spec import StageSpec
 
 @dataclass
 class SourceConfig:
-    # A .jsonl file (one JSON object per line), a .txt file (one document), a folder of
-    # .txt files (one document each), or a builtin: builtin:pydoc (CPython's pydoc topics),
+    # A .jsonl / .jsonl.gz / .jsonl.zst file (one JSON object per line), a .txt file (one
+    # document), a .parquet or .arrow file or a Hugging Face datasets folder (save_to_disk; one
+    # document per row), a Megatron indexed dataset (PREFIX of PREFIX.bin + PREFIX.idx: token
+    # ids, written with the recipe's tokenizer), a folder of any of these (a .txt file in it is
+    # one document), or a builtin: builtin:pydoc (CPython's pydoc topics),
     # builtin:python-stdlib (this Python's standard-library modules, Lib/*.py, as source code),
     # builtin:transformers-modeling (the installed transformers' models/*/modeling_*.py)
     # or builtin:wiki-sample (gensim's 105 Wikipedia articles; install retro-toolkit[demo]).
     path: str = filepath("???")
-    # Field holding the document text in .jsonl sources.
+    # Field (.jsonl) or column (.parquet, .arrow, datasets) holding the document text.
     text_key: str = "text"
     # Read at most this many non-empty documents from the source (None = all).
     max_docs: Optional[int] = bounded(None, 1, 10**12, WHY_COUNT)
@@ -42,6 +45,9 @@ class DataConfig:
     on_invalid_utf8: Literal["error", "replace"] = "error"
     # Documents tokenized per batch (memory vs. speed; does not change the output).
     tokenize_batch_docs: int = bounded(256, 1, 10**7, WHY_BATCH)
+    # Size of the read shards (MiB) that ranks share out: byte ranges of .jsonl, row groups of
+    # Parquet, document ranges of Megatron datasets (does not change the output).
+    shard_mb: int = bounded(256, 1, 1 << 20, "a shard of more than a TiB is one no rank can share")
 
 
 def source_paths(r) -> list[tuple[str, str]]:
@@ -56,6 +62,25 @@ def check_sources(r) -> None:
         raise UserError("data.sources is empty: name at least one corpus (e.g. data=pydoc, or a .jsonl path).")
     for i, src in enumerate(r.data.sources):
         check_source(src, f"data.sources[{i}]", r.data.on_invalid_utf8)
+    check_token_ids(r, r.data.sources, "data.sources")
+
+
+def check_token_ids(r, sources, key: str) -> None:
+    """Megatron indexed datasets hold token ids: they need the tokenizer that wrote them, given."""
+    from retro_toolkit.collections.text.sources import check_token_sources, megatron_sources
+    from retro_toolkit.collections.text.tokenizer import open_tokenizer
+
+    ids = megatron_sources(sources)
+    if not ids:
+        return
+    where = f"{key}[{ids[0][0]}]"
+    if not r.tokenizer.model:
+        raise UserError(f"{where} is a Megatron indexed dataset ({ids[0][1]}): token ids, not text, so no "
+                        "tokenizer can be trained on it. Set tokenizer.model to the tokenizer that wrote it.")
+    if key == "data.sources" and r.data.split_by == "passage":
+        raise UserError(f"{where} is a Megatron indexed dataset: its documents are token ids, which "
+                        "data.split_by=passage cannot cut at blank lines. Use data.split_by=document.")
+    check_token_sources(sources, open_tokenizer(r.tokenizer.model), key)
 
 
 def check(r: dict[str, Any]) -> None:
@@ -70,5 +95,5 @@ def check(r: dict[str, Any]) -> None:
 # Version 2: each source split on its own (every split holds every source).
 STAGE = StageSpec("prepare_corpus", "data", depends_on=("tokenizer",), config_keys=("data",),
                   entry="retro_toolkit.collections.text.prepare_corpus:run", summary=__doc__, version=2,
-                  added_keys=(("data.split_by", "document"), ("data.passage_chars", 2000)), check=check,
+                  added_keys=(("data.split_by", "document"), ("data.passage_chars", 2000), ("data.shard_mb", 256)), check=check,
                   preflight=check_sources, reads=source_paths)

@@ -60,6 +60,35 @@ def read(p: Path, rows: int | None = None, key: str | None = None) -> np.ndarray
     return data
 
 
+def valid(p: Path, rows: int, key: str) -> bool:
+    """Whether the block is complete, current and of the right size, from its attributes and
+    shape alone (its data is not read)."""
+    import h5py
+
+    if not p.exists():
+        return False
+    try:
+        with h5py.File(p, "r") as f:
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("key") == key and len(f["data"]) == rows
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def map_rows(folder: Path, n: int, spans: list[Span], key: Key, columns: int, dtype=np.int64):
+    """Every block as one array of rows (core/h5map.Rows): a block is memory-mapped when first
+    read, after its key and size are checked; a missing, stale or damaged block is an error."""
+    from retro_toolkit.core.h5map import Rows, mapped
+
+    def open_block(b: int) -> np.ndarray:
+        start, end = spans[b]
+        p = path(folder, start, end, n)
+        if not valid(p, end - start, _key(key, start, end)):
+            raise RuntimeError(f"block {p} is missing or damaged")
+        return mapped(p, "data")
+
+    return Rows([e - s for s, e in spans], open_block, (columns,), dtype)
+
+
 def write(p: Path, data: np.ndarray, key: str = "", **attrs: object) -> None:
     import h5py
 
@@ -89,7 +118,7 @@ def compute_missing(
             continue
         p = path(folder, start, end, n)
         block_key = _key(key, start, end)
-        if read(p, end - start, block_key) is not None:
+        if valid(p, end - start, block_key):
             counts["reused"] += 1
             state = "reused"
         else:

@@ -21,8 +21,10 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
+from retro_toolkit.collections.retrieval.neighbors import (  # noqa: F401  (also imported from here)
+    NEIGHBORS_DIR, NEIGHBORS_META, load_neighbors, map_neighbors)
 from retro_toolkit.collections.text import token_stream as ts
-from retro_toolkit.collections.text.sources import iter_documents
+from retro_toolkit.collections.text.sources import check_token_sources, encode_documents, iter_documents
 from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
@@ -30,8 +32,6 @@ from retro_toolkit.core.stage import StageContext, StageResult
 EMBEDDINGS_DIR = "db/embeddings"
 QUERY_EMBEDDINGS_DIR = "db/query_embeddings"
 EXTRA_DIR = "db/extra"
-NEIGHBORS_DIR = "neighbors"
-NEIGHBORS_META = "neighbors/meta.json"
 
 
 def chunk_text(tok: Tokenizer, ids: np.ndarray) -> str:
@@ -79,9 +79,10 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
         meta_file = folder / "meta.json"
         if not meta_file.is_file() or files.read_json(meta_file).get("key") != key:
             ctx.log(f"tokenizing {len(sources)} extra corpora (retrieved from, not trained on)")
+            check_token_sources(sources, tok, "retrieval.extra_sources")
             texts = (t for t, _ in iter_documents(sources, ctx.recipe.data.on_invalid_utf8, key_prefix="retrieval.extra_sources"))
             dtype = ts.dtype_for_vocab(tok.vocab_size)
-            counts = ts.write_stream(folder, "extra", (tok.encode([t])[0] for t in texts), dtype, tok.eod_id)
+            counts = ts.write_stream(folder, "extra", (encode_documents(tok, [t])[0] for t in texts), dtype, tok.eod_id)
             files.write_json(meta_file, {"key": key, "dtype": dtype.name, "special_ids": tok.special_ids(),
                                          "tokenizer_sha256": tok.sha256,
                                          "splits": {"extra": counts}})
@@ -285,13 +286,3 @@ def database_tokens(workdir: Path, db: chunk_db.ChunkDB) -> chunk_db.PartTokens:
     if "extra" in db.parts:
         streams.append(ts.TokenStream(workdir / EXTRA_DIR, "extra").tokens)
     return chunk_db.PartTokens(streams, db.part_tokens)
-
-
-def load_neighbors(workdir: Path, split: str) -> np.ndarray:
-    """All neighbour candidates of a split's query chunks, [query chunks, num_candidates]; checks every block."""
-    meta = files.read_json(workdir / NEIGHBORS_META)
-    s = meta["splits"][split]
-    spans = blocks.ranges(s["query_chunks"], meta["block_size"])
-    keys = dict(zip(spans, s["keys"]))
-    return np.concatenate([d for _, _, d in blocks.iter_blocks(workdir / NEIGHBORS_DIR / split, s["query_chunks"],
-                                                               spans, lambda a, b: keys[(a, b)])])

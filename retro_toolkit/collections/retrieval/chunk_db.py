@@ -90,34 +90,57 @@ def cut_chunks(doc_offsets: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray,
     return doc, start, end
 
 
+BUILD_DOCS = 1 << 16  # documents chunked per step of build: memory is O(this), not O(corpus)
+
+
 def build(parts: list[tuple[str, np.ndarray]], m: int, out: Path) -> ChunkDB:
-    """Chunk DB over parts given as (name, doc_offsets of that part's stream)."""
+    """Chunk DB over parts given as (name, doc_offsets of that part's stream; a memory map is
+    read a block of documents at a time). Returns the written database, memory-mapped."""
     import h5py
 
-    offsets, part_tokens = [np.zeros(1, dtype=np.int64)], [0]
+    part_tokens, counts = [0], []
     for _, doc_offsets in parts:
-        offsets.append(np.asarray(doc_offsets[1:], dtype=np.int64) + part_tokens[-1])
         part_tokens.append(part_tokens[-1] + int(doc_offsets[-1]))
-    doc_offsets = np.concatenate(offsets)
-    doc, start, end = cut_chunks(doc_offsets, m)
-    part_chunks = np.searchsorted(start, part_tokens).astype(np.int64)
-    db = ChunkDB(doc, start, end, doc_offsets, m, [name for name, _ in parts],
-                 np.asarray(part_tokens, dtype=np.int64), part_chunks)
+        n = 0
+        for lo in range(0, len(doc_offsets) - 1, BUILD_DOCS):
+            block = np.asarray(doc_offsets[lo:lo + BUILD_DOCS + 1], dtype=np.int64)
+            n += int((-(-((block[1:] - 1) - block[:-1]) // m)).sum())
+        counts.append(n)
+    n_docs = sum(len(d) - 1 for _, d in parts)
+    part_chunks = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     with files.atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f["chunk_doc"], f["chunk_start"], f["chunk_end"] = db.chunk_doc, db.chunk_start, db.chunk_end
-        f["doc_offsets"], f["part_tokens"], f["part_chunks"] = db.doc_offsets, db.part_tokens, db.part_chunks
-        f.attrs.update(chunk_length=m, parts=",".join(db.parts))
-    return db
+        cols = {name: f.create_dataset(name, (int(part_chunks[-1]),), np.int64)
+                for name in ("chunk_doc", "chunk_start", "chunk_end")}
+        offsets = f.create_dataset("doc_offsets", (n_docs + 1,), np.int64)
+        offsets[0] = 0
+        doc_base, chunk_at = 0, 0
+        for (_, doc_offsets), base in zip(parts, part_tokens):
+            for lo in range(0, len(doc_offsets) - 1, BUILD_DOCS):
+                block = np.asarray(doc_offsets[lo:lo + BUILD_DOCS + 1], dtype=np.int64) + base
+                doc, start, end = cut_chunks(block, m)
+                for name, col in (("chunk_doc", doc + doc_base + lo), ("chunk_start", start), ("chunk_end", end)):
+                    cols[name][chunk_at:chunk_at + len(doc)] = col
+                offsets[doc_base + lo + 1:doc_base + lo + len(block)] = block[1:]
+                chunk_at += len(doc)
+            doc_base += len(doc_offsets) - 1
+        f["part_tokens"] = np.asarray(part_tokens, dtype=np.int64)
+        f["part_chunks"] = part_chunks
+        f.attrs.update(chunk_length=m, parts=",".join(name for name, _ in parts))
+    return load(out)
 
 
 def load(path: str | os.PathLike) -> ChunkDB:
+    """The database with its per-chunk and per-document columns memory-mapped (core/h5map.py):
+    a rank pages in the chunks it reads, not all of them."""
     import h5py
 
+    from retro_toolkit.core.h5map import mapped
+
     with h5py.File(path, "r") as f:
-        return ChunkDB(
-            f["chunk_doc"][:], f["chunk_start"][:], f["chunk_end"][:], f["doc_offsets"][:],
-            int(f.attrs["chunk_length"]), str(f.attrs["parts"]).split(","), f["part_tokens"][:], f["part_chunks"][:],
-        )
+        m, parts = int(f.attrs["chunk_length"]), str(f.attrs["parts"]).split(",")
+        part_tokens, part_chunks = f["part_tokens"][:], f["part_chunks"][:]
+    return ChunkDB(mapped(path, "chunk_doc"), mapped(path, "chunk_start"), mapped(path, "chunk_end"),
+                   mapped(path, "doc_offsets"), m, parts, part_tokens, part_chunks)
 
 
 def neighbor_tokens(db: ChunkDB, tokens, ids: np.ndarray, r: int, pad_id: int) -> np.ndarray:

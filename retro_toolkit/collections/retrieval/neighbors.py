@@ -13,8 +13,12 @@ window touches and keeps the first k (`sample_doc_range`, `filter_candidates`).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+NEIGHBORS_DIR = "neighbors"
+NEIGHBORS_META = "neighbors/meta.json"
 # Candidates stored per query chunk when retrieval.num_candidates is null, as a multiple of k.
 CANDIDATES_PER_NEIGHBOUR = 4
 
@@ -71,3 +75,22 @@ def filter_candidates(
     if kept.shape[1] < k:
         kept = np.pad(kept, ((0, 0), (0, k - kept.shape[1])), constant_values=-1)
     return kept.astype(np.int64)
+
+
+def map_neighbors(workdir: Path, split: str):
+    """A split's neighbour candidates, [query chunks, num_candidates], as memory-mapped row blocks
+    (slice rows out of it); every block's key and size are checked."""
+    from retro_toolkit.collections.retrieval import blocks
+    from retro_toolkit.core import files
+
+    meta = files.read_json(workdir / NEIGHBORS_META)
+    s = meta["splits"][split]
+    spans = blocks.ranges(s["query_chunks"], meta["block_size"])
+    keys = dict(zip(spans, s["keys"]))
+    return blocks.map_rows(workdir / NEIGHBORS_DIR / split, s["query_chunks"], spans, lambda a, b: keys[(a, b)],
+                           meta["num_candidates"])
+
+
+def load_neighbors(workdir: Path, split: str) -> np.ndarray:
+    """All neighbour candidates of a split in memory (inspection and tests; training maps them)."""
+    return map_neighbors(workdir, split)[:]

@@ -21,7 +21,7 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import chunk_db, neighbors
 from retro_toolkit.collections.retro import blend
-from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens, load_neighbors
+from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens, map_neighbors
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
@@ -96,7 +96,7 @@ class RetroDataset:
             if not meta_file.is_file():
                 raise UserError(f"{meta_file} is missing: run the build_db stage before training Retro.")
             check_neighbors(files.read_json(meta_file), split, self.stream, chunk_length, num_neighbors, meta_file)
-            self.neighbors = load_neighbors(w, split)
+            self.neighbors = map_neighbors(w, split)
             self.db = chunk_db.load(w / chunk_db.CHUNKS_FILE)
             # Doc ids of the database's first part are the stream's own (build_db bans the same way).
             self.own_docs = split == self.db.split

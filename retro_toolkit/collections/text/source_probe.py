@@ -20,14 +20,22 @@ PROBE_FILES = 100
 def probe_content(p: Path, text_key: str, key: str, policy: str) -> None:
     """Read the start of a file or folder source as the reader will, and refuse what it would
     refuse (policy: data.on_invalid_utf8): bad UTF-8, bad .jsonl records, no text at all."""
+    from retro_toolkit.collections.text import formats
+
+    kind = formats.kind_of(p)
     try:
-        if p.is_dir():
-            _probe_txt_folder(p, key, policy)
-        elif p.suffix == ".jsonl":
+        if kind == "folder":
+            if all(k == "txt" for _, k in formats.folder_files(p)):  # other members: their readers check them
+                _probe_txt_folder(p, key, policy)
+        elif kind == "jsonl":
             _probe_jsonl(p, text_key, key, policy)
-        else:
+        elif kind == "txt":
             _probe_txt(p, key, policy)
-    except OSError as e:
+    except Exception as e:
+        if formats.is_damage(e):
+            raise formats.damaged(p, e) from None
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"{key}.path: cannot read {e.filename or p}: {e.strerror}. "
                         "Fix its permissions or the path.") from None
 
@@ -83,8 +91,10 @@ def _probe_txt_folder(folder: Path, key: str, policy: str) -> None:
 def _probe_jsonl(path: Path, text_key: str, key: str, policy: str) -> None:
     """The first PROBE_RECORDS records must be JSON objects with a string `text_key`; a file
     read to its end must hold at least one non-empty document."""
+    from retro_toolkit.collections.text.formats import open_lines
+
     budget, records, lineno, seen_text, at_end = PROBE_BYTES, 0, 0, False, False
-    with open(path, "rb") as f:
+    with open_lines(path) as f:
         while records < PROBE_RECORDS and budget > 0:
             raw = f.readline(budget)
             if not raw:

@@ -45,7 +45,7 @@ class TokenStream:
             )
         self.meta = files.read_json(meta_file)
         self.split = split
-        self.doc_offsets = np.load(idx_path(corpus_dir, split))
+        self.doc_offsets = np.load(idx_path(corpus_dir, split), mmap_mode="r")  # paged in as read
         n = int(self.doc_offsets[-1])
         dtype = np.dtype(self.meta["dtype"])
         size = bin_path(corpus_dir, split).stat().st_size

@@ -1,0 +1,229 @@
+"""Memory and time as the corpus grows: does a rank's memory stay flat from 10^7 to 10^8 tokens?
+
+    python benchmarks/scale.py                          # 1e7 and 1e8 tokens
+    python benchmarks/scale.py --tokens 1e7 1e8 1e9     # where the disk allows (2 bytes a token, twice)
+
+The corpus is synthetic but real text: documents are windows of CPython's pydoc topics,
+tokenized once by a SentencePiece model trained on them, written as a Megatron indexed
+dataset by megatron-core's own IndexedDatasetBuilder, and read back as a `data.sources`
+entry (token ids, so no tokenizer time is measured). Each phase runs in a fresh process and
+reports, over that process's own baseline after its imports, the peak RSS (the kernel's
+VmHWM, reset first) and the peak RssAnon (sampled every 5 ms; file pages of a memory map count
+in RSS and are reclaimable, anonymous memory is what a rank really holds):
+
+  corpus       the prepare_corpus stage (run_stage in this process, one rank)
+  chunk_db     chunk_db.build over the train split, then every chunk read once through load()
+  chunk_db_in_memory   the same read with every column loaded whole (how load() used to work)
+  neighbours   neighbour blocks (synthetic candidate ids, build_db's block files) read in
+               training-sized row slices through map_neighbors()
+  neighbours_in_memory the same with every block concatenated in memory (how load_neighbors works)
+
+Embedding, index and search phases are not here yet: they need synthetic embeddings in
+build_db's place, which only a benchmark may substitute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import add_out, write_result  # noqa: E402
+
+PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_in_memory")
+MEAN_DOC_TOKENS = 600
+NEIGHBOUR_COLUMNS = 20
+ROWS_PER_SAMPLE = 32  # a 2048-token sample's query chunks
+
+
+def status() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def measured(fn) -> dict:
+    """fn() with peak RSS / RssAnon increases over this process's baseline, and seconds."""
+    base = status()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    peak_anon, stop = [base["RssAnon"]], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak_anon[0] = max(peak_anon[0], status()["RssAnon"])
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    start = time.perf_counter()
+    extra = fn() or {}
+    seconds = time.perf_counter() - start
+    stop.set()
+    t.join()
+    end = status()
+    peak_anon[0] = max(peak_anon[0], end["RssAnon"])
+    return {"seconds": round(seconds, 3), "baseline_rss": base["VmRSS"],
+            "peak_rss_increase": end["VmHWM"] - base["VmRSS"], "peak_rss_anon_increase": peak_anon[0] - base["RssAnon"],
+            **extra}
+
+
+def make_corpus(root: Path, tokens: int) -> Path:
+    """root/w: a work directory whose tokenizer stage is done, its source a synthetic Megatron dataset."""
+    import numpy as np
+    import pydoc_data.topics
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+    texts = list(pydoc_data.topics.topics.values())
+    model = root / "tokenizer.model"
+    if not model.is_file():
+        train_sentencepiece(iter(texts), model, 4000, "unigram", 0.9995, 10**6, True, 1)
+    tok = SentencePieceTokenizer(model)
+    pool = np.concatenate([np.asarray(ids, dtype=np.uint16) for ids in tok.encode(texts)])
+    rng = np.random.default_rng(0)
+    prefix = root / "synthetic_text_document"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    written = 0
+    while written < tokens:
+        n = int(min(rng.geometric(1 / MEAN_DOC_TOKENS) + 16, tokens - written + 1, len(pool) // 2))
+        at = int(rng.integers(0, len(pool) - n))
+        doc = np.append(pool[at:at + n - 1], np.uint16(tok.eod_id))
+        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+        written += len(doc)
+    builder.finalize(f"{prefix}.idx")
+    w = root / "w"
+    p = subprocess.run([sys.executable, "-m", "retro_toolkit", "recipes/smoke.yaml", f"workdir={w}",
+                        "stages=[tokenizer,prepare_corpus]", "--stages", "tokenizer", f"tokenizer.model={model}",
+                        f"data.sources=[{{path: '{prefix}'}}]", "data.split=[0.98,0.01,0.01]"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(p.stdout + p.stderr)
+    return w
+
+
+def write_neighbours(w: Path, rows: int, block: int) -> None:
+    """Neighbour blocks as build_db writes them (keys, meta), holding synthetic candidate ids."""
+    import numpy as np
+
+    from retro_toolkit.collections.retrieval import blocks
+    from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META
+    from retro_toolkit.core import files
+
+    spans = blocks.ranges(rows, block)
+    rng = np.random.default_rng(1)
+    for s, e in spans:
+        blocks.write(blocks.path(w / NEIGHBORS_DIR / "train", s, e, rows),
+                     rng.integers(0, rows, (e - s, NEIGHBOUR_COLUMNS), dtype=np.int64), key=f"{s}")
+    files.write_json(w / NEIGHBORS_META, {"block_size": block, "num_candidates": NEIGHBOUR_COLUMNS, "splits": {
+        "train": {"query_chunks": rows, "keys": [f"{s}" for s, _ in spans]}}})
+
+
+def run_phase(phase: str, w: Path) -> dict:
+    """One phase in this process (a fresh one: the parent starts a process per phase)."""
+    import numpy as np
+
+    from retro_toolkit.collections.retrieval import chunk_db
+    from retro_toolkit.collections.retrieval.neighbors import load_neighbors, map_neighbors
+    from retro_toolkit.collections.text import token_stream as ts
+    from retro_toolkit.launch import run_stage
+
+    db_file = w / chunk_db.CHUNKS_FILE
+    if phase == "corpus":
+        return measured(lambda: {"rc": run_stage("prepare_corpus", str(w / "recipe.resolved.yaml"))})
+    if phase.startswith("chunk_db"):
+        in_memory = phase.endswith("in_memory")
+        if not in_memory:
+            db_file.unlink(missing_ok=True)
+
+        def chunks():
+            if not in_memory:
+                chunk_db.build([("train", ts.TokenStream(w / ts.CORPUS_DIR, "train").doc_offsets)], 64, db_file)
+            db = chunk_db.load(db_file)
+            if in_memory:
+                db.chunk_doc, db.chunk_start, db.chunk_end = (np.array(db.chunk_doc), np.array(db.chunk_start),
+                                                              np.array(db.chunk_end))
+            total = 0
+            for lo in range(0, len(db), 1 << 20):  # every chunk read once, as build_db's blocks do
+                total += int((db.chunk_end[lo:lo + (1 << 20)] - db.chunk_start[lo:lo + (1 << 20)]).sum())
+            return {"chunks": len(db), "tokens_in_chunks": total}
+
+        return measured(chunks)
+    rows = len(chunk_db.load(db_file))
+    if phase == "neighbours":
+        write_neighbours(w, rows, 100_000)
+
+    def read():
+        nb = load_neighbors(w, "train") if phase.endswith("in_memory") else map_neighbors(w, "train")
+        total = 0
+        for lo in range(0, rows, ROWS_PER_SAMPLE):
+            total += int(nb[lo:lo + ROWS_PER_SAMPLE][:, 0].sum())
+        return {"rows": rows, "checksum": total}
+
+    return measured(read)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=float, nargs="+", default=[1e7, 1e8])
+    ap.add_argument("--root", type=Path, help="where corpora are written (default: a temporary folder)")
+    ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    add_out(ap, __file__)
+    a = ap.parse_args()
+    if a.phase:  # a child: one phase, result on stdout
+        print("RESULT " + json.dumps(run_phase(a.phase, a.workdir)))
+        return
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results = []
+    with tempfile.TemporaryDirectory(dir=a.root) as tmp:
+        for tokens in a.tokens:
+            root = Path(tmp) / f"t{int(tokens)}"
+            root.mkdir()
+            t = time.perf_counter()
+            w = make_corpus(root, int(tokens))
+            made = time.perf_counter() - t
+            row = {"tokens": int(tokens), "corpus_write_seconds": round(made, 1), "phases": {}}
+            for phase in PHASES:
+                p = subprocess.run([sys.executable, __file__, "--phase", phase, "--workdir", str(w)], env=env,
+                                   capture_output=True, text=True)
+                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if p.returncode != 0 or line is None:
+                    raise SystemExit(f"phase {phase} failed:\n{p.stdout}\n{p.stderr}")
+                r = json.loads(line[len("RESULT "):])
+                r["seconds_per_1e6_tokens"] = round(r["seconds"] / (tokens / 1e6), 4)
+                row["phases"][phase] = r
+                print(f"{int(tokens):>12} {phase:<22} {r['seconds']:8.2f} s  peak RSS +{r['peak_rss_increase'] / 2**20:8.1f} "
+                      f"MiB  RssAnon +{r['peak_rss_anon_increase'] / 2**20:8.1f} MiB", flush=True)
+            row["disk_bytes"] = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+            results.append(row)
+            import shutil
+
+            shutil.rmtree(root)
+    ratios = {}
+    if len(results) >= 2:
+        lo, hi = results[0], results[-1]
+        for phase in PHASES:
+            a_, b_ = lo["phases"][phase], hi["phases"][phase]
+            ratios[phase] = {
+                "peak_rss_increase": round(b_["peak_rss_increase"] / max(a_["peak_rss_increase"], 1), 2),
+                "peak_rss_anon_increase": round(b_["peak_rss_anon_increase"] / max(a_["peak_rss_anon_increase"], 1), 2),
+                "seconds_per_token": round(b_["seconds_per_1e6_tokens"] / max(a_["seconds_per_1e6_tokens"], 1e-9), 2)}
+    write_result({"machine": {"cpus": os.cpu_count()}, "results": results,
+                  f"ratios_{int(results[-1]['tokens'])}_over_{int(results[0]['tokens'])}": ratios}, a.out)
+
+
+if __name__ == "__main__":
+    main()
