@@ -42,6 +42,7 @@ PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_
 MEAN_DOC_TOKENS = 600
 NEIGHBOUR_COLUMNS = 20
 ROWS_PER_SAMPLE = 32  # a 2048-token sample's query chunks
+READ_ROWS = 1 << 16  # chunks read at a time (build_db reads retrieval.block_size rows)
 
 
 def status() -> dict[str, int]:
@@ -156,8 +157,8 @@ def run_phase(phase: str, w: Path) -> dict:
                 db.chunk_doc, db.chunk_start, db.chunk_end = (np.array(db.chunk_doc), np.array(db.chunk_start),
                                                               np.array(db.chunk_end))
             total = 0
-            for lo in range(0, len(db), 1 << 20):  # every chunk read once, as build_db's blocks do
-                total += int((db.chunk_end[lo:lo + (1 << 20)] - db.chunk_start[lo:lo + (1 << 20)]).sum())
+            for lo in range(0, len(db), READ_ROWS):  # every chunk read once, a block at a time as build_db does
+                total += int((db.chunk_end[lo:lo + READ_ROWS] - db.chunk_start[lo:lo + READ_ROWS]).sum())
             return {"chunks": len(db), "tokens_in_chunks": total}
 
         return measured(chunks)

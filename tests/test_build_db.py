@@ -24,7 +24,7 @@ SPLITS = ("train", "valid", "test")
 
 
 def _neighbors(w: Path, split: str) -> np.ndarray:
-    from retro_toolkit.collections.retrieval.build_db import load_neighbors
+    from retro_toolkit.collections.retrieval.neighbors import load_neighbors
 
     return load_neighbors(w, split)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from retro_toolkit.collections.retrieval import chunk_db
-from retro_toolkit.collections.retrieval.build_db import load_neighbors
+from retro_toolkit.collections.retrieval.neighbors import load_neighbors
 from retro_toolkit.collections.retro.dataset import RetroDataset
 from retro_toolkit.collections.text.token_stream import TokenStream
 from retro_toolkit.errors import UserError

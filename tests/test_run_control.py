@@ -102,7 +102,7 @@ def test_a_signal_to_retro_run_during_pretrain_stops_every_process_and_the_rerun
 
 def test_sigterm_during_build_db_stops_it_and_the_rerun_builds_the_same_database(small_db, tmp_path):
     from retro_toolkit.collections.retrieval import blocks
-    from retro_toolkit.collections.retrieval.build_db import load_neighbors
+    from retro_toolkit.collections.retrieval.neighbors import load_neighbors
 
     w = tmp_path / "w"
     proc = start(w, *SMALL)

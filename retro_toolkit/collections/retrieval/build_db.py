@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -21,10 +22,9 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
-from retro_toolkit.collections.retrieval.neighbors import (  # noqa: F401  (also imported from here)
-    NEIGHBORS_DIR, NEIGHBORS_META, load_neighbors, map_neighbors)
+from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META
 from retro_toolkit.collections.text import token_stream as ts
-from retro_toolkit.collections.text.sources import check_token_sources, encode_documents, iter_documents
+from retro_toolkit.collections.text.sources import check_token_sources
 from retro_toolkit.collections.text.tokenizer import Tokenizer, workdir_tokenizer
 from retro_toolkit.core import dist, files
 from retro_toolkit.core.stage import StageContext, StageResult
@@ -69,23 +69,33 @@ def _sha(*parts: object) -> str:
 
 
 def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
-    """Tokenize retrieval.extra_sources into db/extra (rank 0), reusing a matching earlier run."""
+    """Tokenize retrieval.extra_sources into db/extra (every rank its shards, as prepare_corpus
+    does), reusing a matching earlier run."""
+    from retro_toolkit.collections.text.tokenize_shards import ShardedRead
+
     sources = ctx.recipe.retrieval.extra_sources
     if not sources:
         return None
     folder = ctx.workdir / EXTRA_DIR
     key = _sha([dict(s) for s in sources], tok.sha256)
-    if ctx.env.is_main:
-        meta_file = folder / "meta.json"
-        if not meta_file.is_file() or files.read_json(meta_file).get("key") != key:
-            ctx.log(f"tokenizing {len(sources)} extra corpora (retrieved from, not trained on)")
+    meta_file = folder / "meta.json"
+    stale = dist.broadcast_object(not meta_file.is_file() or files.read_json(meta_file).get("key") != key)
+    if stale:
+        ctx.log(f"tokenizing {len(sources)} extra corpora (retrieved from, not trained on)")
+        if ctx.env.is_main:
             check_token_sources(sources, tok, "retrieval.extra_sources")
-            texts = (t for t, _ in iter_documents(sources, ctx.recipe.data.on_invalid_utf8, key_prefix="retrieval.extra_sources"))
-            dtype = ts.dtype_for_vocab(tok.vocab_size)
-            counts = ts.write_stream(folder, "extra", (encode_documents(tok, [t])[0] for t in texts), dtype, tok.eod_id)
+        data = ctx.recipe.data
+        read = ShardedRead(sources, data.on_invalid_utf8, None, data.shard_mb, ctx.env)
+        dtype = ts.dtype_for_vocab(tok.vocab_size)
+        progress = ctx.progress("tokenize extra", read.my_units(), "documents")
+        read.tokenize(tok, dtype, folder, ("extra",), lambda i: "extra", data.tokenize_batch_docs, progress)
+        progress.close()
+        dist.barrier()
+        if ctx.env.is_main:
+            counts = read.merge(folder, "extra")
+            shutil.rmtree(folder / ".parts")
             files.write_json(meta_file, {"key": key, "dtype": dtype.name, "special_ids": tok.special_ids(),
-                                         "tokenizer_sha256": tok.sha256,
-                                         "splits": {"extra": counts}})
+                                         "tokenizer_sha256": tok.sha256, "splits": {"extra": counts}})
     dist.barrier()
     return ts.TokenStream(folder, "extra")
 

@@ -90,7 +90,7 @@ def cut_chunks(doc_offsets: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray,
     return doc, start, end
 
 
-BUILD_DOCS = 1 << 16  # documents chunked per step of build: memory is O(this), not O(corpus)
+BUILD_DOCS = 1 << 13  # documents chunked per step of build: memory is O(this), not O(corpus)
 
 
 def build(parts: list[tuple[str, np.ndarray]], m: int, out: Path) -> ChunkDB:

@@ -7,13 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db
-from retro_toolkit.collections.retrieval.build_db import (
-    NEIGHBORS_DIR,
-    NEIGHBORS_META,
-    chunk_text,
-    database_tokens,
-    load_neighbors,
-)
+from retro_toolkit.collections.retrieval.build_db import chunk_text, database_tokens
+from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META, load_neighbors
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files

@@ -21,7 +21,8 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import chunk_db, neighbors
 from retro_toolkit.collections.retro import blend
-from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens, map_neighbors
+from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, database_tokens
+from retro_toolkit.collections.retrieval.neighbors import map_neighbors
 from retro_toolkit.collections.text.token_stream import CORPUS_DIR, TokenStream
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
