@@ -180,6 +180,23 @@ def test_bad_sources_exit_2_naming_the_file(reference, tmp_path):
     gz.write_bytes(gzip.compress(REFERENCE.read_bytes())[:-300])
     refused(gz, f"{gz}: cannot decompress")  # the up-front probe reads this small file to its cut
 
+    zst = tmp_path / "cut.jsonl.zst"
+    import zstandard
+
+    zst.write_bytes(zstandard.ZstdCompressor().compress(REFERENCE.read_bytes())[:-100])
+    refused(zst, f"{zst}: cannot decompress (the input ends inside a zstd frame)")
+
+    folder = tmp_path / "folder_with_ids"  # a dataset inside a folder source is held to the same rules
+    folder.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copyfile(f"{prefix}{suffix}", folder / f"ids{suffix}")
+    refused(folder, "is a Megatron indexed dataset", "null")
+
+    modes = tmp_path / "mm"  # a multimodal index: a mode byte per sequence after the document index
+    shutil.copyfile(f"{prefix}.bin", f"{modes}.bin")
+    Path(f"{modes}.idx").write_bytes(Path(f"{prefix}.idx").read_bytes() + b"\x00\x00")
+    refused(modes, "is a multimodal dataset")
+
     csv = tmp_path / "c.csv"
     csv.write_text("text\nhello\n")
     refused(csv, "is not a corpus format this toolkit reads. Give a .jsonl (.jsonl.gz, .jsonl.zst), .txt, .parquet")

@@ -47,10 +47,15 @@ UPSTREAM = {"prepare_corpus": ["tokenizer"], "build_db": ["prepare_corpus"], "pr
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """What paths.data holds on a cluster, as stand-in files (only their existence is checked)."""
+    """What paths.data holds on a cluster, as stand-in files (only their existence is checked, and
+    that the tokenizer loads: a small real SentencePiece model stands in for the 256K one)."""
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import train_sentencepiece
+
     root = tmp_path_factory.mktemp("cluster") / "data"
-    for rel in ("tokenizer.model", "pretrain.jsonl", "retrieval_db.jsonl", "corpus.jsonl",
-                "bert-large-cased/config.json"):
+    root.mkdir()
+    train_sentencepiece(iter(["a stand-in corpus for a tokenizer"] * 20), root / "tokenizer.model", 300, "bpe", 1.0,
+                        10000, True, 1)
+    for rel in ("pretrain.jsonl", "retrieval_db.jsonl", "corpus.jsonl", "bert-large-cased/config.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text('{"text": "stand-in"}\n' if rel.endswith(".jsonl") else "{}\n")
     for gpt in ("gpt_2b", "gpt_8b", "gpt_22b", "gpt_43b"):
@@ -180,3 +185,36 @@ def test_the_dockerfile_builds_on_cuda_pytorch_with_faiss_gpu():
     text = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM \S*pytorch\S*cuda", text, flags=re.M | re.I), "a CUDA PyTorch base"
     assert "faiss-gpu" in text and "pip install" in text
+
+
+def test_validate_estimates_disk_and_memory_of_instructretro_48b_at_its_corpus_size(data_root, tmp_path, run_cli):
+    """A 1.2-trillion-token corpus (a Megatron dataset whose index megatron-core's own writer
+    wrote; the .bin is sparse after its first real documents): the estimate names the stages'
+    disk and the memory per rank from that size."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _IndexWriter
+
+    from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(data_root / "tokenizer.model")
+    real = [tok.encode(["a stand-in corpus for a tokenizer"])[0] + [tok.eod_id] for _ in range(8)]
+    big = 2_000_000_000  # tokens per sequence (the .idx stores int32 lengths)
+    lengths = [len(d) for d in real] + [big] * 600
+    prefix = data_root / "pile_text_document"  # under the mounted data root, as on a cluster
+    with open(f"{prefix}.bin", "wb") as f:
+        f.write(np.concatenate([np.asarray(d, np.uint16) for d in real]).tobytes())
+        f.truncate(sum(lengths) * 2)  # sparse: no disk is used
+    with _IndexWriter(f"{prefix}.idx", np.uint16) as w:
+        w.write(lengths, None, list(range(len(lengths) + 1)))
+    tokens = sum(lengths)
+    p = run_cli("validate", "instructretro_48b", *_cluster(data_root), *SSH, f"data.sources=[{{path: '{prefix}'}}]",
+                "--estimate")
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert "corpus sized from Megatron datasets' token counts" in out
+    assert f"{tokens:,} tokens x 4 bytes" in out  # a 256K vocabulary needs 4-byte tokens
+    chunks = tokens * 0.98 / 64  # data.split's train share, in 64-token chunks
+    assert f"{chunks:,.0f} chunks x 3 int64" in out
+    assert "index OPQ64_128,IVF4194304_HNSW32,PQ64" in out
+    assert re.search(r"build_db +[\d.,]+ TiB +index .*every rank searches it whole", out)
+    assert re.search(r"pretrain +[\d.,]+ GiB +weights, grads, optimizer \([\d,]+ parameters / TP 8", out)

@@ -227,7 +227,7 @@ def test_adding_parallel_encoded_codes_equals_adding_vectors(string):
 
 
 def test_block_keys_hash_whole_arrays():
-    from retro_toolkit.collections.retrieval.build_db import _sha
+    from retro_toolkit.collections.retrieval.keys import sha as _sha
 
     a = np.arange(5000)
     b = a.copy()
@@ -269,4 +269,21 @@ def test_neighbour_blocks_read_as_one_array_with_few_open_maps(tmp_path):
     damaged = blocks.path(tmp_path, *spans[3], n)
     damaged.write_bytes(b"not hdf5")
     with pytest.raises(RuntimeError, match=f"block {damaged} is missing or damaged"):
-        blocks.map_rows(tmp_path, n, spans, lambda s, e: str(s), 3)[spans[3][0]:spans[3][0] + 1]
+        blocks.map_rows(tmp_path, n, spans, lambda s, e: str(s), 3)  # found when mapped, not when read
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_block_keys_fed_a_run_at_a_time_equal_the_per_chunk_digest(dtype):
+    """The embedding block key existing work directories hold: sha(embedder id, [each chunk's
+    tokens]); chunk_block_key feeds runs of chunks and must give the same digest."""
+    from retro_toolkit.collections.retrieval.keys import chunk_block_key, sha
+
+    rng = np.random.default_rng(0)
+    lengths = rng.geometric(1 / 300, 400) + 1
+    offsets = np.concatenate([[0], np.cumsum(lengths + 1)])  # an EOD after each document
+    doc, start, end = chunk_db.cut_chunks(offsets, 64)
+    stream = rng.integers(0, 60000, int(offsets[-1])).astype(dtype)
+    eid = ("builtin:all-minilm-l6-v2", 256, 384)
+    for lo, hi in ((0, len(start)), (3, 17), (5, 5), (len(start) - 1, len(start))):
+        want = sha(eid, [stream[s:e] for s, e in zip(start[lo:hi], end[lo:hi])])
+        assert chunk_block_key(eid, stream, start[lo:hi], end[lo:hi]) == want

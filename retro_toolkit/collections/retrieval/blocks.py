@@ -79,12 +79,13 @@ def map_rows(folder: Path, n: int, spans: list[Span], key: Key, columns: int, dt
     read, after its key and size are checked; a missing, stale or damaged block is an error."""
     from retro_toolkit.core.h5map import Rows, mapped
 
-    def open_block(b: int) -> np.ndarray:
-        start, end = spans[b]
+    for start, end in spans:  # attributes only: a bad block is found now, not mid-training
         p = path(folder, start, end, n)
         if not valid(p, end - start, _key(key, start, end)):
             raise RuntimeError(f"block {p} is missing or damaged")
-        return mapped(p, "data")
+
+    def open_block(b: int) -> np.ndarray:
+        return mapped(path(folder, *spans[b], n), "data")
 
     return Rows([e - s for s, e in spans], open_block, (columns,), dtype)
 

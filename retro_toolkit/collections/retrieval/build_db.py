@@ -12,7 +12,6 @@ that a training sample can drop those from its own documents (collections/retrie
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
+from retro_toolkit.collections.retrieval.keys import chunk_block_key, sha as _sha
 from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META
 from retro_toolkit.collections.text import token_stream as ts
 from retro_toolkit.collections.text.sources import check_token_sources
@@ -47,27 +47,6 @@ def chunk_text(tok: Tokenizer, ids: np.ndarray) -> str:
     return "\n\n".join(tok.decode(p) for p in pieces if p)
 
 
-def _sha(*parts: object) -> str:
-    """Content hash; arrays (also inside lists) hash by their bytes, never by repr (which elides)."""
-    h = hashlib.sha256()
-
-    def feed(p: object) -> None:
-        if isinstance(p, np.ndarray):
-            h.update(f"{p.dtype}{p.shape}".encode())
-            h.update(np.ascontiguousarray(p).tobytes())
-        elif isinstance(p, (list, tuple)):
-            h.update(b"[")
-            for q in p:
-                feed(q)
-            h.update(b"]")
-        else:
-            h.update(repr(p).encode())
-
-    for p in parts:
-        feed(p)
-    return h.hexdigest()
-
-
 def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
     """Tokenize retrieval.extra_sources into db/extra (every rank its shards, as prepare_corpus
     does), reusing a matching earlier run."""
@@ -85,7 +64,7 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
         if ctx.env.is_main:
             check_token_sources(sources, tok, "retrieval.extra_sources")
         data = ctx.recipe.data
-        read = ShardedRead(sources, data.on_invalid_utf8, None, data.shard_mb, ctx.env)
+        read = ShardedRead(sources, data.on_invalid_utf8, None, data.shard_mb, ctx.env, "retrieval.extra_sources")
         dtype = ts.dtype_for_vocab(tok.vocab_size)
         progress = ctx.progress("tokenize extra", read.my_units(), "documents")
         read.tokenize(tok, dtype, folder, ("extra",), lambda i: "extra", data.tokenize_batch_docs, progress)
@@ -140,10 +119,15 @@ def run(ctx: StageContext) -> StageResult:
     def chunk_texts(start: int, end: int) -> list[str]:
         return [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])]
 
-    def emb_key(start: int, end: int) -> str:
-        return _sha(embedder_id, [tokens[s:e] for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])])
+    def emb_key(start: int, end: int) -> str:  # a block's chunks lie in one part of the database
+        part = int(np.searchsorted(db.part_tokens, db.chunk_start[start], side="right") - 1)
+        base = int(db.part_tokens[part])
+        return chunk_block_key(embedder_id, tokens.streams[part], np.asarray(db.chunk_start[start:end]) - base,
+                               np.asarray(db.chunk_end[start:end]) - base)
 
-    emb_keys = {s: emb_key(s, e) for s, e in spans}
+    # Each rank hashes its own blocks (round-robin), then everyone has every key.
+    mine = {s: emb_key(s, e) for i, (s, e) in enumerate(spans) if i % env.world_size == env.rank}
+    emb_keys = {s: k for part in dist.all_gather_object(mine) for s, k in part.items()}
     progress = ctx.progress("embed", n, "chunks")
 
     def skipped(start: int, end: int, state: str) -> None:

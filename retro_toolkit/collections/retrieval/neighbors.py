@@ -87,8 +87,14 @@ def map_neighbors(workdir: Path, split: str):
     s = meta["splits"][split]
     spans = blocks.ranges(s["query_chunks"], meta["block_size"])
     keys = dict(zip(spans, s["keys"]))
-    return blocks.map_rows(workdir / NEIGHBORS_DIR / split, s["query_chunks"], spans, lambda a, b: keys[(a, b)],
-                           meta["num_candidates"])
+    try:
+        return blocks.map_rows(workdir / NEIGHBORS_DIR / split, s["query_chunks"], spans, lambda a, b: keys[(a, b)],
+                               meta["num_candidates"])
+    except RuntimeError as e:
+        from retro_toolkit.errors import UserError
+
+        raise UserError(f"{e}: rerun the build_db stage (--force build_db), which recomputes only the blocks "
+                        "that are missing or damaged.") from None
 
 
 def load_neighbors(workdir: Path, split: str) -> np.ndarray:

@@ -29,9 +29,8 @@ class ShardCount:
 def units(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int], stats: ReadStats,
           stop_after: Optional[int] = None) -> Iterator[Document]:
     """The shard's units; with stop_after, reading stops right after that many non-empty documents."""
-    key = f"data.sources[{shard.source}]"
     docs = 0
-    for doc, _ in shards.read(shard, src, key, policy, stats):
+    for doc, _ in shards.read(shard, src, policy, stats):
         if is_empty(doc):
             stats.empty_skipped += 1
             continue
@@ -51,7 +50,7 @@ def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[in
 
         from retro_toolkit.collections.text.megatron_indexed import IndexedDataset, prefix_of
 
-        ds = IndexedDataset(prefix_of(Path(shard.path)))
+        ds = IndexedDataset(prefix_of(Path(shard.path)), shard.key)
         bounds = np.asarray(ds.doc_bounds[shard.lo:shard.hi + 1], dtype=np.int64)
         if len(bounds) < 2:
             return ShardCount(0, 0)
@@ -59,7 +58,7 @@ def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[in
         n = int(np.count_nonzero(tokens[bounds[1:] - bounds[0]] - tokens[bounds[:-1] - bounds[0]]))
         return ShardCount(n, n)
     docs = n = 0
-    for doc, _ in shards.read(shard, src, f"data.sources[{shard.source}]", policy, ReadStats()):
+    for doc, _ in shards.read(shard, src, policy, ReadStats()):
         if is_empty(doc):
             continue
         docs += 1

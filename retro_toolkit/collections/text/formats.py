@@ -81,8 +81,41 @@ def open_lines(path: Path) -> IO[bytes]:
             import zstandard
         except ImportError:
             raise UserError(f"{path}: reading .zst needs zstandard: {EXTRA}.") from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_Zstd(path, zstandard))
     return open(path, "rb")
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame; input that ends inside a frame raises
+    EOFError (zstandard's own stream reader ends quietly there, losing the rest)."""
+
+    def __init__(self, path: Path, zstandard) -> None:
+        self.f, self.zstd = open(path, "rb"), zstandard
+        self.d, self.pending, self.fresh = zstandard.ZstdDecompressor().decompressobj(), b"", True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self.pending:
+            raw = self.f.read(1 << 20)
+            if not raw:
+                if not self.fresh:
+                    raise EOFError("the input ends inside a zstd frame")
+                return 0
+            while raw:
+                self.pending += self.d.decompress(raw)
+                self.fresh = False
+                raw = self.d.unused_data if self.d.eof else b""
+                if self.d.eof:  # a frame ended: the next one (if any) needs a new decompressor
+                    self.d, self.fresh = self.zstd.ZstdDecompressor().decompressobj(), True
+        n = min(len(buf), len(self.pending))
+        buf[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def is_damage(e: BaseException) -> bool:

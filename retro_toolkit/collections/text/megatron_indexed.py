@@ -35,7 +35,7 @@ def _with(prefix: Path, suffix: str) -> Path:
 def prefix_of(path: str | Path) -> Path | None:
     """PREFIX for a path naming PREFIX.idx, PREFIX.bin or PREFIX itself; None when no .idx is there."""
     p = Path(path)
-    if p.suffix in SUFFIXES:
+    if p.suffix.lower() in SUFFIXES:
         return p.with_suffix("")
     return p if _with(p, ".idx").is_file() else None
 
@@ -46,6 +46,9 @@ class IndexedDataset:
     def __init__(self, prefix: Path, key: str = "data.sources[0]") -> None:
         self.prefix = prefix
         idx, binf = _with(prefix, ".idx"), _with(prefix, ".bin")
+        if not idx.is_file() and not binf.is_file():
+            raise UserError(f"{key}.path: no Megatron indexed dataset {prefix} ({idx.name} and {binf.name} are both "
+                            "missing). Fix the path.")
         for f, other in ((idx, binf), (binf, idx)):
             if not f.is_file():
                 raise UserError(f"{key}.path: Megatron indexed dataset {prefix} has {other.name} but no {f.name} "
@@ -55,16 +58,22 @@ class IndexedDataset:
         if len(raw) < head or bytes(raw[:9]) != MAGIC:
             raise UserError(f"{key}.path: {idx} is not a Megatron indexed dataset index (no MMIDIDX header).")
         version, code, seqs, docs = struct.unpack("<QBQQ", bytes(raw[9:head]))
-        if version != 1 or code not in DTYPES:
+        if version != 1 or code not in DTYPES or np.dtype(DTYPES[code]).kind == "f":
             raise UserError(f"{key}.path: {idx} has version {version}, token type code {code}; this reader knows "
-                            "version 1 with the codes megatron-core writes.")
+                            "version 1 with the integer token types megatron-core writes.")
         need = head + seqs * (4 + 8) + docs * 8
-        if len(raw) < need or docs < 1:
-            raise UserError(f"{key}.path: {idx} is truncated ({len(raw)} bytes, its header promises {need}).")
+        if len(raw) == need + seqs:
+            raise UserError(f"{key}.path: {idx} is a multimodal dataset (it stores a mode per sequence): its "
+                            "sequences are not all token ids. Give a text dataset.")
+        if len(raw) != need or docs < 1:
+            raise UserError(f"{key}.path: {idx} is truncated or damaged ({len(raw)} bytes, its header promises "
+                            f"{need}).")
         self.dtype = np.dtype(DTYPES[code])
         self.lengths = np.frombuffer(raw, np.int32, seqs, head)
         self.pointers = np.frombuffer(raw, np.int64, seqs, head + 4 * seqs)
         self.doc_bounds = np.frombuffer(raw, np.int64, docs, head + 12 * seqs)
+        if self.doc_bounds[0] != 0 or self.doc_bounds[-1] != seqs:
+            raise UserError(f"{key}.path: {idx}'s document index does not run from sequence 0 to {seqs}: damaged.")
         size = binf.stat().st_size
         end = int(self.pointers[-1]) + int(self.lengths[-1]) * self.dtype.itemsize if seqs else 0
         if end > size:

@@ -29,8 +29,9 @@ class SentencePieceTokenizer(Tokenizer):
             self.proto = model_proto if model_proto is not None else Path(model_file).read_bytes()
             self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
         except (OSError, RuntimeError) as e:
-            raise UserError(f"cannot load SentencePiece model {model_file}: {e}".splitlines()[0]
-                            + ". Give a SentencePiece .model, or a Hugging Face tokenizer's folder.") from None
+            why = "it does not parse as one" if "ParseFromArray" in str(e) else (str(e).splitlines() or ["?"])[0]
+            raise UserError(f"cannot load SentencePiece model {model_file}: {why}. Give a SentencePiece .model, or "
+                            "a Hugging Face tokenizer's folder.") from None
         self.vocab_size: int = self.sp.get_piece_size()
         self.eod_id: int = self.sp.eos_id()
         if self.eod_id < 0:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from retro_toolkit.collections.text import formats
 from retro_toolkit.collections.text.decoding import ReadStats
+from retro_toolkit.errors import UserError
 
 DEFAULT_SHARD_MB = 256
 
@@ -27,56 +28,59 @@ class Shard:
     path: str
     lo: int = 0  # first byte (jsonl), row group (parquet), record batch (arrow), document (megatron)
     hi: int = -1  # one past the last; -1: to the end
+    key: str = "data.sources[0]"  # the recipe key of its source, for messages
 
 
-def _file_shards(i: int, p: Path, kind: str, shard_bytes: int) -> list[Shard]:
+def _file_shards(i: int, p: Path, kind: str, shard_bytes: int, key: str) -> list[Shard]:
     if kind == "jsonl" and formats._suffix(p) == ".jsonl":
         size = p.stat().st_size
-        return [Shard(i, kind, str(p), lo, min(lo + shard_bytes, size)) for lo in range(0, max(size, 1), shard_bytes)]
+        return [Shard(i, kind, str(p), lo, min(lo + shard_bytes, size), key)
+                for lo in range(0, max(size, 1), shard_bytes)]
     if kind == "parquet":
         pa = formats._pyarrow()
-        meta = pa.parquet.ParquetFile(str(p)).metadata
+        try:
+            meta = pa.parquet.ParquetFile(str(p)).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"{key}.path: {p} is not a readable Parquet file ({e}).") from None
         groups, at, out = meta.num_row_groups, 0, []
         while at < groups:  # row groups adding up to about shard_bytes
             end, size = at, 0
             while end < groups and (end == at or size < shard_bytes):
                 size += meta.row_group(end).total_byte_size
                 end += 1
-            out.append(Shard(i, kind, str(p), at, end))
+            out.append(Shard(i, kind, str(p), at, end, key))
             at = end
-        return out or [Shard(i, kind, str(p), 0, 0)]
+        return out or [Shard(i, kind, str(p), 0, 0, key)]
     if kind == "megatron":
         from retro_toolkit.collections.text.megatron_indexed import IndexedDataset, prefix_of
 
-        ds = IndexedDataset(prefix_of(p))
+        ds = IndexedDataset(prefix_of(p), key)
         per = max(1, int(len(ds) * shard_bytes / max(ds.tokens.nbytes, 1)))
-        return [Shard(i, kind, str(p), lo, min(lo + per, len(ds))) for lo in range(0, max(len(ds), 1), per)]
-    return [Shard(i, kind, str(p))]  # compressed .jsonl, .txt, .arrow: read whole
+        return [Shard(i, kind, str(p), lo, min(lo + per, len(ds)), key) for lo in range(0, max(len(ds), 1), per)]
+    return [Shard(i, kind, str(p), key=key)]  # compressed .jsonl, .txt, .arrow: read whole
 
 
-def plan(sources: Any, shard_mb: int = DEFAULT_SHARD_MB) -> list[Shard]:
-    """Every source's shards, in reading order."""
+def plan(sources: Any, shard_mb: int = DEFAULT_SHARD_MB, keys: Optional[list[str]] = None) -> list[Shard]:
+    """Every source's shards, in reading order; `keys`: each source's recipe key (default data.sources[i])."""
     shard_bytes = shard_mb << 20
     out: list[Shard] = []
     for i, src in enumerate(sources):
+        key = keys[i] if keys else f"data.sources[{i}]"
         if src.path.startswith("builtin:"):
-            out.append(Shard(i, "builtin", src.path))
+            out.append(Shard(i, "builtin", src.path, key=key))
             continue
         p = Path(src.path)
         kind = formats.kind_of(p)
         if kind == "hf_dataset":
-            members = [(f, "arrow") for f in formats.hf_dataset_files(p, f"data.sources[{i}]")]
+            members = [(f, "arrow") for f in formats.hf_dataset_files(p, key)]
         elif kind == "folder":
-            members = [(f, "arrow" if k == "hf_dataset" else k) for f, k in formats.folder_files(p)]
-            expanded = []
-            for f, k in members:  # a datasets folder inside a folder is its .arrow files
-                expanded += ([(g, "arrow") for g in formats.hf_dataset_files(f, f"data.sources[{i}]")]
-                             if formats.is_hf_dataset(f) else [(f, k)])
-            members = expanded
+            members = []
+            for f, k in formats.folder_files(p):  # a datasets folder inside a folder is its .arrow files
+                members += [(g, "arrow") for g in formats.hf_dataset_files(f, key)] if k == "hf_dataset" else [(f, k)]
         else:
             members = [(p, kind)]
         for f, k in members:
-            out += _file_shards(i, f, k, shard_bytes)
+            out += _file_shards(i, f, k, shard_bytes, key)
     return out
 
 
@@ -96,10 +100,11 @@ def _jsonl_range(path: Path, lo: int, hi: int) -> Iterator[tuple[bytes, str]]:
             at += len(line)
 
 
-def read(shard: Shard, src: Any, key: str, policy: str, stats: ReadStats) -> Iterator[tuple[Any, str]]:
+def read(shard: Shard, src: Any, policy: str, stats: ReadStats) -> Iterator[tuple[Any, str]]:
     """(document, origin) of every document of the shard, empty ones included."""
     from retro_toolkit.collections.text import sources
 
+    key = shard.key
     if shard.kind == "builtin":
         from retro_toolkit.collections.text.builtin_sources import builtin_documents
 

@@ -63,11 +63,19 @@ def check_source(src: Any, key: str, on_invalid_utf8: str | None = None) -> None
 
 
 def megatron_sources(sources: Any) -> list[tuple[int, Path]]:
-    """(index, prefix) of the sources that are Megatron indexed datasets (token ids, not text)."""
+    """(source index, prefix) of every Megatron indexed dataset (token ids, not text) among the
+    sources and inside folder sources."""
     from retro_toolkit.collections.text.megatron_indexed import prefix_of
 
-    return [(i, prefix_of(Path(s.path))) for i, s in enumerate(sources)
-            if not s.path.startswith("builtin:") and formats.kind_of(Path(s.path)) == "megatron"]
+    out = []
+    for i, s in enumerate(sources):
+        p = Path(s.path)
+        kind = None if s.path.startswith("builtin:") else formats.kind_of(p)
+        if kind == "megatron":
+            out.append((i, prefix_of(p)))
+        elif kind == "folder":
+            out += [(i, f) for f, k in formats.folder_files(p) if k == "megatron"]
+    return out
 
 
 def check_token_sources(sources: Any, tok, key_prefix: str = "data.sources") -> None:
@@ -88,9 +96,10 @@ def encode_documents(tok, docs: list[Document]) -> list[list[int]]:
         if isinstance(d, str):
             out.append(next(encoded))
         else:
-            if len(d) and int(d.max()) >= tok.vocab_size:
-                raise UserError(f"a Megatron indexed dataset holds token id {int(d.max())}, past the tokenizer's "
-                                f"vocabulary ({tok.vocab_size}): set tokenizer.model to the one that wrote it.")
+            if len(d) and (int(d.max()) >= tok.vocab_size or int(d.min()) < 0):
+                raise UserError(f"a Megatron indexed dataset holds token id {int(d.max()) if d.max() > 0 else int(d.min())}"
+                                f", outside the tokenizer's vocabulary (0..{tok.vocab_size - 1}): set tokenizer.model "
+                                "to the one that wrote it.")
             ids = d.tolist()
             out.append(ids[:-1] if ids and ids[-1] == tok.eod_id else ids)
     return out
@@ -140,8 +149,8 @@ def file_documents(p: Path, kind: str, text_key: str, key: str, policy: str,
 def _source_documents(src: Any, key: str, policy: str, stats: ReadStats) -> Iterator[tuple[Document, str]]:
     from retro_toolkit.collections.text import shards
 
-    for shard in shards.plan([src]):
-        yield from shards.read(shard, src, key, policy, stats)
+    for shard in shards.plan([src], keys=[key]):
+        yield from shards.read(shard, src, policy, stats)
 
 
 def is_empty(doc: Document) -> bool:

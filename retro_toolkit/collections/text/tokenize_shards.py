@@ -26,16 +26,34 @@ from retro_toolkit.core import dist, files
 class ShardedRead:
     """The shards of `sources`, counted by every rank together, and each shard's place."""
 
-    def __init__(self, sources: Any, policy: str, passage_chars: Optional[int], shard_mb: int, env) -> None:
+    def __init__(self, sources: Any, policy: str, passage_chars: Optional[int], shard_mb: int, env,
+                 key_prefix: str = "data.sources") -> None:
         self.sources, self.policy, self.passage_chars, self.env = sources, policy, passage_chars, env
-        self.plan = shards.plan(sources, shard_mb)
+        self.plan = shards.plan(sources, shard_mb, [f"{key_prefix}[{i}]" for i in range(len(sources))])
         self.mine = [k for k in range(len(self.plan)) if k % env.world_size == env.rank]
-        counted = {k: corpus_layout.count(self.plan[k], sources[self.plan[k].source], policy, passage_chars)
-                   for k in self.mine}
-        gathered = {k: c for part in dist.all_gather_object(counted) for k, c in part.items()}
-        self.counts = [gathered[k] for k in range(len(self.plan))]
+        self.counts = self._count()
         self.layout = corpus_layout.layout(self.plan, self.counts, sources, policy, passage_chars)
         self.written = [k for k in range(len(self.plan)) if self.layout.stop_after[k] != 0]
+
+    def _count(self) -> list[corpus_layout.ShardCount]:
+        """Every shard's count, a round of world-size shards at a time (shard k on rank k mod N);
+        a source's shards after the round that reached its max_docs are not read at all."""
+        n, world = len(self.plan), self.env.world_size
+        counts: list[corpus_layout.ShardCount] = []
+        docs = [0] * len(self.sources)
+        for first in range(0, n, world):
+            k = first + self.env.rank
+            mine = None
+            if k < n:
+                src = self.sources[self.plan[k].source]
+                if src.max_docs is None or docs[self.plan[k].source] < src.max_docs:
+                    mine = corpus_layout.count(self.plan[k], src, self.policy, self.passage_chars)
+            wave = dist.all_gather_object(mine) if world > 1 else [mine]
+            for j, c in enumerate(wave[:n - first]):
+                c = c or corpus_layout.ShardCount(0, 0)  # past its source's max_docs: never read
+                counts.append(c)
+                docs[self.plan[first + j].source] += c.docs
+        return counts
 
     def my_units(self) -> int:
         return sum(self.counts[k].units for k in self.mine)
