@@ -116,3 +116,47 @@ def forward_flops(s: dict, retro: bool, batch: int) -> float:
         enc += t * 2 * h * h * 2 + n * 2 * h * 2 * h + 2 * 2 * t * m * h
         total += len(s["cca_layers"]) * cca + enc
     return batch * total
+
+
+def proc_status() -> dict[str, int]:
+    """This process's VmRSS, VmHWM, RssAnon and RssFile, in bytes."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+class PeakMemory:
+    """`with PeakMemory(every_s) as m: ...` -> m.base (the status at entry), m.end (at exit) and
+    m.peak_rss_increase (the kernel's VmHWM, reset at entry) and m.peak_anon_increase (RssAnon
+    sampled every `every_s`; a memory map's file pages count in RSS, not here), in bytes."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        import threading
+
+        self.every_s, self.stop = every_s, threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        self.base = proc_status()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        self.peak_anon = self.base["RssAnon"]
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self.stop.is_set():
+            self.peak_anon = max(self.peak_anon, proc_status()["RssAnon"])
+            time.sleep(self.every_s)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.sampler.join()
+        self.end = proc_status()
+        self.peak_anon = max(self.peak_anon, self.end["RssAnon"])
+        self.peak_rss_increase = self.end["VmHWM"] - self.base["VmRSS"]
+        self.peak_anon_increase = self.peak_anon - self.base["RssAnon"]

@@ -36,13 +36,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_out, write_result  # noqa: E402
+from benchmarks.common import PeakMemory, add_out, write_result  # noqa: E402
 
 PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_in_memory", "index", "search")
 INDEX = "IVF1024,PQ16"  # synthetic 64-dim vectors; 16-byte codes, as InstructRetro's PQ64 at 1/4 scale
@@ -54,38 +53,14 @@ ROWS_PER_SAMPLE = 32  # a 2048-token sample's query chunks
 READ_ROWS = 1 << 16  # chunks read at a time (build_db reads retrieval.block_size rows)
 
 
-def status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def measured(fn) -> dict:
     """fn() with peak RSS / RssAnon increases over this process's baseline, and seconds."""
-    base = status()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    peak_anon, stop = [base["RssAnon"]], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], status()["RssAnon"])
-            time.sleep(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    start = time.perf_counter()
-    extra = fn() or {}
-    seconds = time.perf_counter() - start
-    stop.set()
-    t.join()
-    end = status()
-    peak_anon[0] = max(peak_anon[0], end["RssAnon"])
-    return {"seconds": round(seconds, 3), "baseline_rss": base["VmRSS"],
-            "peak_rss_increase": end["VmHWM"] - base["VmRSS"], "peak_rss_anon_increase": peak_anon[0] - base["RssAnon"],
-            **extra}
+    with PeakMemory(0.005) as mem:
+        start = time.perf_counter()
+        extra = fn() or {}
+        seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 3), "baseline_rss": mem.base["VmRSS"], "peak_rss_increase": mem.peak_rss_increase,
+            "peak_rss_anon_increase": mem.peak_anon_increase, **extra}
 
 
 def make_corpus(root: Path, tokens: int) -> Path:
@@ -197,8 +172,6 @@ def synthetic_vectors(start: int, end: int):
 
 
 def _index_phase(phase: str, w: Path, rows: int) -> dict:
-    import numpy as np
-
     from retro_toolkit.collections.retrieval import index as faiss_index
 
     path = w / "synthetic.faissindex"

@@ -27,13 +27,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import add_out, write_result  # noqa: E402
+from benchmarks.common import PeakMemory, add_out, write_result  # noqa: E402
 
 CASES = ("restore_bf16", "restore_fp32", "restore_dist_bf16", "fp32_then_cast")
 
@@ -67,15 +66,6 @@ def make(a, tmp: Path) -> dict:
     return out
 
 
-def status() -> dict[str, int]:
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 def measure(a, case: str, packages: dict) -> dict:
     """One case in this (fresh) process: increases over the post-import baseline, in bytes."""
     import torch
@@ -87,41 +77,28 @@ def measure(a, case: str, packages: dict) -> dict:
     warm, _ = config_from_model_section({**section(a), "num_layers": 2, "cca_layers": [2], "hidden_size": 64,
                                          "ffn_hidden_size": 256, "num_attention_heads": 4, "vocab_size": 64})
     build_model(warm, _)  # first-use imports and allocations belong to the baseline
-    base = status()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    peak_anon, stop = [base["RssAnon"]], threading.Event()
+    with PeakMemory() as mem:
+        t = time.perf_counter()
+        if case == "fp32_then_cast":
+            cfg, args = config_from_model_section(section(a))
+            model = build_model(cfg, args)
+            with tempfile.TemporaryDirectory() as tmp:
+                from retro_toolkit.checkpoint import archive
 
-    def sample():
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], status()["RssAnon"])
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    t = time.perf_counter()
-    if case == "fp32_then_cast":
-        cfg, args = config_from_model_section(section(a))
-        model = build_model(cfg, args)
-        with tempfile.TemporaryDirectory() as tmp:
-            from retro_toolkit.checkpoint import archive
-
-            root = archive.extract(Path(packages["file"]), tmp)
-            nemo.load_full(model, torch.load(root / nemo.WEIGHTS_FILE, map_location="cpu", weights_only=True), "x")
-        model = model.to(torch.bfloat16).eval()
-    else:
-        dtype = torch.float32 if case == "restore_fp32" else torch.bfloat16
-        package = packages["dist" if case == "restore_dist_bf16" else "file"]
-        model = nemo.restore(package, device="cpu", dtype=dtype).model
-    seconds = time.perf_counter() - t
-    stop.set()
-    sampler.join()
-    end = status()
+                root = archive.extract(Path(packages["file"]), tmp)
+                nemo.load_full(model, torch.load(root / nemo.WEIGHTS_FILE, map_location="cpu", weights_only=True), "x")
+            model = model.to(torch.bfloat16).eval()
+        else:
+            dtype = torch.float32 if case == "restore_fp32" else torch.bfloat16
+            package = packages["dist" if case == "restore_dist_bf16" else "file"]
+            model = nemo.restore(package, device="cpu", dtype=dtype).model
+        seconds = time.perf_counter() - t
     params = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in params)
     return {"case": case, "seconds": round(seconds, 2), "dtype": str(params[0].dtype),
             "model_bytes": sum(p.numel() * p.element_size() for p in params),
-            "baseline_rss": base["VmRSS"], "peak_rss_increase": end["VmHWM"] - base["VmRSS"],
-            "peak_rss_anon_increase": peak_anon[0] - base["RssAnon"], "rss_increase_after": end["VmRSS"] - base["VmRSS"]}
+            "baseline_rss": mem.base["VmRSS"], "peak_rss_increase": mem.peak_rss_increase,
+            "peak_rss_anon_increase": mem.peak_anon_increase, "rss_increase_after": mem.end["VmRSS"] - mem.base["VmRSS"]}
 
 
 def main() -> None:

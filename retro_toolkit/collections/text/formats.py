@@ -161,9 +161,10 @@ def check_text_column(schema, path: Path, text_key: str, key: str) -> None:
                         f"{key}.text_key to the column that holds the text.")
 
 
-def _text_batches(batches, schema, path: Path, text_key: str, key: str) -> Iterator[tuple[Optional[str], str]]:
+def text_batches(batches, schema, path: Path, text_key: str, key: str,
+                 row: int = 0) -> Iterator[tuple[Optional[str], str]]:
+    """(text or None, origin) of every row of record batches of a table (rows numbered from `row`)."""
     check_text_column(schema, path, text_key, key)
-    row = 0
     for batch in batches:
         for text in batch.column(text_key).to_pylist():
             yield text, f"{path}:row{row}"
@@ -197,7 +198,7 @@ def arrow_texts(path: Path, text_key: str, key: str) -> Iterator[tuple[Optional[
     reader = _arrow_reader(path)
     batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) \
         if hasattr(reader, "num_record_batches") else reader
-    yield from _text_batches(batches, reader.schema, path, text_key, key)
+    yield from text_batches(batches, reader.schema, path, text_key, key)
 
 
 def hf_dataset_files(folder: Path, key: str) -> list[Path]:

@@ -118,13 +118,10 @@ def read(shard: Shard, src: Any, policy: str, stats: ReadStats) -> Iterator[tupl
             return
         pa = formats._pyarrow()
         f = pa.parquet.ParquetFile(str(p))
-        formats.check_text_column(f.schema_arrow, p, src.text_key, key)
         row = sum(f.metadata.row_group(g).num_rows for g in range(shard.lo))
-        for batch in f.iter_batches(batch_size=1024, row_groups=list(range(shard.lo, shard.hi)),
-                                    columns=[src.text_key]):
-            for text in batch.column(src.text_key).to_pylist():
-                yield text or "", f"{p}:row{row}"
-                row += 1
+        batches = f.iter_batches(batch_size=1024, row_groups=list(range(shard.lo, shard.hi)), columns=[src.text_key])
+        yield from ((t or "", where) for t, where in formats.text_batches(batches, f.schema_arrow, p, src.text_key,
+                                                                           key, row))
     elif shard.kind == "megatron":
         from retro_toolkit.collections.text.megatron_indexed import IndexedDataset, prefix_of
 
