@@ -47,6 +47,7 @@ PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_
 INDEX = "IVF1024,PQ16"  # synthetic 64-dim vectors; 16-byte codes, as InstructRetro's PQ64 at 1/4 scale
 DIM = 64
 EMB_BLOCK = 100_000
+SHARD_MB = 16  # read shards (data.shard_mb): 13 of them at 10^8 tokens, so 2 ranks share the corpus
 MEAN_DOC_TOKENS = 600
 NEIGHBOUR_COLUMNS = 20
 ROWS_PER_SAMPLE = 32  # a 2048-token sample's query chunks
@@ -92,7 +93,8 @@ def make_corpus(root: Path, tokens: int) -> Path:
     w = root / "w"
     p = subprocess.run([sys.executable, "-m", "retro_toolkit", "recipes/smoke.yaml", f"workdir={w}",
                         "stages=[tokenizer,prepare_corpus]", "--stages", "tokenizer", f"tokenizer.model={model}",
-                        f"data.sources=[{{path: '{prefix}'}}]", "data.split=[0.98,0.01,0.01]"],
+                        f"data.sources=[{{path: '{prefix}'}}]", "data.split=[0.98,0.01,0.01]",
+                        f"data.shard_mb={SHARD_MB}"],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(p.stdout + p.stderr)
@@ -127,7 +129,17 @@ def run_phase(phase: str, w: Path) -> dict:
 
     db_file = w / chunk_db.CHUNKS_FILE
     if phase == "corpus":
-        return measured(lambda: {"rc": run_stage("prepare_corpus", str(w / "recipe.resolved.yaml"))})
+        from retro_toolkit.core import dist
+
+        dist.init()  # under torchrun: the process group's own memory belongs to the baseline
+        dist.barrier()
+        r = measured(lambda: {"rc": run_stage("prepare_corpus", str(w / "recipe.resolved.yaml"))})
+        import hashlib
+
+        digest = hashlib.sha256()
+        for f in sorted((w / ts.CORPUS_DIR).iterdir()):
+            digest.update(f.read_bytes())
+        return {**r, "rank": int(os.environ.get("RANK", 0)), "corpus_sha256": digest.hexdigest()}
     if phase.startswith("chunk_db"):
         in_memory = phase.endswith("in_memory")
         if not in_memory:
@@ -198,6 +210,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=float, nargs="+", default=[1e7, 1e8])
     ap.add_argument("--root", type=Path, help="where corpora are written (default: a temporary folder)")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=[1, 2],
+                    help="also run the corpus phase on 2 ranks (torchrun, gloo) and compare each rank with 1")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     add_out(ap, __file__)
@@ -227,6 +241,26 @@ def main() -> None:
                 row["phases"][phase] = r
                 print(f"{int(tokens):>12} {phase:<22} {r['seconds']:8.2f} s  peak RSS +{r['peak_rss_increase'] / 2**20:8.1f} "
                       f"MiB  RssAnon +{r['peak_rss_anon_increase'] / 2**20:8.1f} MiB", flush=True)
+            if 2 in a.ranks:  # the corpus again on 2 ranks: each rank's memory, and the same files
+                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                    "2", __file__, "--phase", "corpus", "--workdir", str(w)], env=env,
+                                   capture_output=True, text=True)
+                per_rank = [json.loads(x[len("RESULT "):]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode != 0 or len(per_rank) != 2:
+                    raise SystemExit(f"corpus on 2 ranks failed:\n{p.stdout}\n{p.stderr}")
+                one = row["phases"]["corpus"]
+                row["corpus_2_ranks"] = {
+                    "per_rank": sorted(per_rank, key=lambda r: r["rank"]),
+                    "same_files_as_1_rank": all(r["corpus_sha256"] == one["corpus_sha256"] for r in per_rank),
+                    "max_peak_rss_anon_increase_over_1_rank": round(
+                        max(r["peak_rss_anon_increase"] for r in per_rank) / max(one["peak_rss_anon_increase"], 1), 2),
+                    "max_peak_rss_increase_over_1_rank": round(
+                        max(r["peak_rss_increase"] for r in per_rank) / max(one["peak_rss_increase"], 1), 2),
+                    "seconds": max(r["seconds"] for r in per_rank)}
+                c2 = row["corpus_2_ranks"]
+                print(f"{int(tokens):>12} {'corpus, 2 ranks':<22} {c2['seconds']:8.2f} s  per-rank RssAnon "
+                      f"{[round(r['peak_rss_anon_increase'] / 2**20, 1) for r in c2['per_rank']]} MiB, same files: "
+                      f"{c2['same_files_as_1_rank']}", flush=True)
             row["disk_bytes"] = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
             results.append(row)
             import shutil
