@@ -110,10 +110,3 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
     return out
-
-
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous [start, end) share of n items for one rank; shares differ by at most 1."""
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -67,19 +66,3 @@ class TokenStream:
 
     def document(self, i: int) -> np.ndarray:
         return self.tokens[self.doc_offsets[i] : self.doc_offsets[i + 1]]
-
-
-def write_stream(corpus_dir: Path, name: str, docs: Iterable[list[int]], dtype: np.dtype, eod_id: int) -> dict:
-    """Write one stream (`name`.bin + .idx.npy) from token lists, EOD appended to each; atomic."""
-    from retro_toolkit.core import files as _files
-
-    lengths = []
-    with _files.atomic_path(bin_path(corpus_dir, name)) as tmp, open(tmp, "wb") as out:
-        for doc in docs:
-            arr = np.asarray(list(doc) + [eod_id], dtype=dtype)
-            out.write(arr.tobytes())
-            lengths.append(len(arr))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    with _files.atomic_path(idx_path(corpus_dir, name)) as tmp, open(tmp, "wb") as f:
-        np.save(f, offsets)
-    return {"documents": len(lengths), "tokens": int(offsets[-1])}
