@@ -130,6 +130,8 @@ def test_a_run_refuses_while_a_worker_of_another_lives_and_sigterm_to_the_worker
     proc = start(w, *RUN)
     wait_for(in_log(w, "pretrain", "iter 5/40"), "iteration 5")
     worker = next(p for p in family(proc) if "retro_toolkit.launch" in " ".join(p.cmdline()))
+    # Paused, so that it cannot finish its 40 iterations while run B starts up on a slow machine.
+    worker.suspend()
     proc.kill()
     proc.communicate()
     assert worker.is_running()
@@ -140,6 +142,7 @@ def test_a_run_refuses_while_a_worker_of_another_lives_and_sigterm_to_the_worker
     assert "Traceback" not in p.stderr
 
     worker.send_signal(signal.SIGTERM)
+    worker.resume()
     worker.wait(timeout=60)  # not our child: its exit code is in the error file
     stopped = json.loads((w / "stages" / "pretrain.error.json").read_text())
     assert stopped["exit_code"] == 143
