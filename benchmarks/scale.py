@@ -18,10 +18,16 @@ in RSS and are reclaimable, anonymous memory is what a rank really holds):
                training-sized row slices through map_neighbors()
   neighbours_in_memory the same with every block concatenated in memory (how load_neighbors works)
 
-  index        faiss IVF1024,PQ16 trained on 20,000 synthetic 64-dim vectors, then every chunk's
-               vector encoded a block at a time and its codes appended (build_db's index step)
+  index        faiss IVF<N/1024>,PQ16 (lists of about 1024 chunks at any size) trained on 65,536
+               synthetic 64-dim vectors, then every chunk's vector encoded a block at a time into code
+               blocks and the index file written from them through a 16 MiB window
+               (build_db's index step, collections/retrieval/ivf_fill.py)
   search       the saved index memory-mapped and searched with every chunk's vector, a block at
                a time (build_db's neighbour step; nprobe 8, k 20)
+
+With --ranks 1 2, the corpus, index and search phases run again on 2 ranks (torchrun, gloo),
+each rank doing its share of the shards or blocks as build_db does; the index phase reuses the
+1-rank run's trained index (as build_db reuses one), so both write the same index file.
 
 The embedder is bypassed: vectors are synthetic (seeded per block, clustered so IVF has
 structure), generated where build_db would read its embedding blocks. Only a benchmark may do
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,8 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import PeakMemory, add_out, write_result  # noqa: E402
 
 PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_in_memory", "index", "search")
-INDEX = "IVF1024,PQ16"  # synthetic 64-dim vectors; 16-byte codes, as InstructRetro's PQ64 at 1/4 scale
+RANKED = ("corpus", "index", "search")  # the phases also measured on 2 ranks
+LIST_CHUNKS = 1024  # chunks per IVF list: searching a query costs the same at any corpus size
+CODES = "PQ16"  # 16-byte codes of 64-dim vectors, as InstructRetro's PQ64 of 1024-dim ones at 1/4 scale
 DIM = 64
+TRAIN_VECTORS = 65_536  # at any size, as build_db samples retrieval.index.ntrain (up to 1M)
+FILL_WINDOW = 16 << 20  # retrieval.index.memory_gb, scaled down: the index file is written 16 MiB at a time
 EMB_BLOCK = 100_000
 SHARD_MB = 16  # read shards (data.shard_mb): 13 of them at 10^8 tokens, so 2 ranks share the corpus
 MEAN_DOC_TOKENS = 600
@@ -127,19 +138,16 @@ def run_phase(phase: str, w: Path) -> dict:
     from retro_toolkit.collections.text import token_stream as ts
     from retro_toolkit.launch import run_stage
 
-    db_file = w / chunk_db.CHUNKS_FILE
-    if phase == "corpus":
-        from retro_toolkit.core import dist
+    from retro_toolkit.core import dist
 
+    db_file = w / chunk_db.CHUNKS_FILE
+    rank = int(os.environ.get("RANK", 0))
+    if phase in RANKED:
         dist.init()  # under torchrun: the process group's own memory belongs to the baseline
         dist.barrier()
+    if phase == "corpus":
         r = measured(lambda: {"rc": run_stage("prepare_corpus", str(w / "recipe.resolved.yaml"))})
-        import hashlib
-
-        digest = hashlib.sha256()
-        for f in sorted((w / ts.CORPUS_DIR).iterdir()):
-            digest.update(f.read_bytes())
-        return {**r, "rank": int(os.environ.get("RANK", 0)), "corpus_sha256": digest.hexdigest()}
+        return {**r, "rank": rank, "corpus_sha256": _digest(sorted((w / ts.CORPUS_DIR).iterdir()))}
     if phase.startswith("chunk_db"):
         in_memory = phase.endswith("in_memory")
         if not in_memory:
@@ -160,7 +168,13 @@ def run_phase(phase: str, w: Path) -> dict:
         return measured(chunks)
     rows = len(chunk_db.load(db_file))
     if phase in ("index", "search"):
-        return measured(lambda: _index_phase(phase, w, rows))
+        added = w / "synthetic_index" / "added.faissindex"
+        if phase == "index" and rank == 0:  # every run encodes and fills anew (a trained index is kept)
+            shutil.rmtree(added.parent / "codes", ignore_errors=True)
+            added.unlink(missing_ok=True)
+        dist.barrier()
+        r = {**measured(lambda: _index_phase(phase, w, rows)), "rank": rank}
+        return {**r, "index_sha256": _digest([added])} if phase == "index" else r
     if phase == "neighbours":
         write_neighbours(w, rows, 100_000)
 
@@ -174,6 +188,17 @@ def run_phase(phase: str, w: Path) -> dict:
     return measured(read)
 
 
+def _digest(paths: list[Path]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for f in paths:
+        with open(f, "rb") as fh:
+            for piece in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(piece)
+    return digest.hexdigest()
+
+
 def synthetic_vectors(start: int, end: int):
     """Block [start, end)'s vectors: 64 cluster centres plus noise, seeded by the block."""
     import numpy as np
@@ -184,26 +209,70 @@ def synthetic_vectors(start: int, end: int):
 
 
 def _index_phase(phase: str, w: Path, rows: int) -> dict:
-    from retro_toolkit.collections.retrieval import index as faiss_index
+    from retro_toolkit.collections.retrieval import blocks, index as faiss_index, ivf_fill
+    from retro_toolkit.core import dist
 
-    path = w / "synthetic.faissindex"
-    spans = [(s, min(s + EMB_BLOCK, rows)) for s in range(0, rows, EMB_BLOCK)]
-    if phase == "index":
-        index = faiss_index.make(INDEX, DIM)
+    env = dist.env_from_os()
+    folder = w / "synthetic_index"
+    trained_file, added, codes_dir = folder / "trained.faissindex", folder / "added.faissindex", folder / "codes"
+    spans = blocks.ranges(rows, EMB_BLOCK)
+    if phase == "search":
+        index = faiss_index.load(added, mmap=True)
+        faiss_index.set_nprobe(index, 8)
+        found = 0
+        for i, (s, e) in enumerate(spans):
+            if i % env.world_size == env.rank:
+                _, ids = index.search(synthetic_vectors(s, e), 20)
+                found += int((ids >= 0).sum())
+        return {"queries": sum(e - s for i, (s, e) in enumerate(spans) if i % env.world_size == env.rank),
+                "found": found}
+    trained_seconds = 0.0
+    if env.is_main and not trained_file.is_file():  # a 2-rank run reuses the trained index, as build_db does
+        nlist = max(1, rows // LIST_CHUNKS)
+        index = faiss_index.make(f"IVF{nlist},{CODES}", DIM)
         t = time.perf_counter()
-        faiss_index.train(index, synthetic_vectors(10**9, 10**9 + 20_000), use_gpu=False)
-        trained = time.perf_counter() - t
-        for s, e in spans:
-            faiss_index.add_codes(index, faiss_index.encode(index, synthetic_vectors(s, e)), s)
-        faiss_index.save(index, path)
-        return {"vectors": int(index.ntotal), "index_bytes": path.stat().st_size, "train_seconds": round(trained, 3)}
-    index = faiss_index.load(path, mmap=True)
-    faiss_index.set_nprobe(index, 8)
-    found = 0
-    for s, e in spans:
-        _, ids = index.search(synthetic_vectors(s, e), 20)
-        found += int((ids >= 0).sum())
-    return {"queries": rows, "found": found}
+        faiss_index.train(index, synthetic_vectors(10**9, 10**9 + TRAIN_VECTORS), use_gpu=False)
+        trained_seconds = time.perf_counter() - t
+        faiss_index.save(index, trained_file)
+    dist.barrier()
+    trained = faiss_index.load(trained_file)
+    blocks.compute_missing(codes_dir, rows, spans, lambda s, e: faiss_index.encode(trained, synthetic_vectors(s, e)),
+                           "synthetic", env.rank, env.world_size)
+    dist.barrier()
+    if env.is_main:
+        ivf_fill.write_filled(trained, lambda: ((s, c) for s, _, c in blocks.iter_blocks(codes_dir, rows, spans, "synthetic")),
+                              added, FILL_WINDOW)
+    dist.barrier()
+    import faiss
+
+    return {"vectors": rows, "index": f"IVF{faiss.extract_index_ivf(trained).nlist},{CODES}",
+            "index_bytes": added.stat().st_size, "train_seconds": round(trained_seconds, 3)}
+
+
+def two_ranks(phase: str, w: Path, env: dict, one: dict, tokens: float) -> dict:
+    """`phase` on 2 ranks: each rank's memory and time against the 1-rank run, and whether
+    they wrote the same files (corpus, index) or found as many neighbours (search)."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        __file__, "--phase", phase, "--workdir", str(w)], env=env, capture_output=True, text=True)
+    found = sorted(w.glob(f".result.{phase}.*.json"))
+    per_rank = [json.loads(f.read_text()) for f in found]
+    for f in found:
+        f.unlink()
+    if p.returncode != 0 or len(per_rank) != 2:
+        raise SystemExit(f"{phase} on 2 ranks failed:\n{p.stdout}\n{p.stderr}")
+    same = {"corpus": lambda: all(r["corpus_sha256"] == one["corpus_sha256"] for r in per_rank),
+            "index": lambda: all(r["index_sha256"] == one["index_sha256"] for r in per_rank),
+            "search": lambda: sum(r["found"] for r in per_rank) == one["found"]}[phase]()
+    out = {"per_rank": per_rank, "same_output_as_1_rank": same,
+           "max_peak_rss_anon_increase_over_1_rank": round(
+               max(r["peak_rss_anon_increase"] for r in per_rank) / max(one["peak_rss_anon_increase"], 1), 2),
+           "max_peak_rss_increase_over_1_rank": round(
+               max(r["peak_rss_increase"] for r in per_rank) / max(one["peak_rss_increase"], 1), 2),
+           "seconds": max(r["seconds"] for r in per_rank),
+           "seconds_1_rank_without_training": round(one["seconds"] - one.get("train_seconds", 0), 3)}
+    print(f"{int(tokens):>12} {phase + ', 2 ranks':<22} {out['seconds']:8.2f} s  per-rank RssAnon "
+          f"{[round(r['peak_rss_anon_increase'] / 2**20, 1) for r in per_rank]} MiB, same output: {same}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -211,13 +280,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=float, nargs="+", default=[1e7, 1e8])
     ap.add_argument("--root", type=Path, help="where corpora are written (default: a temporary folder)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], choices=[1, 2],
-                    help="also run the corpus phase on 2 ranks (torchrun, gloo) and compare each rank with 1")
+                    help="with 2: run the corpus, index and search phases on 2 ranks too (torchrun, gloo) "
+                         "and compare each rank with 1")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     add_out(ap, __file__)
     a = ap.parse_args()
-    if a.phase:  # a child: one phase, result on stdout
-        print("RESULT " + json.dumps(run_phase(a.phase, a.workdir)))
+    if a.phase:  # a child: one phase, its result in a file of its own (ranks would interleave on stdout)
+        result = run_phase(a.phase, a.workdir)
+        (a.workdir / f".result.{a.phase}.{os.environ.get('RANK', 0)}.json").write_text(json.dumps(result))
         return
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results = []
@@ -232,39 +303,21 @@ def main() -> None:
             for phase in PHASES:
                 p = subprocess.run([sys.executable, __file__, "--phase", phase, "--workdir", str(w)], env=env,
                                    capture_output=True, text=True)
-                line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if p.returncode != 0 or line is None:
+                result = w / f".result.{phase}.0.json"
+                if p.returncode != 0 or not result.is_file():
                     raise SystemExit(f"phase {phase} failed:\n{p.stdout}\n{p.stderr}")
-                r = json.loads(line[len("RESULT "):])
+                r = json.loads(result.read_text())
+                result.unlink()
                 # Training the index costs the same at any size: per-token time counts the rest.
                 r["seconds_per_1e6_tokens"] = round((r["seconds"] - r.get("train_seconds", 0)) / (tokens / 1e6), 4)
                 row["phases"][phase] = r
                 print(f"{int(tokens):>12} {phase:<22} {r['seconds']:8.2f} s  peak RSS +{r['peak_rss_increase'] / 2**20:8.1f} "
                       f"MiB  RssAnon +{r['peak_rss_anon_increase'] / 2**20:8.1f} MiB", flush=True)
-            if 2 in a.ranks:  # the corpus again on 2 ranks: each rank's memory, and the same files
-                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                                    "2", __file__, "--phase", "corpus", "--workdir", str(w)], env=env,
-                                   capture_output=True, text=True)
-                per_rank = [json.loads(x[len("RESULT "):]) for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode != 0 or len(per_rank) != 2:
-                    raise SystemExit(f"corpus on 2 ranks failed:\n{p.stdout}\n{p.stderr}")
-                one = row["phases"]["corpus"]
-                row["corpus_2_ranks"] = {
-                    "per_rank": sorted(per_rank, key=lambda r: r["rank"]),
-                    "same_files_as_1_rank": all(r["corpus_sha256"] == one["corpus_sha256"] for r in per_rank),
-                    "max_peak_rss_anon_increase_over_1_rank": round(
-                        max(r["peak_rss_anon_increase"] for r in per_rank) / max(one["peak_rss_anon_increase"], 1), 2),
-                    "max_peak_rss_increase_over_1_rank": round(
-                        max(r["peak_rss_increase"] for r in per_rank) / max(one["peak_rss_increase"], 1), 2),
-                    "seconds": max(r["seconds"] for r in per_rank)}
-                c2 = row["corpus_2_ranks"]
-                print(f"{int(tokens):>12} {'corpus, 2 ranks':<22} {c2['seconds']:8.2f} s  per-rank RssAnon "
-                      f"{[round(r['peak_rss_anon_increase'] / 2**20, 1) for r in c2['per_rank']]} MiB, same files: "
-                      f"{c2['same_files_as_1_rank']}", flush=True)
+            if 2 in a.ranks:
+                for phase in RANKED:
+                    row[f"{phase}_2_ranks"] = two_ranks(phase, w, env, row["phases"][phase], tokens)
             row["disk_bytes"] = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
             results.append(row)
-            import shutil
-
             shutil.rmtree(root)
     ratios = {}
     if len(results) >= 2:

@@ -77,6 +77,7 @@ BAD_INPUT = [
     (BOTH, ["data.split_by=pasage"], "'data.split_by' = 'pasage' is not one of document, passage. Did you mean 'passage'?"),
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
     (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
+    (("validate",), ["retrieval.index.memory_gb=0"], "'retrieval.index.memory_gb' must be above 0 (GiB), not 0"),
     (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
     (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: /nonexistent/t.model does not exist. Give a SentencePiece .model, a Hugging Face tokenizer.json"),
 ]

@@ -216,5 +216,7 @@ def test_validate_estimates_disk_and_memory_of_instructretro_48b_at_its_corpus_s
     chunks = tokens * 0.98 / 64  # data.split's train share, in 64-token chunks
     assert f"{chunks:,.0f} chunks x 3 int64" in out
     assert "index OPQ64_128,IVF4194304_HNSW32,PQ64" in out
-    assert re.search(r"build_db +[\d.,]+ TiB +index .*every rank searches it whole", out)
+    assert re.search(r"build_db +[\d.,]+ TiB +index .* lists \(memory-mapped", out)
+    assert re.search(r"build_db +3\.0 GiB +index coarse quantizer \(every rank\) \(4,194,304 centroids x 128 float32 "
+                     r"\+ HNSW32 links\)", out)
     assert re.search(r"pretrain +[\d.,]+ GiB +weights, grads, optimizer \([\d,]+ parameters / TP 8", out)

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from retro_toolkit.collections.text.decoding import ReadStats
-from retro_toolkit.collections.text.sources import iter_documents
+from retro_toolkit.collections.text.corpus_layout import iter_documents
 from retro_toolkit.collections.text.splits import split_bounds
 from retro_toolkit.errors import UserError
 

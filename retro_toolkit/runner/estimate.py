@@ -74,7 +74,7 @@ def corpus_tokens(recipe) -> tuple[int, str]:
 def code_bytes(string: str, dim: int) -> tuple[float, str]:
     """Bytes per vector a faiss index of this factory string holds (codes + ids)."""
     ids = 8 if "IVF" in string else 0
-    if m := re.search(r"PQ(\d+)(?:x(\d+))?", string):
+    if m := re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", string):
         return int(m[1]) * int(m[2] or 8) / 8 + ids, f"{m[0]} codes + {ids}-byte ids"
     if "SQ8" in string:
         return dim + ids, "SQ8 codes"
@@ -114,8 +114,8 @@ def rows(recipe) -> tuple[list[Row], list[Row], str]:
                  Row("build_db", "query embeddings", query_chunks * dim * 4, "every split's chunks"),
                  Row("build_db", f"index {string}", chunks * per_vec, what),
                  Row("build_db", "neighbours", query_chunks * c * 8, f"{c} candidates x int64")]
-        mem += [Row("build_db", f"index {string} (every rank searches it whole)", chunks * per_vec, what),
-                Row("build_db", "a block of embeddings", r.block_size * dim * 4 * 2,
+        mem += _index_memory(string, dim, chunks * per_vec, what, r.index.memory_gb)
+        mem += [Row("build_db", "a block of embeddings", r.block_size * dim * 4 * 2,
                     f"retrieval.block_size {r.block_size} x dim {dim}, twice")]
     for stage in ("pretrain", "sft"):
         if stage in stages:
@@ -123,6 +123,28 @@ def rows(recipe) -> tuple[list[Row], list[Row], str]:
             mem += prow
             disk.append(drow)
     return disk, mem, how
+
+
+def _index_memory(string: str, dim: int, size: float, what: str, window_gb: float) -> list[Row]:
+    """An IVF index's lists are memory-mapped (page cache that a node's ranks share, filled
+    through a window); each rank holds its coarse quantizer. Other indexes are searched whole."""
+    ivf = re.search(r"IVF(\d+)(?:_HNSW(\d+))?", string)
+    if not ivf:
+        return [Row("build_db", f"index {string} (every rank searches it whole)", size, what)]
+    reduced = re.search(r"(?:OPQ\d+_|PCAR?)(\d+)", string)
+    d, nlist, links = int(reduced[1]) if reduced else dim, int(ivf[1]), int(ivf[2] or 0)
+    quantizer = nlist * d * 4 + nlist * 2 * links * 4
+    rows = []
+    if pq := re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", string):  # faiss precomputes these up to 2 GiB, else not at all
+        table = nlist * int(pq[1]) * 2 ** int(pq[2] or 8) * 4
+        if table <= 2**31:
+            rows.append(Row("build_db", "IVF-PQ search table (every rank)", table,
+                            f"{nlist:,} lists x {pq[1]} sub-quantizers x {2 ** int(pq[2] or 8)} float32"))
+    return [Row("build_db", f"index {string} lists (memory-mapped: page cache a node's ranks share)", size, what),
+            Row("build_db", "index coarse quantizer (every rank)", quantizer,
+                f"{nlist:,} centroids x {d} float32" + (f" + HNSW{links} links" if links else "")), *rows,
+            Row("build_db", "index fill on rank 0 (page cache)", min(size, window_gb * 2**30),
+                "a window of retrieval.index.memory_gb; the codes are read once per window")]
 
 
 def _embedder_dim(path: str) -> int:

@@ -31,7 +31,8 @@ class IndexConfig:
     string: str = "auto"
     # Chunks sampled (with the recipe seed) to train the index; null = all, up to 1M.
     ntrain: Optional[int] = bounded(None, 1, INT32, "far more vectors than an index is trained on (check for a typo)")
-    # Memory for the added index that "auto" plans for, in GiB.
+    # Memory for the added index that "auto" plans for, in GiB; also the most of the index
+    # file that filling an IVF index maps at a time (the codes are read once per such window).
     memory_gb: float = 8.0
     # IVF lists probed per query.
     nprobe: int = bounded(64, 1, 2**20, "more lists than any index has")
@@ -69,6 +70,8 @@ class RetrievalConfig:
 
 def check(r: dict[str, Any]) -> None:
     q, k = r["retrieval"], r["model"]["num_neighbors"]
+    if not q["index"]["memory_gb"] > 0:
+        raise UserError(f"recipe key 'retrieval.index.memory_gb' must be above 0 (GiB), not {q['index']['memory_gb']}.")
     if not 0.0 <= q["validate_fraction"] <= 1.0:
         raise UserError("recipe key 'retrieval.validate_fraction' must be between 0 and 1.")
     if q["k_query"] < k:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, neighbors
+from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, ivf_fill, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
 from retro_toolkit.collections.retrieval.keys import chunk_block_key, sha as _sha
 from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META
@@ -218,7 +218,8 @@ def run(ctx: StageContext) -> StageResult:
 def _build_index(ctx, string, dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
                  out_dir: Path) -> None:
     """Rank 0 trains (or reuses the trained index); every rank encodes its blocks with
-    sa_encode; rank 0 appends the codes in chunk order, so faiss ids are chunk ids."""
+    sa_encode; rank 0 writes the codes in chunk order, so faiss ids are chunk ids (an IVF
+    index straight to its file, collections/retrieval/ivf_fill.py)."""
     env = ctx.env
     keys_file, trained_file, added_file = out_dir / "keys.json", out_dir / "trained.faissindex", out_dir / "added.faissindex"
     keys = files.read_json(keys_file) if keys_file.is_file() else {}
@@ -252,9 +253,16 @@ def _build_index(ctx, string, dim, emb_dir, n, spans, train_spans, emb_keys, sam
     dist.barrier()
     if env.is_main:
         blocks.remove(blocks.stale_files(codes_dir, n, spans))
-        for start, _, codes in blocks.iter_blocks(codes_dir, n, spans, code_key):
-            faiss_index.add_codes(trained, codes, start)
-        faiss_index.save(trained, added_file)
+
+        def code_blocks():
+            return ((start, codes) for start, _, codes in blocks.iter_blocks(codes_dir, n, spans, code_key))
+
+        if ivf_fill.supported(trained):  # the lists go to disk through a window, never whole in memory
+            ivf_fill.write_filled(trained, code_blocks, added_file, int(ctx.recipe.retrieval.index.memory_gb * 2**30))
+        else:
+            for start, codes in code_blocks():
+                faiss_index.add_codes(trained, codes, start)
+            faiss_index.save(trained, added_file)
         files.write_json(keys_file, {"train": train_key, "fill": fill_key})
     dist.barrier()
 

@@ -4,7 +4,7 @@ Each rank counts the non-empty documents and the units (documents, or passages) 
 shards; with everyone's counts, every rank knows each shard's first unit number (the global
 numbering `splits.Splitter` deals to train/valid/test) and, for a source with `max_docs`,
 where reading stops: the shard holding the source's max_docs-th document is read up to it,
-later shards not at all. This reproduces `sources.iter_documents`'s order and cut exactly.
+later shards not at all. This reproduces `iter_documents`'s order and cut exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from retro_toolkit.collections.text import shards
 from retro_toolkit.collections.text.decoding import ReadStats
-from retro_toolkit.collections.text.sources import Document, is_empty
+from retro_toolkit.collections.text.sources import Document, check_source, is_empty
 from retro_toolkit.collections.text.splits import cut_passages
 
 
@@ -26,21 +26,31 @@ class ShardCount:
     units: int  # what the split deals: documents, or passages
 
 
-def units(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int], stats: ReadStats,
-          stop_after: Optional[int] = None) -> Iterator[Document]:
-    """The shard's units; with stop_after, reading stops right after that many non-empty documents."""
+def documents(shard: shards.Shard, src: Any, policy: str, stats: ReadStats,
+              stop_after: Optional[int] = None) -> Iterator[tuple[Document, str]]:
+    """(document, origin) of the shard's non-empty documents (empty ones are counted in stats);
+    with stop_after, reading stops right after that many."""
     docs = 0
-    for doc, _ in shards.read(shard, src, policy, stats):
+    if stop_after is not None and stop_after <= 0:
+        return
+    for doc, origin in shards.read(shard, src, policy, stats):
         if is_empty(doc):
             stats.empty_skipped += 1
             continue
         docs += 1
+        yield doc, origin
+        if stop_after is not None and docs >= stop_after:
+            return
+
+
+def units(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int], stats: ReadStats,
+          stop_after: Optional[int] = None) -> Iterator[Document]:
+    """What the split deals from the shard: its documents, or their passages."""
+    for doc, _ in documents(shard, src, policy, stats, stop_after):
         if passage_chars is None:
             yield doc
         else:
             yield from cut_passages(doc, passage_chars)
-        if stop_after is not None and docs >= stop_after:
-            return
 
 
 def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int],
@@ -58,14 +68,28 @@ def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[in
         n = int(np.count_nonzero(tokens[bounds[1:] - bounds[0]] - tokens[bounds[:-1] - bounds[0]]))
         return ShardCount(n, n)
     docs = n = 0
-    for doc, _ in shards.read(shard, src, policy, ReadStats()):
-        if is_empty(doc):
-            continue
+    for doc, _ in documents(shard, src, policy, ReadStats(), stop_after):
         docs += 1
         n += 1 if passage_chars is None else len(cut_passages(doc, passage_chars))
-        if stop_after is not None and docs >= stop_after:
-            break
     return ShardCount(docs, n)
+
+
+def iter_documents(sources: Any, on_invalid_utf8: str, stats: ReadStats | None = None,
+                   key_prefix: str = "data.sources") -> Iterator[tuple[Document, str]]:
+    """(text or token ids, origin) of every non-empty document of every source, in recipe order,
+    each source cut at its max_docs, read in one process (what the shards of a corpus hold, put
+    together); stats.per_source counts each source's documents."""
+    stats = stats if stats is not None else ReadStats()
+    for i, src in enumerate(sources):
+        key = f"{key_prefix}[{i}]"
+        check_source(src, key)
+        n = 0
+        for shard in shards.plan([src], keys=[key]):
+            left = None if src.max_docs is None else src.max_docs - n
+            for doc in documents(shard, src, on_invalid_utf8, stats, left):
+                yield doc
+                n += 1
+        stats.per_source.append(n)
 
 
 @dataclass

@@ -4,7 +4,7 @@ A shard is a piece of one source that can be read on its own: a byte range of an
 uncompressed .jsonl (cut at line starts), a whole compressed .jsonl or .txt file, a row
 group range of a Parquet file, a record batch range of an Arrow file, a range of documents
 of a Megatron indexed dataset, or a whole builtin source. Shards in plan order hold the
-documents in exactly the order `sources.iter_documents` reads them, so work split by shard
+documents in exactly the order `corpus_layout.iter_documents` reads them, so work split by shard
 and merged in shard order gives what one process gives.
 """
 

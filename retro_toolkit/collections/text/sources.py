@@ -1,4 +1,5 @@
-"""Corpus readers: yield the non-empty documents of a recipe's `data.sources`, in order.
+"""Corpus readers: the documents of each kind of `data.sources` entry (shards.py cuts a source
+into read shards, corpus_layout.py reads them in recipe order and skips empty documents).
 
 Formats (formats.py says which reader a path takes): .jsonl, .jsonl.gz and .jsonl.zst (one
 JSON object per line, text under `text_key`), a .txt file (one document), .parquet and .arrow
@@ -25,7 +26,6 @@ from retro_toolkit.collections.text import formats
 from retro_toolkit.collections.text.builtin_sources import check_builtin
 from retro_toolkit.collections.text.decoding import ReadStats, decode
 from retro_toolkit.collections.text.source_probe import probe_content
-from retro_toolkit.collections.text.splits import cut_passages
 from retro_toolkit.errors import UserError
 
 Document = Union[str, np.ndarray]
@@ -146,44 +146,5 @@ def file_documents(p: Path, kind: str, text_key: str, key: str, policy: str,
         yield from ((t or "", where) for t, where in formats.arrow_texts(p, text_key, key))
 
 
-def _source_documents(src: Any, key: str, policy: str, stats: ReadStats) -> Iterator[tuple[Document, str]]:
-    from retro_toolkit.collections.text import shards
-
-    for shard in shards.plan([src], keys=[key]):
-        yield from shards.read(shard, src, policy, stats)
-
-
 def is_empty(doc: Document) -> bool:
     return len(doc) == 0 if isinstance(doc, np.ndarray) else not doc.strip()
-
-
-def iter_documents(
-    sources: Any,
-    on_invalid_utf8: str,
-    stats: ReadStats | None = None,
-    key_prefix: str = "data.sources",
-    passage_chars: int | None = None,
-) -> Iterator[tuple[Document, str]]:
-    """(text or token ids, origin) for every non-empty document of every source, in recipe order; with
-    passage_chars, for every passage of those documents (`splits.cut_passages`), and
-    stats.per_source counts passages (max_docs still counts documents)."""
-    stats = stats if stats is not None else ReadStats()
-    for i, src in enumerate(sources):
-        key = f"{key_prefix}[{i}]"
-        check_source(src, key)
-        n = docs_read = 0
-        for text, origin in _source_documents(src, key, on_invalid_utf8, stats):
-            if is_empty(text):
-                stats.empty_skipped += 1
-                continue
-            docs_read += 1
-            if passage_chars is None:
-                yield text, origin
-                n += 1
-            else:
-                for j, passage in enumerate(cut_passages(text, passage_chars)):
-                    yield passage, f"{origin}@passage{j}"
-                    n += 1
-            if src.max_docs is not None and docs_read >= src.max_docs:
-                break
-        stats.per_source.append(n)

@@ -7,7 +7,8 @@ import tempfile
 from pathlib import Path
 
 from retro_toolkit.collections.text.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
-from retro_toolkit.collections.text.sources import check_source, iter_documents
+from retro_toolkit.collections.text.corpus_layout import iter_documents
+from retro_toolkit.collections.text.sources import check_source
 from retro_toolkit.collections.text.tokenizer import TOKENIZER_DIR, open_tokenizer, workdir_tokenizer, write_tokenizer
 from retro_toolkit.core import dist
 from retro_toolkit.core.stage import StageContext, StageResult

@@ -1,0 +1,63 @@
+"""An IVF index filled from code blocks on disk (collections/retrieval/ivf_fill.py) is the file
+faiss writes after adding the same codes in memory, byte for byte, whatever the window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retro_toolkit.collections.retrieval import index as faiss_index
+from retro_toolkit.collections.retrieval import ivf_fill
+
+D = 16
+
+
+def _trained(string: str, n_train: int = 6000):
+    import faiss
+
+    x = np.random.default_rng(0).standard_normal((n_train, D)).astype(np.float32)
+    index = faiss.index_factory(D, string)
+    index.train(x)
+    return faiss.serialize_index(index)
+
+
+# (factory string, vectors added): IVF1000 needs 2-byte list numbers and is "full" on disk;
+# IVF256 with 60 vectors leaves most lists empty, so faiss writes its sparse form.
+CASES = [("IVF64,Flat", 5000), ("IVF32,PQ4", 5000), ("OPQ4,IVF100_HNSW16,PQ4", 5000), ("IVF64,SQ8", 5000),
+         ("IVF1000,Flat", 5000), ("IVF256,Flat", 60)]
+
+
+@pytest.mark.parametrize("string,n", CASES)
+def test_the_filled_file_is_faiss_own_byte_for_byte_and_searches_the_same(tmp_path, string, n):
+    import faiss
+
+    blob = _trained(string)
+    x = np.random.default_rng(1).standard_normal((n, D)).astype(np.float32)
+    reference = faiss.deserialize_index(blob)
+    blocks = [(s, faiss_index.encode(reference, x[s:s + 1200])) for s in range(0, n, 1200)]
+    for s, codes in blocks:
+        faiss_index.add_codes(reference, codes, s)
+    faiss.write_index(reference, str(tmp_path / "reference"))
+    want = (tmp_path / "reference").read_bytes()
+    for window in (1 << 30, 5000, 1):  # one window; several; one list at a time
+        index = faiss.deserialize_index(blob)
+        assert ivf_fill.supported(index)
+        assert ivf_fill.write_filled(index, lambda: iter(blocks), tmp_path / "filled", window) == n
+        assert (tmp_path / "filled").read_bytes() == want, window
+    mapped = faiss_index.load(tmp_path / "filled", mmap=True)
+    faiss_index.set_nprobe(mapped, 8)
+    faiss_index.set_nprobe(reference, 8)
+    assert np.array_equal(mapped.search(x[:50], 5)[1], reference.search(x[:50], 5)[1])
+
+
+@pytest.mark.parametrize("string", ["Flat", "HNSW16", "PQ4", "IVF32,PQ4x4fs", "IVF32,Flat,Refine(Flat)"])
+def test_indexes_it_cannot_fill_are_left_to_faiss(string):
+    import faiss
+
+    assert not ivf_fill.supported(faiss.deserialize_index(_trained(string)))
+
+
+def test_list_numbers_read_little_endian_coarse_bytes():
+    codes = np.array([[0x34, 0x12, 9], [0xFF, 0x00, 9], [0x00, 0x01, 9]], dtype=np.uint8)
+    assert ivf_fill.list_numbers(codes, 2).tolist() == [0x1234, 0xFF, 0x100]
+    assert ivf_fill.list_numbers(codes, 1).tolist() == [0x34, 0xFF, 0x00]
