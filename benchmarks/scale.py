@@ -209,6 +209,8 @@ def synthetic_vectors(start: int, end: int):
 
 
 def _index_phase(phase: str, w: Path, rows: int) -> dict:
+    import numpy as np
+
     from retro_toolkit.collections.retrieval import blocks, index as faiss_index, ivf_fill
     from retro_toolkit.core import dist
 
@@ -219,13 +221,14 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
     if phase == "search":
         index = faiss_index.load(added, mmap=True)
         faiss_index.set_nprobe(index, 8)
-        found = 0
+        found = checksum = 0
         for i, (s, e) in enumerate(spans):
             if i % env.world_size == env.rank:
-                _, ids = index.search(synthetic_vectors(s, e), 20)
+                _, ids = faiss_index.search(index, synthetic_vectors(s, e), 20)
                 found += int((ids >= 0).sum())
+                checksum += int((ids * np.arange(1, 21)).sum() % (1 << 61))
         return {"queries": sum(e - s for i, (s, e) in enumerate(spans) if i % env.world_size == env.rank),
-                "found": found}
+                "found": found, "ids_checksum": checksum}
     trained_seconds = 0.0
     if env.is_main and not trained_file.is_file():  # a 2-rank run reuses the trained index, as build_db does
         nlist = max(1, rows // LIST_CHUNKS)
@@ -251,7 +254,7 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
 
 def two_ranks(phase: str, w: Path, env: dict, one: dict, tokens: float) -> dict:
     """`phase` on 2 ranks: each rank's memory and time against the 1-rank run, and whether
-    they wrote the same files (corpus, index) or found as many neighbours (search)."""
+    they wrote the same files (corpus, index) or found the same neighbours (search)."""
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         __file__, "--phase", phase, "--workdir", str(w)], env=env, capture_output=True, text=True)
     found = sorted(w.glob(f".result.{phase}.*.json"))
@@ -262,7 +265,7 @@ def two_ranks(phase: str, w: Path, env: dict, one: dict, tokens: float) -> dict:
         raise SystemExit(f"{phase} on 2 ranks failed:\n{p.stdout}\n{p.stderr}")
     same = {"corpus": lambda: all(r["corpus_sha256"] == one["corpus_sha256"] for r in per_rank),
             "index": lambda: all(r["index_sha256"] == one["index_sha256"] for r in per_rank),
-            "search": lambda: sum(r["found"] for r in per_rank) == one["found"]}[phase]()
+            "search": lambda: sum(r["ids_checksum"] for r in per_rank) == one["ids_checksum"]}[phase]()
     out = {"per_rank": per_rank, "same_output_as_1_rank": same,
            "max_peak_rss_anon_increase_over_1_rank": round(
                max(r["peak_rss_anon_increase"] for r in per_rank) / max(one["peak_rss_anon_increase"], 1), 2),

@@ -207,6 +207,27 @@ def test_damaged_block_is_rebuilt_and_validation_reports_identical(small_db, tmp
         assert np.array_equal(_neighbors(w, split), _neighbors(small_db, split)), split
 
 
+def test_without_kept_embeddings_the_database_is_the_same_and_no_embedding_stays_on_disk(small_db, tmp_path, run_cli):
+    """keep_embeddings=false stores only the training sample's embeddings and embeds each block when
+    it is encoded or searched. The sample here is every train chunk, in blocks that match the
+    kept ones, so the index and every neighbour equal a build that keeps its embeddings."""
+    ivf = ["retrieval.index.string=IVF16,Flat", "retrieval.index.nprobe=4"]
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    for w, keep in ((kept, "true"), (dropped, "false")):
+        shutil.copytree(small_db, w)
+        p = run_cli(SMOKE, f"workdir={w}", *SMALL, *ivf, f"retrieval.keep_embeddings={keep}")
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert "embedding the" in p.stdout and "chunks the index is trained on" in p.stdout
+    assert not (dropped / "db" / "embeddings").exists() and not (dropped / "db" / "query_embeddings").exists()
+    assert sum(f.stat().st_size for f in (dropped / "db" / "sample_embeddings").glob("*.h5")) > 0
+    index = Path("index") / "IVF16,Flat" / "added.faissindex"
+    assert (dropped / index).read_bytes() == (kept / index).read_bytes()
+    for split in SPLITS:
+        assert np.array_equal(_neighbors(dropped, split), _neighbors(kept, split)), split
+    p = run_cli(SMOKE, f"workdir={dropped}", *SMALL, *ivf, "retrieval.keep_embeddings=false")
+    assert p.returncode == 0 and "skip  build_db" in p.stdout, p.stdout + p.stderr
+
+
 def test_build_db_without_a_prepared_corpus_names_the_missing_stage(tmp_path, run_cli):
     """The job entry point refuses to run build_db before prepare_corpus has finished."""
     import subprocess

@@ -78,6 +78,8 @@ BAD_INPUT = [
     (BOTH, ["retrieval.k_query=1"], "retrieval.k_query (1) must be at least model.num_neighbors (2)"),
     (BOTH, ["stages=[prepare_corpus]"], "stage 'prepare_corpus' needs stage 'tokenizer'"),
     (("validate",), ["retrieval.index.memory_gb=0"], "'retrieval.index.memory_gb' must be above 0 (GiB), not 0"),
+    (("validate",), ["retrieval.keep_embeddings=false", "retrieval.validate_fraction=0.1"],
+     "retrieval.validate_fraction compares stored embedding blocks, and retrieval.keep_embeddings is false"),
     (BOTH, ["data.sources=[{path: /nonexistent/corpus.jsonl}]"], "data.sources[0].path: corpus path /nonexistent/corpus.jsonl does not exist"),
     (BOTH, ["tokenizer.model=/nonexistent/t.model"], "tokenizer.model: /nonexistent/t.model does not exist. Give a SentencePiece .model, a Hugging Face tokenizer.json"),
 ]

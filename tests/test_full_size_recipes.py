@@ -220,3 +220,9 @@ def test_validate_estimates_disk_and_memory_of_instructretro_48b_at_its_corpus_s
     assert re.search(r"build_db +3\.0 GiB +index coarse quantizer \(every rank\) \(4,194,304 centroids x 128 float32 "
                      r"\+ HNSW32 links\)", out)
     assert re.search(r"pretrain +[\d.,]+ GiB +weights, grads, optimizer \([\d,]+ parameters / TP 8", out)
+    assert re.search(r"build_db +[\d.,]+ TiB +chunk embeddings \(float32, dim 1024", out)
+    p = run_cli("validate", "instructretro_48b", *_cluster(data_root), *SSH, f"data.sources=[{{path: '{prefix}'}}]",
+                "retrieval.keep_embeddings=false", "--estimate")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "chunk embeddings" not in p.stdout and "query embeddings" not in p.stdout
+    assert re.search(r"build_db +244\.1 GiB +training sample embeddings \(float32, dim 1024", p.stdout)

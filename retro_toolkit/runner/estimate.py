@@ -110,8 +110,11 @@ def rows(recipe) -> tuple[list[Row], list[Row], str]:
 
         c = num_candidates(r.num_candidates, k, r.k_query)
         disk += [Row("build_db", "chunk database", chunks * 24 + docs * 8, f"{chunks:,.0f} chunks x 3 int64"),
-                 Row("build_db", "chunk embeddings", chunks * dim * 4, f"float32, dim {dim}"),
-                 Row("build_db", "query embeddings", query_chunks * dim * 4, "every split's chunks"),
+                 *([Row("build_db", "chunk embeddings", chunks * dim * 4, f"float32, dim {dim}"),
+                    Row("build_db", "query embeddings", query_chunks * dim * 4, "every split's chunks")]
+                   if r.keep_embeddings else
+                   [Row("build_db", "training sample embeddings", min(chunks, r.index.ntrain or 10**6) * dim * 4,
+                        f"float32, dim {dim}; retrieval.keep_embeddings is false")]),
                  Row("build_db", f"index {string}", chunks * per_vec, what),
                  Row("build_db", "neighbours", query_chunks * c * 8, f"{c} candidates x int64")]
         mem += _index_memory(string, dim, chunks * per_vec, what, r.index.memory_gb)

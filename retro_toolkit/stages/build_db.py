@@ -61,7 +61,13 @@ class RetrievalConfig:
     # one later updates the database without retraining the index: only the new chunks
     # are embedded, and every query is searched again.
     extra_sources: list[SourceConfig] = field(default_factory=list)
-    # Fraction of finished embedding blocks to recompute and compare bit for bit.
+    # Keep every chunk's embedding on disk (db/embeddings, db/query_embeddings; 4 x dim bytes a
+    # chunk, 138 TiB at InstructRetro's scale), as Retro's pipeline did. false: only the index's
+    # training sample is stored; each block is embedded when it is encoded or searched, and
+    # the kept embeddings of an earlier run are deleted. Switching retrains the index.
+    keep_embeddings: bool = True
+    # Fraction of finished embedding blocks to recompute and compare bit for bit (needs
+    # keep_embeddings).
     validate_fraction: float = 0.0
     # Seed for sampling the index's training chunks and the validated blocks. The database's
     # own, so changing the recipe seed (training data order) never rebuilds neighbours.
@@ -74,6 +80,9 @@ def check(r: dict[str, Any]) -> None:
         raise UserError(f"recipe key 'retrieval.index.memory_gb' must be above 0 (GiB), not {q['index']['memory_gb']}.")
     if not 0.0 <= q["validate_fraction"] <= 1.0:
         raise UserError("recipe key 'retrieval.validate_fraction' must be between 0 and 1.")
+    if q["validate_fraction"] > 0 and not q["keep_embeddings"]:
+        raise UserError("retrieval.validate_fraction compares stored embedding blocks, and retrieval.keep_embeddings "
+                        "is false: set retrieval.keep_embeddings=true or retrieval.validate_fraction=0.")
     if q["k_query"] < k:
         raise UserError(
             f"retrieval.k_query ({q['k_query']}) must be at least model.num_neighbors "
@@ -106,4 +115,5 @@ def _preflight(r) -> None:
 STAGE = StageSpec("build_db", "retrieval", depends_on=("prepare_corpus",),
                   config_keys=("retrieval", "model.chunk_length", "model.num_neighbors"),
                   entry="retro_toolkit.collections.retrieval.build_db:run", summary=__doc__, version=2, check=check,
+                  added_keys=(("retrieval.keep_embeddings", True),),
                   preflight=_preflight, reads=_reads)

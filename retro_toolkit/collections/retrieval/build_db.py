@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, ivf_fill, neighbors
+from retro_toolkit.collections.retrieval import blocks, chunk_db, index as faiss_index, index_build, neighbors
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
 from retro_toolkit.collections.retrieval.keys import chunk_block_key, sha as _sha
 from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_DIR, NEIGHBORS_META
@@ -31,6 +31,7 @@ from retro_toolkit.core.stage import StageContext, StageResult
 
 EMBEDDINGS_DIR = "db/embeddings"
 QUERY_EMBEDDINGS_DIR = "db/query_embeddings"
+SAMPLE_EMBEDDINGS_DIR = "db/sample_embeddings"  # with retrieval.keep_embeddings: false
 EXTRA_DIR = "db/extra"
 
 
@@ -125,40 +126,80 @@ def run(ctx: StageContext) -> StageResult:
         return chunk_block_key(embedder_id, tokens.streams[part], np.asarray(db.chunk_start[start:end]) - base,
                                np.asarray(db.chunk_end[start:end]) - base)
 
-    # Each rank hashes its own blocks (round-robin), then everyone has every key.
-    mine = {s: emb_key(s, e) for i, (s, e) in enumerate(spans) if i % env.world_size == env.rank}
-    emb_keys = {s: k for part in dist.all_gather_object(mine) for s, k in part.items()}
+    emb_keys = _gathered_keys(spans, emb_key, env)
     progress = ctx.progress("embed", n, "chunks")
 
     def skipped(start: int, end: int, state: str) -> None:
         if state == "reused":
             progress.update((end - start) * env.world_size)
 
-    counts = blocks.compute_missing(
-        emb_dir, n, spans, lambda s, e: embedder.embed(chunk_texts(s, e), lambda b: progress.update(b * env.world_size)),
-        lambda s, e: emb_keys[s], env.rank, env.world_size, on_block=skipped)
-    timings = {"embed_s": round(progress.close(), 3)}
-    if counts["rebuilt"]:
-        print(f"[build_db] rank {env.rank}: {counts['rebuilt']} damaged or stale embedding block(s) rebuilt", flush=True)
-    dist.barrier()
+    def embed(texts: list[str]) -> np.ndarray:
+        return embedder.embed(texts, lambda b: progress.update(b * env.world_size))
+
+    counts = {"computed": 0, "rebuilt": 0}
+    if cfg.keep_embeddings:
+        counts = blocks.compute_missing(emb_dir, n, spans, lambda s, e: embed(chunk_texts(s, e)),
+                                        lambda s, e: emb_keys[s], env.rank, env.world_size, on_block=skipped)
+        timings = {"embed_s": round(progress.close(), 3)}
+        if counts["rebuilt"]:
+            print(f"[build_db] rank {env.rank}: {counts['rebuilt']} damaged or stale embedding block(s) rebuilt", flush=True)
+        dist.barrier()
+        if env.is_main:
+            blocks.remove(blocks.stale_files(emb_dir, n, spans))
 
     # 3. index: trained on train chunks only (so extra corpora never retrain it), then filled
-    idx_dir = w / "index" / faiss_index.folder_name(string)
-    train_spans = [sp for sp in spans if sp[1] <= n_train]
     sample = faiss_index.training_sample(n_train, cfg.index.ntrain, cfg.seed)
-    train_key = _sha(string, sample, [emb_keys[s] for s, _ in train_spans])
-    fill_key = _sha(train_key, [emb_keys[s] for s, _ in spans])
-    if env.is_main:
-        blocks.remove(blocks.stale_files(emb_dir, n, spans))
+    plan = index_build.IndexPlan(string, embedder.dim, n, spans, emb_keys, "",
+                                 w / "index" / faiss_index.folder_name(string))
     t_index = time.monotonic()
-    _build_index(ctx, string, embedder.dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
-                 idx_dir)
+    if cfg.keep_embeddings:
+        train_spans = [sp for sp in spans if sp[1] <= n_train]
+        plan.train_key = _sha(string, sample, [emb_keys[s] for s, _ in train_spans])
+
+        def training_vectors() -> np.ndarray:
+            vectors = np.empty((len(sample), embedder.dim), dtype=np.float32)
+            for start, end, data in blocks.iter_blocks(emb_dir, n, train_spans, lambda s, e: emb_keys[s]):
+                lo, hi = np.searchsorted(sample, [start, end])
+                vectors[lo:hi] = data[sample[lo:hi] - start]
+            return vectors
+
+        index_build.build(ctx, plan, training_vectors,
+                          lambda s, e: blocks.read(blocks.path(emb_dir, s, e, n), e - s, emb_keys[s]))
+    else:  # only the training sample's embeddings are stored; every block is embedded as it is encoded
+        sample_dir, sample_spans = w / SAMPLE_EMBEDDINGS_DIR, blocks.ranges(len(sample), cfg.block_size)
+
+        def sample_key(s: int, e: int) -> str:  # sampled chunks are train chunks: the train stream's tokens
+            return chunk_block_key(embedder_id, train.tokens, db.chunk_start[sample[s:e]], db.chunk_end[sample[s:e]])
+
+        sample_keys = _gathered_keys(sample_spans, sample_key, env)
+        plan.train_key = _sha("sample", string, sample, [sample_keys[s] for s, _ in sample_spans])
+
+        def sample_texts(s: int, e: int) -> list[str]:
+            return [chunk_text(tok, tokens[a:b]) for a, b in zip(db.chunk_start[sample[s:e]], db.chunk_end[sample[s:e]])]
+
+        def embed_sample() -> None:
+            ctx.log(f"embedding the {len(sample)} chunks the index is trained on")
+            blocks.compute_missing(sample_dir, len(sample), sample_spans, lambda s, e: embedder.embed(sample_texts(s, e)),
+                                   lambda s, e: sample_keys[s], env.rank, env.world_size)
+            dist.barrier()
+
+        index_build.build(ctx, plan, lambda: np.concatenate([d for *_, d in blocks.iter_blocks(
+            sample_dir, len(sample), sample_spans, lambda s, e: sample_keys[s])]),
+            lambda s, e: embed(chunk_texts(s, e)), before_training=embed_sample)
+        timings = {"embed_s": round(progress.close(), 3)}
+        if env.is_main:  # what an earlier run with keep_embeddings kept
+            shutil.rmtree(w / EMBEDDINGS_DIR, ignore_errors=True)
+            shutil.rmtree(w / QUERY_EMBEDDINGS_DIR, ignore_errors=True)
+    fill_key = plan.fill_key
     dist.barrier()
     # Once per rank, memory-mapped: the ranks of a node share one copy in the page cache.
-    index = faiss_index.load(idx_dir / "added.faissindex", mmap=True)
+    index = faiss_index.load(plan.folder / "added.faissindex", mmap=True)
     faiss_index.set_nprobe(index, cfg.index.nprobe)
+    search_index = lambda q, k: faiss_index.search(index, q, k)  # noqa: E731
     if cfg.index.gpu_search and faiss_index.num_gpus() > 0:
-        index = faiss_index.to_gpu(index, env.local_rank % faiss_index.num_gpus())
+        on_gpu = faiss_index.to_gpu(index, env.local_rank % faiss_index.num_gpus())
+        if on_gpu is not index:
+            search_index = on_gpu.search
 
     # 4. neighbours of every query chunk of every split
     timings["index_s"] = round(time.monotonic() - t_index, 3)
@@ -179,13 +220,14 @@ def run(ctx: StageContext) -> StageResult:
         def q_key(start: int, end: int, stream=stream) -> str:
             return _sha(embedder_id, np.asarray(stream.tokens[start * m:end * m]))
 
-        blocks.compute_missing(
-            q_dir, nq, q_spans, lambda s, e: embedder.embed(q_texts(s, e), lambda b: progress.update(b * env.world_size)),
-            q_key, env.rank, env.world_size, on_block=skipped)
+        if cfg.keep_embeddings:
+            blocks.compute_missing(q_dir, nq, q_spans, lambda s, e: embed(q_texts(s, e)), q_key, env.rank,
+                                   env.world_size, on_block=skipped)
 
         def search(start: int, end: int, stream=stream, split=split, q_dir=q_dir) -> np.ndarray:
-            emb = blocks.read(blocks.path(q_dir, start, end, nq), end - start, q_key(start, end))
-            _, cand = index.search(emb, min(cfg.k_query, n))
+            emb = blocks.read(blocks.path(q_dir, start, end, nq), end - start, q_key(start, end)) \
+                if cfg.keep_embeddings else embed(q_texts(start, end))
+            _, cand = search_index(emb, min(cfg.k_query, n))
             lo = hi = None
             if split == db.split:  # the database holds this split's documents
                 lo, hi = neighbors.banned_doc_range(stream.doc_offsets, len(stream), start, end, m)
@@ -215,56 +257,10 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=outputs, summary=summary)
 
 
-def _build_index(ctx, string, dim, emb_dir, n, spans, train_spans, emb_keys, sample, train_key, fill_key,
-                 out_dir: Path) -> None:
-    """Rank 0 trains (or reuses the trained index); every rank encodes its blocks with
-    sa_encode; rank 0 writes the codes in chunk order, so faiss ids are chunk ids (an IVF
-    index straight to its file, collections/retrieval/ivf_fill.py)."""
-    env = ctx.env
-    keys_file, trained_file, added_file = out_dir / "keys.json", out_dir / "trained.faissindex", out_dir / "added.faissindex"
-    keys = files.read_json(keys_file) if keys_file.is_file() else {}
-    if keys.get("fill") == fill_key and added_file.is_file():
-        return  # nothing changed since the last fill
-    if env.is_main:
-        if keys.get("train") == train_key and trained_file.is_file():
-            ctx.log(f"reusing the trained {string} index (not retrained)")
-        else:
-            index = faiss_index.make(string, dim)
-            if not index.is_trained:
-                vectors = np.empty((len(sample), dim), dtype=np.float32)
-                for start, end, data in blocks.iter_blocks(emb_dir, n, train_spans, lambda s, e: emb_keys[s]):
-                    lo, hi = np.searchsorted(sample, [start, end])
-                    vectors[lo:hi] = data[sample[lo:hi] - start]
-                ctx.log(f"training {string} on {len(sample)} vectors")
-                where = faiss_index.train(index, vectors, ctx.recipe.retrieval.index.gpu_train)
-                ctx.log(f"trained (clustering on {where})")
-            faiss_index.save(index, trained_file)
-            files.write_json(keys_file, {"train": train_key})
-    dist.barrier()
-
-    trained = faiss_index.load(trained_file)
-    codes_dir = out_dir / "codes"
-    code_key = lambda s, e: _sha(train_key, emb_keys[s])  # noqa: E731
-
-    def encode(start: int, end: int) -> np.ndarray:
-        return faiss_index.encode(trained, blocks.read(blocks.path(emb_dir, start, end, n), end - start, emb_keys[start]))
-
-    blocks.compute_missing(codes_dir, n, spans, encode, code_key, env.rank, env.world_size)
-    dist.barrier()
-    if env.is_main:
-        blocks.remove(blocks.stale_files(codes_dir, n, spans))
-
-        def code_blocks():
-            return ((start, codes) for start, _, codes in blocks.iter_blocks(codes_dir, n, spans, code_key))
-
-        if ivf_fill.supported(trained):  # the lists go to disk through a window, never whole in memory
-            ivf_fill.write_filled(trained, code_blocks, added_file, int(ctx.recipe.retrieval.index.memory_gb * 2**30))
-        else:
-            for start, codes in code_blocks():
-                faiss_index.add_codes(trained, codes, start)
-            faiss_index.save(trained, added_file)
-        files.write_json(keys_file, {"train": train_key, "fill": fill_key})
-    dist.barrier()
+def _gathered_keys(spans: list[tuple[int, int]], key, env) -> dict[int, str]:
+    """Every block's key by its first row: each rank hashes its own blocks (round-robin)."""
+    mine = {s: key(s, e) for i, (s, e) in enumerate(spans) if i % env.world_size == env.rank}
+    return {s: k for part in dist.all_gather_object(mine) for s, k in part.items()}
 
 
 def _validate(spans, fraction, seed, emb_dir, n, emb_keys, embedder, chunk_texts, ctx) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +147,40 @@ def training_sample(n: int, ntrain: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False)).astype(np.int64)
 
 
+# faiss's results depend on the rows of a call and on its OpenMP thread count (its BLAS path
+# rounds differently: a near-tie vector can land in another IVF list). So encoding and search
+# run as calls of fixed rows, one thread each, in parallel threads: a block's codes and
+# neighbours are the same whatever the number of ranks or cores.
+ROWS_PER_CALL = 4096
+
+
+def _fixed_calls(fn, x: np.ndarray) -> list:
+    import faiss
+
+    def one(lo: int):
+        faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
+        return fn(x[lo:lo + ROWS_PER_CALL])
+
+    starts = range(0, len(x), ROWS_PER_CALL)
+    with ThreadPoolExecutor(max(1, min(faiss.omp_get_max_threads(), len(starts)))) as pool:
+        return list(pool.map(one, starts))
+
+
 def encode(index, vectors: np.ndarray) -> np.ndarray:
     """The codes `index` stores for these vectors (any rank can do this in parallel)."""
-    return index.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    parts = _fixed_calls(index.sa_encode, x)
+    return np.concatenate(parts) if parts else index.sa_encode(x)
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids) of the k nearest, as index.search, the same on any number of threads
+    (a CPU index; a GPU index is searched directly)."""
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    parts = _fixed_calls(lambda q: index.search(q, k), x)
+    if not parts:
+        return index.search(x, k)
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
 def add_codes(index, codes: np.ndarray, first_id: int) -> None:

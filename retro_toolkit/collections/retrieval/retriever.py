@@ -57,7 +57,7 @@ class Retriever:
         """Nearest database chunks of texts or of token chunks (decoded with the decoder tokenizer)."""
         k = k or self.recipe.model.num_neighbors
         texts = [q if isinstance(q, str) else chunk_text(self.tokenizer, np.asarray(q)) for q in queries]
-        dist, ids = self.index.search(self.embedder.embed(texts), k)
+        dist, ids = faiss_index.search(self.index, self.embedder.embed(texts), k)
         ids = ids.astype(np.int64)
         return Hits(ids, dist, self.neighbor_tokens(ids))
 

@@ -1,0 +1,91 @@
+"""build_db's index step: train the faiss index (or reuse the trained one), encode every
+database chunk into code blocks (split over ranks), and write the filled index (rank 0).
+
+    index/<string>/keys.json           what the trained and the filled index were made from
+    index/<string>/trained.faissindex  trained, empty
+    index/<string>/codes/*.h5          each block's sa_encode codes
+    index/<string>/added.faissindex    every chunk added, faiss ids = chunk ids
+
+The vectors come from the caller: read from stored embedding blocks, or embedded on the fly
+(`retrieval.keep_embeddings: false`), so both ways share this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from retro_toolkit.collections.retrieval import blocks, index as faiss_index, ivf_fill
+from retro_toolkit.collections.retrieval.keys import sha
+from retro_toolkit.core import dist, files
+from retro_toolkit.core.stage import StageContext
+
+
+@dataclass
+class IndexPlan:
+    string: str
+    dim: int
+    n: int
+    spans: list[tuple[int, int]]
+    block_keys: dict[int, str]  # each block's content key, by its first chunk
+    train_key: str  # what training reads: the factory string, the sample, their vectors' keys
+    folder: Path
+
+    @property
+    def fill_key(self) -> str:
+        return sha(self.train_key, [self.block_keys[s] for s, _ in self.spans])
+
+    def code_key(self, start: int, end: int) -> str:
+        return sha(self.train_key, self.block_keys[start])
+
+
+def build(ctx: StageContext, plan: IndexPlan, training_vectors: Callable[[], np.ndarray],
+          block_vectors: Callable[[int, int], np.ndarray], before_training: Callable[[], None] = lambda: None) -> None:
+    """Make plan.folder/added.faissindex current. `before_training` runs on every rank when the
+    index must be (re)trained, before rank 0 calls `training_vectors`; `block_vectors(s, e)` gives
+    chunks s..e-1's vectors to the rank that encodes that block."""
+    env, folder = ctx.env, plan.folder
+    keys_file, trained_file, added_file = folder / "keys.json", folder / "trained.faissindex", folder / "added.faissindex"
+    keys = files.read_json(keys_file) if keys_file.is_file() else {}
+    filled, trained = dist.broadcast_object((keys.get("fill") == plan.fill_key and added_file.is_file(),
+                                             keys.get("train") == plan.train_key and trained_file.is_file()))
+    if filled:
+        return
+    if not trained and not faiss_index.make(plan.string, plan.dim).is_trained:  # Flat needs no training
+        before_training()
+    if env.is_main:
+        if trained:
+            ctx.log(f"reusing the trained {plan.string} index (not retrained)")
+        else:
+            index = faiss_index.make(plan.string, plan.dim)
+            if not index.is_trained:
+                vectors = training_vectors()
+                ctx.log(f"training {plan.string} on {len(vectors)} vectors")
+                where = faiss_index.train(index, vectors, ctx.recipe.retrieval.index.gpu_train)
+                ctx.log(f"trained (clustering on {where})")
+            faiss_index.save(index, trained_file)
+            files.write_json(keys_file, {"train": plan.train_key})
+    dist.barrier()
+
+    index = faiss_index.load(trained_file)
+    codes_dir = folder / "codes"
+    blocks.compute_missing(codes_dir, plan.n, plan.spans, lambda s, e: faiss_index.encode(index, block_vectors(s, e)),
+                           plan.code_key, env.rank, env.world_size)
+    dist.barrier()
+    if env.is_main:
+        blocks.remove(blocks.stale_files(codes_dir, plan.n, plan.spans))
+
+        def code_blocks():
+            return ((s, codes) for s, _, codes in blocks.iter_blocks(codes_dir, plan.n, plan.spans, plan.code_key))
+
+        if ivf_fill.supported(index):  # the lists go to disk through a window, never whole in memory
+            ivf_fill.write_filled(index, code_blocks, added_file, int(ctx.recipe.retrieval.index.memory_gb * 2**30))
+        else:
+            for start, codes in code_blocks():
+                faiss_index.add_codes(index, codes, start)
+            faiss_index.save(index, added_file)
+        files.write_json(keys_file, {"train": plan.train_key, "fill": plan.fill_key})
+    dist.barrier()

@@ -1,0 +1,45 @@
+"""Index codes and neighbours do not depend on faiss's thread count (index.encode / index.search
+make calls of fixed rows on one thread each), so a database is the same on any number of ranks
+or cores. faiss's own sa_encode of the whole array does depend on it: on this data (the 2e6-token
+case of benchmarks/scale.py), faiss 1.15.1 on 1 thread and on 2 puts 1 of the 32,181 vectors in
+different lists."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retro_toolkit.collections.retrieval import index as faiss_index
+
+
+def _clustered(n: int, seed: int) -> np.ndarray:
+    centres = np.random.default_rng(7).standard_normal((64, 64)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    return centres[rng.integers(0, 64, n)] + 0.3 * rng.standard_normal((n, 64), dtype=np.float32)
+
+
+def test_codes_and_neighbours_are_the_same_on_one_thread_and_two():
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    index = faiss_index.make("IVF31,PQ16", 64)
+    faiss_index.train(index, _clustered(20_000, 10**9), use_gpu=False)
+    x = _clustered(32_181, 0)
+    try:
+        got = []
+        for threads in (1, 2):
+            faiss.omp_set_num_threads(threads)
+            codes = faiss_index.encode(index, x)
+            faiss_index.add_codes(filled := faiss.deserialize_index(faiss.serialize_index(index)), codes, 0)
+            faiss_index.set_nprobe(filled, 4)
+            got.append((codes, *faiss_index.search(filled, x[:6000], 10)))
+        faiss.omp_set_num_threads(1)  # what each call computes: fixed rows, one thread
+        want = np.concatenate([index.sa_encode(x[i:i + faiss_index.ROWS_PER_CALL])
+                               for i in range(0, len(x), faiss_index.ROWS_PER_CALL)])
+    finally:
+        faiss.omp_set_num_threads(before)
+    (c1, d1, i1), (c2, d2, i2) = got
+    assert c1.shape == (len(x), 17) and np.array_equal(c1, want)
+    assert np.array_equal(c1, c2)
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+    assert (i1 >= 0).all()
+    assert faiss_index.encode(index, x[:0]).shape == (0, 17)
