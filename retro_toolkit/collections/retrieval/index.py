@@ -151,7 +151,8 @@ def training_sample(n: int, ntrain: int | None, seed: int) -> np.ndarray:
 # rounds differently: a near-tie vector can land in another IVF list). So encoding and search
 # run as calls of fixed rows, one thread each, in parallel threads: a block's codes and
 # neighbours are the same whatever the number of ranks or cores.
-ROWS_PER_CALL = 4096
+ROWS_PER_CALL = 2048
+_pool: list = []  # one (threads, ThreadPoolExecutor): the same threads, and malloc arenas, for every call
 
 
 def _fixed_calls(fn, x: np.ndarray) -> list:
@@ -161,9 +162,12 @@ def _fixed_calls(fn, x: np.ndarray) -> list:
         faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
         return fn(x[lo:lo + ROWS_PER_CALL])
 
-    starts = range(0, len(x), ROWS_PER_CALL)
-    with ThreadPoolExecutor(max(1, min(faiss.omp_get_max_threads(), len(starts)))) as pool:
-        return list(pool.map(one, starts))
+    threads = max(1, faiss.omp_get_max_threads())
+    if not _pool or _pool[0][0] != threads:
+        if _pool:
+            _pool.pop()[1].shutdown()
+        _pool.append((threads, ThreadPoolExecutor(threads, thread_name_prefix="faiss")))
+    return list(_pool[0][1].map(one, range(0, len(x), ROWS_PER_CALL)))
 
 
 def encode(index, vectors: np.ndarray) -> np.ndarray:
