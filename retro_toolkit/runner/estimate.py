@@ -71,10 +71,15 @@ def corpus_tokens(recipe) -> tuple[int, str]:
     return int(total), ", ".join(sorted(how))
 
 
+def _pq(string: str) -> re.Match | None:
+    """The PQ<M>[x<bits>] part of a factory string (never the OPQ<M> transform)."""
+    return re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", string)
+
+
 def code_bytes(string: str, dim: int) -> tuple[float, str]:
     """Bytes per vector a faiss index of this factory string holds (codes + ids)."""
     ids = 8 if "IVF" in string else 0
-    if m := re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", string):
+    if m := _pq(string):
         return int(m[1]) * int(m[2] or 8) / 8 + ids, f"{m[0]} codes + {ids}-byte ids"
     if "SQ8" in string:
         return dim + ids, "SQ8 codes"
@@ -138,7 +143,7 @@ def _index_memory(string: str, dim: int, size: float, what: str, window_gb: floa
     d, nlist, links = int(reduced[1]) if reduced else dim, int(ivf[1]), int(ivf[2] or 0)
     quantizer = nlist * d * 4 + nlist * 2 * links * 4
     rows = []
-    if pq := re.search(r"(?<!O)PQ(\d+)(?:x(\d+))?", string):  # faiss precomputes these up to 2 GiB, else not at all
+    if pq := _pq(string):  # faiss precomputes these up to 2 GiB, else not at all
         table = nlist * int(pq[1]) * 2 ** int(pq[2] or 8) * 4
         if table <= 2**31:
             rows.append(Row("build_db", "IVF-PQ search table (every rank)", table,

@@ -117,8 +117,11 @@ def run(ctx: StageContext) -> StageResult:
     spans = blocks.ranges(n, cfg.block_size, boundaries=db.part_chunks[1:-1])
     emb_dir = w / EMBEDDINGS_DIR
 
+    def texts_of(rows) -> list[str]:  # rows: a slice or an array of chunk ids
+        return [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[rows], db.chunk_end[rows])]
+
     def chunk_texts(start: int, end: int) -> list[str]:
-        return [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[start:end], db.chunk_end[start:end])]
+        return texts_of(slice(start, end))
 
     def emb_key(start: int, end: int) -> str:  # a block's chunks lie in one part of the database
         part = int(np.searchsorted(db.part_tokens, db.chunk_start[start], side="right") - 1)
@@ -174,12 +177,9 @@ def run(ctx: StageContext) -> StageResult:
         sample_keys = _gathered_keys(sample_spans, sample_key, env)
         plan.train_key = _sha("sample", string, sample, [sample_keys[s] for s, _ in sample_spans])
 
-        def sample_texts(s: int, e: int) -> list[str]:
-            return [chunk_text(tok, tokens[a:b]) for a, b in zip(db.chunk_start[sample[s:e]], db.chunk_end[sample[s:e]])]
-
         def embed_sample() -> None:
             ctx.log(f"embedding the {len(sample)} chunks the index is trained on")
-            blocks.compute_missing(sample_dir, len(sample), sample_spans, lambda s, e: embedder.embed(sample_texts(s, e)),
+            blocks.compute_missing(sample_dir, len(sample), sample_spans, lambda s, e: embedder.embed(texts_of(sample[s:e])),
                                    lambda s, e: sample_keys[s], env.rank, env.world_size)
             dist.barrier()
 

@@ -54,13 +54,13 @@ def build(ctx: StageContext, plan: IndexPlan, training_vectors: Callable[[], np.
                                              keys.get("train") == plan.train_key and trained_file.is_file()))
     if filled:
         return
-    if not trained and not faiss_index.make(plan.string, plan.dim).is_trained:  # Flat needs no training
+    index = None if trained else faiss_index.make(plan.string, plan.dim)
+    if index is not None and not index.is_trained:  # Flat needs no training
         before_training()
     if env.is_main:
-        if trained:
+        if index is None:
             ctx.log(f"reusing the trained {plan.string} index (not retrained)")
         else:
-            index = faiss_index.make(plan.string, plan.dim)
             if not index.is_trained:
                 vectors = training_vectors()
                 ctx.log(f"training {plan.string} on {len(vectors)} vectors")
