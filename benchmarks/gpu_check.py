@@ -14,6 +14,13 @@
 3. The exported package restored in bf16 on the GPU: peak GPU memory against its bf16 bytes
    (the model is built in bf16 there and the weights streamed in), logits finite.
 
+Each part's result is written to --out as soon as it is known, and a part that fails is recorded
+with its error while the next runs, so a run cut short still reports what it reached.
+
+`--embedder` may name a folder holding a BERT's config and tokenizer without weights: the
+embedder is then built with random weights of that shape (seed 0), which embeds at the same
+speed as the trained model and is reported as such (the neighbours mean nothing then).
+
 MFU = model FLOPs per step (matmuls, attention in full, x3 for forward + backward;
 benchmarks/common.forward_flops) over the step time from the pretrain log's tok/s,
 divided by the GPUs' dense bf16 peak. With --cpu, everything runs on the CPU, bf16 included.
@@ -151,6 +158,51 @@ def restore_check(package: Path, device: str) -> dict:
     return out
 
 
+def embedder_folder(path: str, workdir: Path) -> tuple[str, str]:
+    """The embedder to use and what its weights are: a folder without weights gets random ones."""
+    folder = Path(path)
+    if path.startswith("builtin:") or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+        return path, "trained"
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    out = workdir.parent / (workdir.name + "_embedder")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(folder, out)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True)).save_pretrained(str(out))
+    return str(out), f"random weights, shape of {folder.name}"
+
+
+class Report:
+    """The result so far, written to --out after every part."""
+
+    def __init__(self, out: Path | None, result: dict):
+        self.out, self.result = out, result
+        self.result.setdefault("errors", {})
+
+    def part(self, name: str, fn):
+        try:
+            value = fn()
+        except BaseException as e:  # a part that fails (SystemExit from retro-run too) is reported, not fatal
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            self.result["errors"][name] = f"{type(e).__name__}: {e}"[:2000]
+            value = None
+        else:
+            if value is not None:
+                self.result[name] = value
+        self.write()
+        return value
+
+    def write(self) -> None:
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.result, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/retro_gpu_check")
@@ -161,7 +213,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-docs", type=int, default=120, help="transformers modeling files in the corpus")
     ap.add_argument("--embedder", default="builtin:all-minilm-l6-v2",
-                    help="retrieval.embedder.path: a BERT folder where the bundled package is not installed")
+                    help="retrieval.embedder.path: a BERT folder where the bundled package is not installed "
+                         "(config and tokenizer alone: random weights of that shape)")
     ap.add_argument("--cpu", action="store_true", help="everything on the CPU: checks the script itself")
     a = ap.parse_args()
 
@@ -173,9 +226,8 @@ def main() -> None:
     malloc.keep_freed_memory()  # glibc keeps freed memory, as in the model stages
 
     import torch
-    import yaml
 
-    from benchmarks.common import command, forward_flops
+    from benchmarks.common import command
 
     gpus = 0 if a.cpu else torch.cuda.device_count()
     if not a.cpu and gpus == 0:
@@ -184,21 +236,56 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if gpus else "cpu"
     result: dict = {"command": command(), "device": name, "gpus": gpus, "torch": torch.__version__}
 
+    report = Report(a.out, result)
+
     # 1. fully masked rows under every kernel
-    result["kernels"] = kernel_checks(device)
+    report.part("kernels", lambda: kernel_checks(device))
 
     # 2. the pipeline, bf16 throughout
     procs = max(1, gpus)
     executor = ["executor=torchrun", f"executor.nproc_per_node={procs}"] if procs > 1 else ["executor=local"]
     w = Path(a.workdir)
     global_batch = a.micro_batch * procs
+    embedder, weights = embedder_folder(a.embedder, w)
     common = ["recipes/single_gpu.yaml", f"workdir={w}", *executor,
               f"data.sources=[{{path: builtin:transformers-modeling, max_docs: {a.max_docs}}}, {{path: builtin:pydoc}}]",
-              "data.split=[0.9,0.05,0.05]", f"retrieval.embedder.path={a.embedder}"]
+              "data.split=[0.9,0.05,0.05]", f"retrieval.embedder.path={embedder}"]
     common += ["tokenizer.vocab_size=2000"] if a.cpu else []
-    db_wall = retro_run(*common, "stages=[tokenizer,prepare_corpus,build_db]", timeout=3600)
-    summary = json.loads((w / "stages" / "build_db.json").read_text())["summary"]
-    chunks, embed_s = summary["db_chunks"], summary["timings"]["embed_s"]
+
+    def embedding() -> dict:
+        wall = retro_run(*common, "stages=[tokenizer,prepare_corpus,build_db]", timeout=3600)
+        summary = json.loads((w / "stages" / "build_db.json").read_text())["summary"]
+        chunks, embed_s = summary["db_chunks"], summary["timings"]["embed_s"]
+        return {"chunks": chunks, "embed_s": embed_s, "chunks_per_s": round(chunks / embed_s, 1),
+                "chunks_per_gpu_hour": round(chunks / embed_s * 3600 / max(1, gpus)), "embedder": a.embedder,
+                "embedder_weights": weights, "build_db_wall_s": round(wall, 1), "timings": summary["timings"]}
+
+    if report.part("embedding", embedding) is not None:
+        report.part("pretrain", lambda: pipeline(a, common, w, gpus, global_batch, peak_flops(name), report))
+        # 3. the package, restored in bf16
+        report.part("restore", lambda: restore_check(w / "export" / "single_gpu.nemo", device))
+
+    r = report.result
+    numbers = [*r.get("losses", []), *r.get("sft_losses", []),
+               *(v for row in r.get("ppl", {}).values() for k, v in row.items() if k.startswith("ppl"))]
+    failures = [f"{x['backend']} {x['dtype']}" for x in r.get("kernels", [])
+                if x["ran"] and not (x["logits_finite"] and x["grads_finite"])]
+    failures += ["training or eval produced a non-finite number"] if not all(map(math.isfinite, numbers)) else []
+    failures += ["restored logits are not finite"] if not r.get("restore", {}).get("logits_finite", False) else []
+    failures += [f"{k} failed" for k in r["errors"]]
+    r["failures"] = failures
+    report.write()
+    print(json.dumps(r, indent=2))
+    if failures:
+        raise SystemExit("gpu check failed: " + "; ".join(failures))
+
+
+def pipeline(a, common: list[str], w: Path, gpus: int, global_batch: int, peak: float | None, report: Report) -> dict:
+    """Pretrain, SFT, eval and export in bf16; the pretrain figures (the rest goes into the report)."""
+    import yaml
+
+    from benchmarks.common import forward_flops
+    from retro_toolkit.collections.retro.config import default_cca_layers
 
     cca = "null" if a.layers >= 6 else f"[{a.layers}]"  # Retro's rule needs 6 layers or more
     train = [*common, "model=retro_843m", "model.vocab_size=null", f"model.num_layers={a.layers}", f"model.cca_layers={cca}",
@@ -208,55 +295,30 @@ def main() -> None:
              f"pretrain.log_interval={max(1, a.steps // 20)}", "pretrain.tensorboard=false", "eval_ppl.max_samples=64",
              "sft.train_iters=10", f"sft.micro_batch_size={a.micro_batch}", f"sft.global_batch_size={global_batch}",
              "eval_qa.tasks=[{name: smoke, path: 'builtin:smoke-qa', max_samples: 8}]"]
-    train_wall = retro_run(*train, timeout=3600)
-    log = (w / "logs" / "pretrain.rank0.log").read_text()
+    try:
+        train_wall = retro_run(*train, timeout=3600)
+    finally:  # whatever stages finished are reported
+        read = lambda rel: (w / rel).read_text() if (w / rel).exists() else ""  # noqa: E731
+        losses = [json.loads(x)["loss"] for x in read("metrics/pretrain.jsonl").splitlines()]
+        report.result["losses"] = losses
+        report.result["sft_losses"] = [json.loads(x)["loss"] for x in read("metrics/sft.jsonl").splitlines()]
+        report.result["ppl"] = json.loads(read("eval/ppl.json") or "{}")
+        report.result["qa"] = json.loads(read("eval/qa/scores.json") or "{}")
+    log = read("logs/pretrain.rank0.log")
     tps = [float(x.replace(",", "")) for x in re.findall(r"\| ([\d,]+) tok/s \|", log)]
     steady = statistics.median(tps[len(tps) // 2:]) if tps else float("nan")
-    losses = [json.loads(x)["loss"] for x in (w / "metrics" / "pretrain.jsonl").read_text().splitlines()]
-    sft_losses = [json.loads(x)["loss"] for x in (w / "metrics" / "sft.jsonl").read_text().splitlines()]
-    ppl = json.loads((w / "eval" / "ppl.json").read_text())
-
-    recipe = yaml.safe_load((w / "recipe.resolved.yaml").read_text())
-    section = {**recipe["model"], "vocab_size": int(json.loads((w / "stages" / "tokenizer.json").read_text())
-                                                   ["summary"]["vocab_size"])}
-    from retro_toolkit.collections.retro.config import default_cca_layers
-
+    recipe = yaml.safe_load(read("recipe.resolved.yaml"))
+    section = {**recipe["model"], "vocab_size": int(json.loads(read("stages/tokenizer.json"))["summary"]["vocab_size"])}
     section["cca_layers"] = section.get("cca_layers") or default_cca_layers(section["num_layers"])
     step_flops = 3 * forward_flops(section, True, global_batch)
     step_s = global_batch * a.seq / steady
-    peak = peak_flops(name)
-    result["embedding"] = {"chunks": chunks, "embed_s": embed_s, "chunks_per_s": round(chunks / embed_s, 1),
-                           "chunks_per_gpu_hour": round(chunks / embed_s * 3600 / max(1, gpus)),
-                           "embedder": recipe["retrieval"]["embedder"]["path"], "build_db_wall_s": round(db_wall, 1)}
-    result["pretrain"] = {
-        "layers": a.layers, "seq_length": a.seq, "global_batch": global_batch, "steps": a.steps, "bf16": True,
-        "first_loss": losses[0], "last_loss": losses[-1], "tokens_per_s": round(steady), "step_s": round(step_s, 4),
-        "model_tflops_per_step": round(step_flops / 1e12, 3),
-        "achieved_tflops_per_gpu": round(step_flops / step_s / max(1, gpus) / 1e12, 2),
-        "peak_tflops_per_gpu": peak / 1e12 if peak else None,
-        "mfu": round(step_flops / step_s / max(1, gpus) / peak, 4) if peak and gpus else None,
-        "wall_s_with_sft_eval_export": round(train_wall, 1)}
-    result["sft_losses"] = sft_losses
-    result["ppl"] = ppl
-    result["qa"] = json.loads((w / "eval" / "qa" / "scores.json").read_text())
-
-    # 3. the package, restored in bf16
-    result["restore"] = restore_check(w / "export" / "single_gpu.nemo", device)
-
-    numbers = [*losses, *sft_losses, *(v for row in ppl.values() for k, v in row.items() if k.startswith("ppl"))]
-    failures = [f"{r['backend']} {r['dtype']}" for r in result["kernels"]
-                if r["ran"] and not (r["logits_finite"] and r["grads_finite"])]
-    failures += ["training or eval produced a non-finite number"] if not all(map(math.isfinite, numbers)) else []
-    failures += ["restored logits are not finite"] if not result["restore"]["logits_finite"] else []
-    result["failures"] = failures
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    if failures:
-        raise SystemExit("NaN: " + "; ".join(failures))
-
+    return {"layers": a.layers, "seq_length": a.seq, "global_batch": global_batch, "steps": a.steps, "bf16": True,
+            "first_loss": losses[0], "last_loss": losses[-1], "tokens_per_s": round(steady), "step_s": round(step_s, 4),
+            "model_tflops_per_step": round(step_flops / 1e12, 3),
+            "achieved_tflops_per_gpu": round(step_flops / step_s / max(1, gpus) / 1e12, 2),
+            "peak_tflops_per_gpu": peak / 1e12 if peak else None,
+            "mfu": round(step_flops / step_s / max(1, gpus) / peak, 4) if peak and gpus else None,
+            "wall_s_with_sft_eval_export": round(train_wall, 1)}
 
 if __name__ == "__main__":
     main()
