@@ -18,12 +18,17 @@ in RSS and are reclaimable, anonymous memory is what a rank really holds):
                training-sized row slices through map_neighbors()
   neighbours_in_memory the same with every block concatenated in memory (how load_neighbors works)
 
-  index        faiss IVF<N/1024>,PQ16 (lists of about 1024 chunks at any size) trained on 65,536
+  index        faiss IVF<N/1024>_HNSW32,PQ16 (lists of about 1024 chunks at any size, an HNSW
+               coarse quantizer as in the full-size recipes' IVF4194304_HNSW32) trained on 65,536
                synthetic 64-dim vectors, then every chunk's vector encoded a block at a time into code
                blocks and the index file written from them through a 16 MiB window
                (build_db's index step, collections/retrieval/ivf_fill.py)
   search       the saved index memory-mapped and searched with every chunk's vector, a block at
-               a time (build_db's neighbour step; nprobe 8, k 20)
+               a time (build_db's neighbour step; nprobe 8, k 20), without faiss's precomputed
+               IVF-PQ table, as at full size: faiss builds it only below 2 GiB (lists x M x 256
+               floats), and InstructRetro's 4,194,304 lists x PQ64 would need 256 GiB
+  search_table the same search with that table (faiss's default at this size): it grows with the
+               list count, 2.5 MiB at 10^7 tokens and 24 MiB at 10^8 here, until the 2 GiB cap
 
 With --ranks 1 2, the corpus, index and search phases run again on 2 ranks (torchrun, gloo),
 each rank doing its share of the shards or blocks as build_db does; the index phase reuses the
@@ -50,14 +55,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import PeakMemory, add_out, write_result  # noqa: E402
 
-PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_in_memory", "index", "search")
+PHASES = ("corpus", "chunk_db", "chunk_db_in_memory", "neighbours", "neighbours_in_memory", "index", "search",
+          "search_table")
 RANKED = ("corpus", "index", "search")  # the phases also measured on 2 ranks
 LIST_CHUNKS = 1024  # chunks per IVF list: searching a query costs the same at any corpus size
+QUANTIZER = "HNSW32"  # the coarse quantizer of the full-size recipes: a query's cost grows as log(lists)
 CODES = "PQ16"  # 16-byte codes of 64-dim vectors, as InstructRetro's PQ64 of 1024-dim ones at 1/4 scale
 DIM = 64
 TRAIN_VECTORS = 65_536  # at any size, as build_db samples retrieval.index.ntrain (up to 1M)
 FILL_WINDOW = 16 << 20  # retrieval.index.memory_gb, scaled down: the index file is written 16 MiB at a time
-EMB_BLOCK = 100_000
+# Rows per embedding block: 7 blocks at 10^7 tokens, so both sizes are measured once glibc's malloc has
+# settled. Its peak rises over the first blocks of a process (after the first freed block it keeps up
+# to twice that block's size in its heap) and is flat from about the fifth on: 8 blocks of 50,000
+# queries peaked at 80 MiB in an index of 157 lists and at 81 MiB in one of 1524.
+EMB_BLOCK = 25_000
 SHARD_MB = 16  # read shards (data.shard_mb): 13 of them at 10^8 tokens, so 2 ranks share the corpus
 MEAN_DOC_TOKENS = 600
 NEIGHBOUR_COLUMNS = 20
@@ -167,7 +178,7 @@ def run_phase(phase: str, w: Path) -> dict:
 
         return measured(chunks)
     rows = len(chunk_db.load(db_file))
-    if phase in ("index", "search"):
+    if phase in ("index", "search", "search_table"):
         added = w / "synthetic_index" / "added.faissindex"
         if phase == "index" and rank == 0:  # every run encodes and fills anew (a trained index is kept)
             shutil.rmtree(added.parent / "codes", ignore_errors=True)
@@ -218,8 +229,8 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
     folder = w / "synthetic_index"
     trained_file, added, codes_dir = folder / "trained.faissindex", folder / "added.faissindex", folder / "codes"
     spans = blocks.ranges(rows, EMB_BLOCK)
-    if phase == "search":
-        index = faiss_index.load(added, mmap=True)
+    if phase.startswith("search"):
+        index = faiss_index.load(added, mmap=True, search_tables=phase == "search_table")
         faiss_index.set_nprobe(index, 8)
         found = checksum = 0
         for i, (s, e) in enumerate(spans):
@@ -232,13 +243,14 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
     trained_seconds = 0.0
     if env.is_main and not trained_file.is_file():  # a 2-rank run reuses the trained index, as build_db does
         nlist = max(1, rows // LIST_CHUNKS)
-        index = faiss_index.make(f"IVF{nlist},{CODES}", DIM)
+        index = faiss_index.make(f"IVF{nlist}_{QUANTIZER},{CODES}", DIM)
+        faiss_index.skip_search_tables(index)  # as build_db's index step
         t = time.perf_counter()
         faiss_index.train(index, synthetic_vectors(10**9, 10**9 + TRAIN_VECTORS), use_gpu=False)
         trained_seconds = time.perf_counter() - t
         faiss_index.save(index, trained_file)
     dist.barrier()
-    trained = faiss_index.load(trained_file)
+    trained = faiss_index.load(trained_file, search_tables=False)
     blocks.compute_missing(codes_dir, rows, spans, lambda s, e: faiss_index.encode(trained, synthetic_vectors(s, e)),
                            "synthetic", env.rank, env.world_size)
     dist.barrier()
@@ -248,7 +260,7 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
     dist.barrier()
     import faiss
 
-    return {"vectors": rows, "index": f"IVF{faiss.extract_index_ivf(trained).nlist},{CODES}",
+    return {"vectors": rows, "index": f"IVF{faiss.extract_index_ivf(trained).nlist}_{QUANTIZER},{CODES}",
             "index_bytes": added.stat().st_size, "train_seconds": round(trained_seconds, 3)}
 
 

@@ -119,20 +119,28 @@ def test_a_megatron_indexed_dataset_gives_the_token_stream_of_its_jsonl(referenc
 
     tok_file, want = reference
     tok = workdir_tokenizer(tok_file.parent.parent)
-    docs = [r["text"] for r in records() if r["text"].strip()]
+    # The whitespace-only record becomes a document of nothing but the EOS, as a builder that
+    # appends one to every document writes it: it is skipped as the .jsonl's blank record is.
+    docs = [r["text"] if r["text"].strip() else "" for r in records()]
+    blank = docs.index("")
     prefix = megatron_dataset(tmp_path / "pile.v2_text_document", tok, docs)  # a dot in the prefix, as people name them
     ds = IndexedDataset(prefix)
     assert len(ds) == len(docs) and ds.document(2).tolist() == tok.encode([docs[2]])[0] + [tok.eod_id]
+    assert ds.document(blank).tolist() == [tok.eod_id]
     for source in (prefix, f"{prefix}.idx"):
         w = tmp_path / f"w{len(str(source))}"
         p = prepare(w, source, tok_file)
         assert p.returncode == 0, p.stdout + p.stderr
-        got = corpus_files(w)
-        assert {k: v for k, v in got.items() if k != "meta.json"} == {k: v for k, v in want.items() if k != "meta.json"}
-        meta, want_meta = json.loads(got["meta.json"]), json.loads(want["meta.json"])
-        assert meta == {**want_meta, "empty_skipped": 0}  # the whitespace-only document was never written
+        assert corpus_files(w) == want  # meta.json too: one empty document skipped, as in the .jsonl
+    assert json.loads(want["meta.json"])["empty_skipped"] == 1
     stream = ts.TokenStream(w / ts.CORPUS_DIR, "train")
     assert stream.document(0).tolist() == tok.encode([docs[0]])[0] + [tok.eod_id]
+    # max_docs reads documents one by one instead of the fast count: it skips the same document
+    p = prepare(tmp_path / "cut", f"{prefix}.idx", tok_file, f"data.sources=[{{path: '{prefix}.idx', max_docs: {blank + 2}}}]", "data.split=[1.0,0.0,0.0]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads((tmp_path / "cut" / "corpus" / "meta.json").read_text())["empty_skipped"] == 1
+    assert sum(json.loads((tmp_path / "cut" / "corpus" / "meta.json").read_text())["splits"][s]["documents"]
+               for s in ("train", "valid", "test")) == blank + 2
 
 
 @pytest.mark.slow

@@ -61,3 +61,25 @@ def test_list_numbers_read_little_endian_coarse_bytes():
     codes = np.array([[0x34, 0x12, 9], [0xFF, 0x00, 9], [0x00, 0x01, 9]], dtype=np.uint8)
     assert ivf_fill.list_numbers(codes, 2).tolist() == [0x1234, 0xFF, 0x100]
     assert ivf_fill.list_numbers(codes, 1).tolist() == [0x34, 0xFF, 0x00]
+
+
+def test_encoding_needs_no_search_table(tmp_path):
+    """The trained index is read without IVF-PQ's precomputed search table (nlist x M x 256
+    floats) where it is only encoded with; the codes are the same, and searching still builds it."""
+    import faiss
+
+    (tmp_path / "trained").write_bytes(_trained("OPQ4,IVF100_HNSW16,PQ4").tobytes())
+    x = np.random.default_rng(1).standard_normal((3000, D)).astype(np.float32)
+
+    def table(index):
+        return faiss.downcast_index(faiss.extract_index_ivf(index)).precomputed_table.size()
+
+    bare = faiss_index.load(tmp_path / "trained", search_tables=False)
+    searching = faiss_index.load(tmp_path / "trained")
+    assert table(bare) == 0 and table(searching) == 100 * 4 * 256
+    assert np.array_equal(faiss_index.encode(bare, x), faiss_index.encode(searching, x))
+
+    fresh = faiss.index_factory(D, "IVF100,PQ4")
+    faiss_index.skip_search_tables(fresh)
+    fresh.train(np.random.default_rng(0).standard_normal((6000, D)).astype(np.float32))
+    assert table(fresh) == 0

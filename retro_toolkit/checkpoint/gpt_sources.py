@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from retro_toolkit.errors import UserError
 
@@ -26,7 +26,7 @@ KINDS = ("package", "nemo1", "hugging_face", "megatron")
 @dataclass
 class GptSource:
     section: dict[str, Any]
-    tensors: dict[str, Any]
+    tensors: Mapping[str, Any]  # read lazily where the format allows (mapped.LazyWeights)
     tokenizer: Any  # a collections.text.tokenizer.Tokenizer, when the checkpoint carries one
     kind: str
     # The identities of the same tokenizer in other files it carries (a Hugging Face folder's
@@ -71,7 +71,10 @@ def read(path: str | os.PathLike, kind: str, trust: bool = False) -> GptSource:
         section = hf_gpt.section_from_config(hf_gpt.read_config(path), path / "config.json")
         tok = open_tokenizer(path) if (path / HF_FILE).is_file() or (path / SP_FILE).is_file() else None
         both = (path / HF_FILE).is_file() and (path / SP_FILE).is_file()
-        return GptSource(section, hf_gpt.rename(dict(hf_gpt.tensors(path)), section, path), tok, kind,
+        from retro_toolkit.checkpoint.mapped import DeferredWeights
+
+        readers, dtype = hf_gpt.tensors(path)
+        return GptSource(section, DeferredWeights(hf_gpt.rename(readers, section, path), dtype), tok, kind,
                          (open_tokenizer(path / SP_FILE).sha256,) if both else ())
     from retro_toolkit.checkpoint.megatron_legacy import read_megatron
 

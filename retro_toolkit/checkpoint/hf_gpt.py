@@ -14,8 +14,9 @@ the sequence, biases on some projections only) is refused, naming the config key
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
 from retro_toolkit.core import files
 from retro_toolkit.errors import UserError
@@ -117,34 +118,54 @@ def _shards(folder: Path) -> list[Path]:
                     "(pytorch_model.bin pickles are not read).")
 
 
-def tensors(folder: Path) -> Iterator[tuple[str, Any]]:
+def tensors(folder: Path) -> tuple[dict[str, Callable[[], Any]], Any]:
+    """(name -> a function reading that tensor, the dtype most of them have), from the open
+    shards: nothing is read until asked for, so a rank holds one tensor at a time, not the file."""
+    from collections import Counter
+
     from safetensors import safe_open
 
+    from retro_toolkit.checkpoint.mapped import SAFETENSORS_DTYPES
+
+    readers: dict[str, Callable[[], Any]] = {}
+    dtypes: Counter = Counter()
     for shard in _shards(folder):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        f = safe_open(str(shard), framework="pt")  # stays open while a reader refers to it
+        for name in f.keys():
+            readers[name] = partial(f.get_tensor, name)
+            dtypes[f.get_slice(name).get_dtype()] += 1
+    import torch
+
+    dtype = next((SAFETENSORS_DTYPES[d] for d, _ in dtypes.most_common() if d in SAFETENSORS_DTYPES), torch.float32)
+    return readers, dtype
 
 
-def rename(hf: dict[str, Any], section: dict[str, Any], where: Path) -> dict[str, Any]:
-    """Our megatron-core names and layouts from the checkpoint's tensors (which this consumes)."""
+def rename(hf: dict[str, Callable[[], Any]], section: dict[str, Any], where: Path) -> dict[str, Callable[[], Any]]:
+    """Our megatron-core names and layouts from the checkpoint's tensor readers (which this
+    consumes), as readers: a fused tensor is made when it is asked for."""
     import torch
 
     heads, groups = section["num_attention_heads"], section["num_query_groups"]
     d = section["hidden_size"] // heads
     per_group = heads // groups
 
-    def take(name: str) -> Any:
+    def take(name: str) -> Callable[[], Any]:
         try:
             return hf.pop(name)
         except KeyError:
             raise UserError(f"{where}: the checkpoint has no tensor {name}.") from None
 
-    def fused_qkv(prefix: str, suffix: str) -> Any:
-        q, k, v = (take(f"{prefix}.{p}_proj.{suffix}") for p in "qkv")
+    def qkv(q: Any, k: Any, v: Any) -> Any:
         q = q.reshape(groups, per_group * d, *q.shape[1:])
         k, v = (t.reshape(groups, d, *t.shape[1:]) for t in (k, v))
         return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+    def fused_qkv(prefix: str, suffix: str) -> Callable[[], Any]:
+        q, k, v = (take(f"{prefix}.{p}_proj.{suffix}") for p in "qkv")
+        return lambda: qkv(q(), k(), v())
+
+    def gate_up(gate: Callable[[], Any], up: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: torch.cat([gate(), up()])
 
     def norm(src: str, dst: str) -> None:
         out[f"{dst}.weight"] = take(f"{src}.weight")
@@ -166,7 +187,7 @@ def rename(hf: dict[str, Any], section: dict[str, Any], where: Path) -> dict[str
         out[f"{dst}.self_attention.linear_proj.weight"] = take(f"{src}.self_attn.o_proj.weight")
         norm(f"{src}.post_attention_layernorm", f"{dst}.pre_mlp_layernorm")
         out[f"{dst}.mlp.linear_fc1.weight"] = (
-            torch.cat([take(f"{src}.mlp.gate_proj.weight"), take(f"{src}.mlp.up_proj.weight")])
+            gate_up(take(f"{src}.mlp.gate_proj.weight"), take(f"{src}.mlp.up_proj.weight"))
             if section["swiglu"] else take(f"{src}.mlp.up_proj.weight"))
         out[f"{dst}.mlp.linear_fc2.weight"] = take(f"{src}.mlp.down_proj.weight")
     leftover = sorted(k for k in hf if not k.endswith("rotary_emb.inv_freq"))

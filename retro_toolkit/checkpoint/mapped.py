@@ -14,17 +14,19 @@ import mmap
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 _MADV_DONTNEED = 4  # Linux; elsewhere release() does nothing (pages go when the mapping does)
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def dtype_of(tensors: Mapping[str, Any]) -> torch.dtype:
     """The dtype most of a state dict's floating-point tensors have (what its model trained in)."""
+    if isinstance(tensors, LazyWeights) and type(tensors).dtype is not LazyWeights.dtype:
+        return tensors.dtype()  # known without reading the tensors
     counts = Counter(t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
     return counts.most_common(1)[0][0] if counts else torch.float32
 
@@ -58,6 +60,21 @@ class LazyWeights(Mapping):
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class DeferredWeights(LazyWeights):
+    """name -> a function making that tensor (read from a file, or fused from several), called
+    when the tensor is asked for: loading holds the model plus one tensor, never the checkpoint."""
+
+    def __init__(self, makers: dict[str, Callable[[], torch.Tensor]], dtype: torch.dtype):
+        self._makers, self._dtype = makers, dtype
+        super().__init__(list(makers))
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._makers[name]()
+
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
 
 class MappedWeights(LazyWeights):
@@ -95,7 +112,7 @@ class SafetensorsWeights(LazyWeights):
 
     def dtype(self) -> torch.dtype:
         found = Counter(self._f.get_slice(n).get_dtype() for n in self.names)
-        return next((_SAFETENSORS_DTYPES[d] for d, _ in found.most_common() if d in _SAFETENSORS_DTYPES),
+        return next((SAFETENSORS_DTYPES[d] for d, _ in found.most_common() if d in SAFETENSORS_DTYPES),
                     torch.float32)
 
 

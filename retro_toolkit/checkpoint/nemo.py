@@ -161,17 +161,18 @@ def restore(path: str | os.PathLike, tensor_model_parallel_size: Optional[int] =
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Any]:
     """(model section, every tensor at its full shape by name, the tokenizer) of a
-    package, without building its model (what `pretrain.init_from` loads a decoder from)."""
-    import torch
-
+    package, without building its model (what `pretrain.init_from` loads a decoder from).
+    A weights file is memory-mapped (the mapping outlives the unpacked file): a tensor's pages
+    are read when it is copied, so a rank never holds the whole file in its own memory."""
+    from retro_toolkit.checkpoint.mapped import MappedWeights
     from retro_toolkit.checkpoint.megatron_core import read_dist_tensors, to_toolkit
 
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="retro_nemo_") as tmp:
         _, cfg, tokenizer, weights_at = _unpack(path, tmp)
-        tensors = (torch.load(weights_at, map_location="cpu", weights_only=True) if weights_at.name == WEIGHTS_FILE
+        tensors = (MappedWeights(weights_at) if weights_at.name == WEIGHTS_FILE
                    else to_toolkit(read_dist_tensors(weights_at)))  # dist names norms as TE fuses them
-    return section_of(cfg), {k: v for k, v in tensors.items() if not k.endswith("_extra_state")}, tokenizer
+    return section_of(cfg), {k: tensors[k] for k in tensors if not k.endswith("_extra_state")}, tokenizer
 
 
 def _unpack(path: Path, tmp: str) -> tuple[Path, dict[str, Any], Any, Path]:

@@ -146,7 +146,7 @@ def _index_memory(string: str, dim: int, size: float, what: str, window_gb: floa
     if pq := _pq(string):  # faiss precomputes these up to 2 GiB, else not at all
         table = nlist * int(pq[1]) * 2 ** int(pq[2] or 8) * 4
         if table <= 2**31:
-            rows.append(Row("build_db", "IVF-PQ search table (every rank)", table,
+            rows.append(Row("build_db", "IVF-PQ search table (every rank, while searching)", table,
                             f"{nlist:,} lists x {pq[1]} sub-quantizers x {2 ** int(pq[2] or 8)} float32"))
     return [Row("build_db", f"index {string} lists (memory-mapped: page cache a node's ranks share)", size, what),
             Row("build_db", "index coarse quantizer (every rank)", quantizer,

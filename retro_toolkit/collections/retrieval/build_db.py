@@ -65,7 +65,8 @@ def _extra_stream(ctx: StageContext, tok: Tokenizer) -> ts.TokenStream | None:
         if ctx.env.is_main:
             check_token_sources(sources, tok, "retrieval.extra_sources")
         data = ctx.recipe.data
-        read = ShardedRead(sources, data.on_invalid_utf8, None, data.shard_mb, ctx.env, "retrieval.extra_sources")
+        read = ShardedRead(sources, data.on_invalid_utf8, None, data.shard_mb, ctx.env, "retrieval.extra_sources",
+                           tok.eod_id)
         dtype = ts.dtype_for_vocab(tok.vocab_size)
         progress = ctx.progress("tokenize extra", read.my_units(), "documents")
         read.tokenize(tok, dtype, folder, ("extra",), lambda i: "extra", data.tokenize_batch_docs, progress)

@@ -11,6 +11,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -88,17 +89,33 @@ def save(index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def load(path: Path, mmap: bool = False):
+def load(path: Path, mmap: bool = False, search_tables: bool = True):
     """Read an index; with mmap, its codes stay in the page cache that every rank on the node
-    shares (faiss maps Flat and IVF inverted lists), else it is read into this process."""
+    shares (faiss maps Flat and IVF inverted lists), else it is read into this process.
+    search_tables=False skips IVF-PQ's precomputed search table (lists x M x 256 floats, up to
+    faiss's 2 GiB cap), which only searching uses: encoding and filling do not need it."""
     import faiss
 
+    flags = 0 if search_tables else faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE
     if mmap:
         try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            return faiss.read_index(str(path), flags | faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
             pass  # an index type faiss cannot map: read it
-    return faiss.read_index(str(path))
+    return faiss.read_index(str(path), flags)
+
+
+def skip_search_tables(index) -> None:
+    """Training an IVF-PQ index also builds its search table; an index trained to be saved
+    and encoded with does not need it."""
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return  # not an IVF index
+    if hasattr(ivf, "use_precomputed_table"):
+        ivf.use_precomputed_table = -1
 
 
 def num_gpus() -> int:
@@ -155,36 +172,40 @@ ROWS_PER_CALL = 2048
 _pool: list = []  # one (threads, ThreadPoolExecutor): the same threads, and malloc arenas, for every call
 
 
-def _fixed_calls(fn, x: np.ndarray) -> list:
+def _fixed_calls(fn: Callable[[int, int], object], n: int) -> None:
+    """fn(lo, hi) for rows [lo, hi) of n, in calls of ROWS_PER_CALL rows on the pool's threads.
+    fn writes into arrays the caller allocated: arrays made in a pool thread would come from
+    that thread's malloc arena, which keeps them after they are freed, a block's worth per thread."""
     import faiss
 
     def one(lo: int):
         faiss.omp_set_num_threads(1)  # this pool thread's own OpenMP setting
-        return fn(x[lo:lo + ROWS_PER_CALL])
+        return fn(lo, min(n, lo + ROWS_PER_CALL))
 
     threads = max(1, faiss.omp_get_max_threads())
     if not _pool or _pool[0][0] != threads:
         if _pool:
             _pool.pop()[1].shutdown()
         _pool.append((threads, ThreadPoolExecutor(threads, thread_name_prefix="faiss")))
-    return list(_pool[0][1].map(one, range(0, len(x), ROWS_PER_CALL)))
+    for _ in _pool[0][1].map(one, range(0, n, ROWS_PER_CALL)):
+        pass
 
 
 def encode(index, vectors: np.ndarray) -> np.ndarray:
     """The codes `index` stores for these vectors (any rank can do this in parallel)."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    parts = _fixed_calls(index.sa_encode, x)
-    return np.concatenate(parts) if parts else index.sa_encode(x)
+    codes = np.empty((len(x), index.sa_code_size()), dtype=np.uint8)
+    _fixed_calls(lambda lo, hi: index.sa_encode(x[lo:hi], codes[lo:hi]), len(x))
+    return codes
 
 
 def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(distances, ids) of the k nearest, as index.search, the same on any number of threads
     (a CPU index; a GPU index is searched directly)."""
     x = np.ascontiguousarray(queries, dtype=np.float32)
-    parts = _fixed_calls(lambda q: index.search(q, k), x)
-    if not parts:
-        return index.search(x, k)
-    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+    distances, ids = np.empty((len(x), k), dtype=np.float32), np.empty((len(x), k), dtype=np.int64)
+    _fixed_calls(lambda lo, hi: index.search(x[lo:hi], k, D=distances[lo:hi], I=ids[lo:hi]), len(x))
+    return distances, ids
 
 
 def add_codes(index, codes: np.ndarray, first_id: int) -> None:

@@ -62,6 +62,7 @@ def build(ctx: StageContext, plan: IndexPlan, training_vectors: Callable[[], np.
             ctx.log(f"reusing the trained {plan.string} index (not retrained)")
         else:
             if not index.is_trained:
+                faiss_index.skip_search_tables(index)
                 vectors = training_vectors()
                 ctx.log(f"training {plan.string} on {len(vectors)} vectors")
                 where = faiss_index.train(index, vectors, ctx.recipe.retrieval.index.gpu_train)
@@ -70,7 +71,7 @@ def build(ctx: StageContext, plan: IndexPlan, training_vectors: Callable[[], np.
             files.write_json(keys_file, {"train": plan.train_key})
     dist.barrier()
 
-    index = faiss_index.load(trained_file)
+    index = faiss_index.load(trained_file, search_tables=False)
     codes_dir = folder / "codes"
     blocks.compute_missing(codes_dir, plan.n, plan.spans, lambda s, e: faiss_index.encode(index, block_vectors(s, e)),
                            plan.code_key, env.rank, env.world_size)

@@ -26,15 +26,15 @@ class ShardCount:
     units: int  # what the split deals: documents, or passages
 
 
-def documents(shard: shards.Shard, src: Any, policy: str, stats: ReadStats,
-              stop_after: Optional[int] = None) -> Iterator[tuple[Document, str]]:
-    """(document, origin) of the shard's non-empty documents (empty ones are counted in stats);
-    with stop_after, reading stops right after that many."""
+def documents(shard: shards.Shard, src: Any, policy: str, stats: ReadStats, stop_after: Optional[int] = None,
+              eod_id: Optional[int] = None) -> Iterator[tuple[Document, str]]:
+    """(document, origin) of the shard's non-empty documents (empty ones, token ids that are only
+    `eod_id` included, are counted in stats); with stop_after, reading stops right after that many."""
     docs = 0
     if stop_after is not None and stop_after <= 0:
         return
     for doc, origin in shards.read(shard, src, policy, stats):
-        if is_empty(doc):
+        if is_empty(doc, eod_id):
             stats.empty_skipped += 1
             continue
         docs += 1
@@ -44,9 +44,9 @@ def documents(shard: shards.Shard, src: Any, policy: str, stats: ReadStats,
 
 
 def units(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int], stats: ReadStats,
-          stop_after: Optional[int] = None) -> Iterator[Document]:
+          stop_after: Optional[int] = None, eod_id: Optional[int] = None) -> Iterator[Document]:
     """What the split deals from the shard: its documents, or their passages."""
-    for doc, _ in documents(shard, src, policy, stats, stop_after):
+    for doc, _ in documents(shard, src, policy, stats, stop_after, eod_id):
         if passage_chars is None:
             yield doc
         else:
@@ -54,7 +54,7 @@ def units(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[in
 
 
 def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[int],
-          stop_after: Optional[int] = None) -> ShardCount:
+          stop_after: Optional[int] = None, eod_id: Optional[int] = None) -> ShardCount:
     if shard.kind == "megatron" and passage_chars is None and stop_after is None:
         from pathlib import Path
 
@@ -65,10 +65,14 @@ def count(shard: shards.Shard, src: Any, policy: str, passage_chars: Optional[in
         if len(bounds) < 2:
             return ShardCount(0, 0)
         tokens = np.concatenate([[0], np.cumsum(ds.lengths[bounds[0]:bounds[-1]], dtype=np.int64)])
-        n = int(np.count_nonzero(tokens[bounds[1:] - bounds[0]] - tokens[bounds[:-1] - bounds[0]]))
+        doc_tokens = tokens[bounds[1:] - bounds[0]] - tokens[bounds[:-1] - bounds[0]]
+        n = int(np.count_nonzero(doc_tokens))
+        if eod_id is not None:  # one-token documents that are only an end-of-document are empty
+            first_seq = bounds[:-1][doc_tokens == 1]
+            n -= int(np.count_nonzero(ds.tokens[ds.pointers[first_seq] // ds.dtype.itemsize] == eod_id))
         return ShardCount(n, n)
     docs = n = 0
-    for doc, _ in documents(shard, src, policy, ReadStats(), stop_after):
+    for doc, _ in documents(shard, src, policy, ReadStats(), stop_after, eod_id):
         docs += 1
         n += 1 if passage_chars is None else len(cut_passages(doc, passage_chars))
     return ShardCount(docs, n)
@@ -100,7 +104,7 @@ class Layout:
 
 
 def layout(plan: list[shards.Shard], counts: list[ShardCount], sources: Any, policy: str,
-           passage_chars: Optional[int]) -> Layout:
+           passage_chars: Optional[int], eod_id: Optional[int] = None) -> Layout:
     stop_after: list[Optional[int]] = []
     shard_units: list[int] = []
     read_docs = [0] * len(sources)
@@ -113,7 +117,7 @@ def layout(plan: list[shards.Shard], counts: list[ShardCount], sources: Any, pol
         elif left is not None and c.docs >= left:  # the source's last document is in this shard
             stop_after.append(left)
             shard_units.append(left if passage_chars is None else
-                               count(shard, sources[shard.source], policy, passage_chars, left).units)
+                               count(shard, sources[shard.source], policy, passage_chars, left, eod_id).units)
             read_docs[shard.source] += left
         else:
             stop_after.append(None)

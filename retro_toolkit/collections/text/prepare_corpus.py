@@ -34,7 +34,8 @@ def run(ctx: StageContext) -> StageResult:
     dtype = ts.dtype_for_vocab(tok.vocab_size)
     passage_chars = data.passage_chars if data.split_by == "passage" else None
 
-    read = ShardedRead(data.sources, data.on_invalid_utf8, passage_chars, data.shard_mb, ctx.env)
+    read = ShardedRead(data.sources, data.on_invalid_utf8, passage_chars, data.shard_mb, ctx.env,
+                       eod_id=tok.eod_id)
     num_docs = sum(read.layout.per_source)
     splitter = Splitter(read.layout.per_source, list(data.split), data.split_by)
     counts = {split: splitter.source_counts(s) for s, split in enumerate(ts.SPLITS)}

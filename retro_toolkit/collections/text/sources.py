@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -146,5 +146,9 @@ def file_documents(p: Path, kind: str, text_key: str, key: str, policy: str,
         yield from ((t or "", where) for t, where in formats.arrow_texts(p, text_key, key))
 
 
-def is_empty(doc: Document) -> bool:
-    return len(doc) == 0 if isinstance(doc, np.ndarray) else not doc.strip()
+def is_empty(doc: Document, eod_id: Optional[int] = None) -> bool:
+    """Blank text; token ids that are nothing or only an end-of-document (a builder that appends
+    one to every document, even an empty one, writes that)."""
+    if isinstance(doc, np.ndarray):
+        return len(doc) == 0 or (eod_id is not None and len(doc) == 1 and int(doc[0]) == eod_id)
+    return not doc.strip()

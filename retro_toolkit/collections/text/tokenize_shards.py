@@ -27,12 +27,13 @@ class ShardedRead:
     """The shards of `sources`, counted by every rank together, and each shard's place."""
 
     def __init__(self, sources: Any, policy: str, passage_chars: Optional[int], shard_mb: int, env,
-                 key_prefix: str = "data.sources") -> None:
+                 key_prefix: str = "data.sources", eod_id: Optional[int] = None) -> None:
         self.sources, self.policy, self.passage_chars, self.env = sources, policy, passage_chars, env
+        self.eod_id = eod_id  # token-id documents that are only this are empty
         self.plan = shards.plan(sources, shard_mb, [f"{key_prefix}[{i}]" for i in range(len(sources))])
         self.mine = [k for k in range(len(self.plan)) if k % env.world_size == env.rank]
         self.counts = self._count()
-        self.layout = corpus_layout.layout(self.plan, self.counts, sources, policy, passage_chars)
+        self.layout = corpus_layout.layout(self.plan, self.counts, sources, policy, passage_chars, eod_id)
         self.written = [k for k in range(len(self.plan)) if self.layout.stop_after[k] != 0]
 
     def _count(self) -> list[corpus_layout.ShardCount]:
@@ -47,7 +48,7 @@ class ShardedRead:
             if k < n:
                 src = self.sources[self.plan[k].source]
                 if src.max_docs is None or docs[self.plan[k].source] < src.max_docs:
-                    mine = corpus_layout.count(self.plan[k], src, self.policy, self.passage_chars)
+                    mine = corpus_layout.count(self.plan[k], src, self.policy, self.passage_chars, eod_id=self.eod_id)
             wave = dist.all_gather_object(mine) if world > 1 else [mine]
             for j, c in enumerate(wave[:n - first]):
                 c = c or corpus_layout.ShardCount(0, 0)  # past its source's max_docs: never read
@@ -81,7 +82,7 @@ class ShardedRead:
 
             shard = self.plan[k]
             units = corpus_layout.units(shard, self.sources[shard.source], self.policy, self.passage_chars, stats,
-                                        self.layout.stop_after[k])
+                                        self.layout.stop_after[k], self.eod_id)
             for j, text in enumerate(units):
                 batch.append((self.layout.first_unit[k] + j, text))
                 if len(batch) >= batch_docs:
