@@ -2,6 +2,8 @@
 
     python benchmarks/scale.py                          # 1e7 and 1e8 tokens
     python benchmarks/scale.py --tokens 1e7 1e8 1e9     # where the disk allows (2 bytes a token, twice)
+    python benchmarks/scale.py --chunk-db-docs 16000 160000 1600000 --out benchmarks/results/scale_chunk_db.json
+                                                        # the chunk DB build alone, up to 10^9 tokens' documents
 
 The corpus is synthetic but real text: documents are windows of CPython's pydoc topics,
 tokenized once by a SentencePiece model trained on them, written as a Megatron indexed
@@ -199,6 +201,25 @@ def run_phase(phase: str, w: Path) -> dict:
     return measured(read)
 
 
+def chunk_db_alone(docs: int, root: Path) -> dict:
+    """chunk_db.build over `docs` synthetic documents (100 to 1100 tokens, 600 on average) in this
+    process: its memory against the document count alone, up to sizes the corpus phases do not reach."""
+    import numpy as np
+
+    from retro_toolkit.collections.retrieval import chunk_db
+
+    out = np.lib.format.open_memmap(root / "offsets.npy", mode="w+", dtype=np.int64, shape=(docs + 1,))
+    rng, out[0] = np.random.default_rng(0), 0
+    for lo in range(0, docs, 1 << 16):  # written a piece at a time: the baseline holds none of it
+        hi = min(docs, lo + (1 << 16))
+        out[lo + 1:hi + 1] = out[lo] + np.cumsum(rng.integers(100, 1100, hi - lo))
+    out.flush()
+    del out
+    offsets = np.load(root / "offsets.npy", mmap_mode="r")  # as build_db reads a split's offsets
+    r = measured(lambda: {"chunks": len(chunk_db.build([("train", offsets)], 64, root / "chunks.h5"))})
+    return {"documents": docs, "tokens": int(offsets[-1]), **r}
+
+
 def _digest(paths: list[Path]) -> str:
     import hashlib
 
@@ -299,8 +320,23 @@ def main() -> None:
                          "and compare each rank with 1")
     ap.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk-db-docs", type=int, nargs="+",
+                    help="instead: chunk_db.build alone over this many synthetic documents each, a fresh process "
+                         "per size (e.g. 16000 160000 1600000: about 10^7, 10^8 and 10^9 tokens)")
     add_out(ap, __file__)
     a = ap.parse_args()
+    if a.chunk_db_docs and a.workdir:  # a child: one size
+        (a.workdir / "result.json").write_text(json.dumps(chunk_db_alone(a.chunk_db_docs[0], a.workdir)))
+        return
+    if a.chunk_db_docs:
+        rows = []
+        for docs in a.chunk_db_docs:
+            with tempfile.TemporaryDirectory(dir=a.root) as tmp:
+                subprocess.run([sys.executable, __file__, "--chunk-db-docs", str(docs), "--workdir", tmp], check=True)
+                rows.append(json.loads((Path(tmp) / "result.json").read_text()))
+            print(f"{docs:>10} documents  RssAnon +{rows[-1]['peak_rss_anon_increase'] / 2**20:6.1f} MiB", flush=True)
+        write_result({"machine": {"cpus": os.cpu_count()}, "chunk_db_alone": rows}, a.out)
+        return
     if a.phase:  # a child: one phase, its result in a file of its own (ranks would interleave on stdout)
         result = run_phase(a.phase, a.workdir)
         (a.workdir / f".result.{a.phase}.{os.environ.get('RANK', 0)}.json").write_text(json.dumps(result))

@@ -60,4 +60,17 @@ def smoke_local(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def tuned(small_db, tmp_path_factory) -> Path:
+    """small_db pretrained, instruction-tuned, QA-evaluated and exported (tests/test_sft_qa.py's
+    settings): a finished run whose package and database the generation and serving tests use."""
+    from tests.test_pretrain import TRAIN, copy_db
+    from tests.test_sft_qa import SFT
+
+    w = copy_db(small_db, tmp_path_factory.mktemp("tuned") / "w")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return w
+
+
 from tests.slurm_fixture import slurm_cluster  # noqa: E402,F401  (session fixture)

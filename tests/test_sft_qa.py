@@ -35,14 +35,6 @@ SFT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tuned(small_db, tmp_path_factory) -> Path:
-    w = copy_db(small_db, tmp_path_factory.mktemp("tuned") / "w")
-    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return w
-
-
 def test_sft_and_eval_qa_write_checkpoints_predictions_and_scores(tuned):
     assert (tuned / "checkpoints" / "sft" / "iter_0000004").is_dir()
     assert (tuned / "checkpoints" / "sft" / "latest").read_text().strip() == "iter_0000004"

@@ -15,13 +15,13 @@ import sys
 from types import ModuleType
 
 from retro_toolkit.cli import (export_hf, export_safetensors, generate, import_gpt, import_megatron, inspect, ls, run,
-                               show, show_model, status, validate)
+                               serve, show, show_model, status, validate)
 from retro_toolkit.core.signals import Interrupted
 from retro_toolkit.errors import RetroError
 
 COMMANDS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (run, status, validate, show, ls, inspect, show_model, generate, export_safetensors, export_hf,
+    for m in (run, status, validate, show, ls, inspect, show_model, generate, serve, export_safetensors, export_hf,
               import_megatron, import_gpt)
 }
 

@@ -28,7 +28,7 @@ from retro_toolkit.errors import UserError
 @dataclass
 class Generation:
     tokens: list[int]  # the new tokens, without the end-of-document token
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop", "length" or "cancelled"
     text: str = ""
 
 
@@ -47,8 +47,12 @@ def generate_ids(
     pad_id: int = 0,
     stop_check: Optional[Callable[[list[int]], bool]] = None,
     use_cache: bool = True,
+    on_token: Optional[Callable[[int, int], None]] = None,
+    cancelled: Optional[Callable[[int], bool]] = None,
 ) -> list[Generation]:
-    """New tokens for each prompt (token ids). stop_check(new_tokens) True ends a row ("stop")."""
+    """New tokens for each prompt (token ids). stop_check(new_tokens) True ends a row ("stop");
+    on_token(row, token) sees each new token as it is chosen; cancelled(row) True ends a row
+    ("cancelled") and the whole batch once every row has ended."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token.")
     if model.training:
@@ -90,6 +94,8 @@ def generate_ids(
                 logits = model(tokens[:, :padded], nb, runtime_gather_output=True)[:, end - 1]
             chosen = sample(logits, params, generator).tolist()
             for row in range(b):
+                if finish[row] is None and cancelled is not None and cancelled(row):
+                    finish[row] = "cancelled"
                 if end < lengths[row] or finish[row] is not None:
                     continue
                 tok = chosen[row]
@@ -98,6 +104,8 @@ def generate_ids(
                     finish[row] = "eos"
                     continue
                 new[row].append(tok)
+                if on_token is not None:
+                    on_token(row, tok)
                 if stop_check is not None and stop_check(new[row]):
                     finish[row] = "stop"
                 elif len(new[row]) >= params.max_new_tokens:

@@ -64,21 +64,36 @@ class Session:
         """Plain continuation, or (chat) an InstructRetro turn. contexts: every chunk's neighbours (with
         chat, the top-1 goes in the prompt and the rest are neighbours), unless live_retrieval queries
         the database at each chunk."""
-        cfg = self.model.config
-        k, r = cfg.num_neighbors, cfg.retrieved_length
-        ctxs = [Context("", c) for c in contexts]
-        convs = [Conversation([("user", p)], contexts=ctxs) for p in prompts]
-        ids = ([encode_prompt(c, self.tokenizer, system or DEFAULT_SYSTEM) for c in convs] if chat
-               else self.tokenizer.encode(list(prompts)))
+        ids = [self.prompt_ids(p, chat, contexts, system) for p in prompts]
         if live_retrieval:
-            source = LiveRetrieval(self.retriever(), k)
+            source = LiveRetrieval(self.retriever(), self.model.config.num_neighbors)
         else:
             import numpy as np
 
-            # With --chat the top-1 context is in the prompt; otherwise every context goes to the encoder.
-            nb = context_neighbors(ctxs[1:] if chat else ctxs, self.tokenizer, k, r)
-            source = FixedNeighbors.from_tensor(np.stack([nb] * len(prompts)))
+            source = FixedNeighbors.from_tensor(np.stack([self.context_tokens(contexts, chat)] * len(prompts)))
         return generate_text(self.model, self.tokenizer, ids, params, source)
+
+    def prompt_ids(self, prompt: str, chat: bool = False, contexts: Sequence[str] = (),
+                   system: Optional[str] = None) -> list[int]:
+        """The tokens a prompt goes in as: its text, or (chat) an InstructRetro user turn whose
+        prompt holds the top-1 context."""
+        if not chat:
+            return self.tokenizer.encode([prompt])[0]
+        return self.conversation_ids([("user", prompt)], contexts, system)
+
+    def conversation_ids(self, messages: Sequence[tuple[str, str]], contexts: Sequence[str] = (),
+                         system: Optional[str] = None) -> list[int]:
+        """An InstructRetro conversation (user and assistant turns, from the user, ending with one)
+        up to the assistant's next turn."""
+        conv = Conversation(list(messages), system=system, contexts=[Context("", c) for c in contexts])
+        return encode_prompt(conv, self.tokenizer, DEFAULT_SYSTEM)
+
+    def context_tokens(self, contexts: Sequence[str], chat: bool = False):
+        """The neighbour tokens [k, r] that fixed contexts give every chunk (with chat, the
+        top-1 context is in the prompt, so the rest)."""
+        cfg = self.model.config
+        ctxs = [Context("", c) for c in contexts]
+        return context_neighbors(ctxs[1:] if chat else ctxs, self.tokenizer, cfg.num_neighbors, cfg.retrieved_length)
 
 
 def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
