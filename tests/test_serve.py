@@ -13,27 +13,36 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import retro_run
+from tests.conftest import SMALL, SMOKE, retro_run
 
 pytestmark = pytest.mark.slow
 PROMPT = "The with statement"
 CONTEXT = "with open(f) as g: pass"
 
 
-@pytest.fixture(scope="module")
-def server(tuned, tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "retro_toolkit", "serve", "--nemo", str(tuned / "export" / "smoke.nemo"),
-                          "--workdir", str(tuned), "--live-retrieval", "--port", "0", "--max-wait-ms", "50", "--max-length", "512"],
+def start(workdir, log_dir, *args: str) -> tuple[subprocess.Popen, str]:
+    """`retro-run serve` on a free loopback port: the process and its URL."""
+    log = open(log_dir / "server.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "retro_toolkit", "serve", "--nemo", str(workdir / "export" / "smoke.nemo"),
+                          "--workdir", str(workdir), "--port", "0", *args],
                          stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = p.stdout.readline()
     assert line.startswith("serving smoke on http://127.0.0.1:"), (line, open(log.name).read()[-2000:])
-    url = line.split(" on ")[1].strip()
-    with httpx.Client(base_url=url, timeout=120) as client:
-        yield client, tuned
+    return p, line.split(" on ")[1].strip()
+
+
+def stop(p: subprocess.Popen) -> None:
     p.terminate()  # uvicorn shuts down gracefully, then lets the signal end the process
     assert p.wait(30) in (0, -15)
-    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tuned, tmp_path_factory):
+    p, url = start(tuned, tmp_path_factory.mktemp("serve"), "--live-retrieval", "--max-wait-ms", "50",
+                   "--max-length", "512")
+    with httpx.Client(base_url=url, timeout=120) as client:
+        yield client, tuned
+    stop(p)
 
 
 def generate_cli(tuned, *args: str) -> str:
@@ -196,3 +205,33 @@ def test_the_openai_client_talks_to_it(server):
     assert streamed == client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "What does pass do?"}], "max_tokens": 10,
         "temperature": 0}).json()["choices"][0]["message"]["content"]
+
+
+def test_reload_opens_the_database_build_db_updated(tuned, tmp_path):
+    """extra_sources added to a served work directory: after build_db and /v1/reload the server
+    retrieves the new documents, without a restart."""
+    from tests.test_pretrain import TRAIN, copy_db
+    from tests.test_sft_qa import SFT
+
+    w = copy_db(tuned, tmp_path / "w")
+    p, url = start(w, tmp_path)
+    question = {"query": "How many purple herons does the lighthouse keeper count?", "k": 1}
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            n = client.post("/v1/reload").json()["chunks"]
+            before = client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0]
+            extra = tmp_path / "extra.jsonl"
+            extra.write_text(json.dumps({"text": "The retro toolkit lighthouse keeper counts seventeen purple herons "
+                                                 "every morning at dawn."}) + "\n")
+            built = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT, f"retrieval.extra_sources=[{{path: {extra}}}]",
+                              "stages=[tokenizer,prepare_corpus,build_db]")
+            assert built.returncode == 0, built.stdout + built.stderr
+            assert client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0] == before
+            reloaded = client.post("/v1/reload")
+            assert reloaded.status_code == 200 and reloaded.json()["chunks"] == n + 1, reloaded.text
+            after = client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0]
+            assert after["chunk_id"] == n and "seventeen purple herons" in after["text"]
+            ok = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
+            assert ok.status_code == 200
+    finally:
+        stop(p)

@@ -4,6 +4,7 @@ when asked), the database's neighbours of a query, and health.
     POST /v1/completions        {"prompt": "...", "max_tokens": 32, "temperature": 0}
     POST /v1/chat/completions   {"messages": [{"role": "user", "content": "..."}]}
     POST /v1/retrieve           {"query": "...", "k": 2}       (a server started with --workdir)
+    POST /v1/reload             open the work directory's database again (after build_db changed it)
     GET  /health, GET /v1/models
 
 Every refusal is a 4xx with {"error": {"message", "type", "param"}} naming the field; an error
@@ -214,6 +215,23 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
                 choice["retrieved_chunk_ids"] = job.retrieved
             choices.append(choice)
         return {**head, "object": "chat.completion", "choices": choices, "usage": usage([ids], jobs)}
+
+    @app.post("/v1/reload")
+    async def reload() -> dict:
+        """Open the work directory's database again, e.g. after build_db added extra_sources."""
+        if session.workdir is None:
+            raise RequestError("this server has no database: start it with --workdir.", None, 404, "not_found")
+
+        def reopen():
+            with engine.lock:  # between batches: a batch never sees two databases
+                r = session.retriever(reload=True)
+                return {"database": str(session.workdir), "chunks": len(r), "index": r.meta["index"]}
+
+        try:
+            return await asyncio.to_thread(reopen)
+        except UserError as e:
+            raise RequestError(f"the database did not reload, the one loaded before stays: {e}", None, 409,
+                               "reload_failed") from None
 
     @app.post("/v1/retrieve")
     async def retrieve(req: RetrieveRequest):

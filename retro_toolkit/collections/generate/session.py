@@ -41,15 +41,19 @@ class Session:
     checkpoint: Path
     _retriever: object = None
 
-    def retriever(self):
-        if self._retriever is None:
+    def retriever(self, reload: bool = False):
+        """The work directory's database; reload=True opens it again (after build_db changed it),
+        keeping the one open until the new one has opened without error."""
+        if self._retriever is None or reload:
             from retro_toolkit.collections.retrieval.retriever import Retriever
 
             if self.workdir is None:
                 raise UserError(f"live retrieval needs a work directory with a retrieval database: pass --workdir "
                                 f"(its database must use the tokenizer and chunk length {self.checkpoint} was "
                                 "trained with).")
-            r = Retriever(self.workdir)
+            old = self._retriever
+            same_embedder = old is not None and old.recipe.retrieval.embedder == _embedder_of(self.workdir)
+            r = Retriever(self.workdir, old.embedder if same_embedder else None)
             cfg = self.model.config
             if (r.chunk_length, r.retrieved_length) != (cfg.chunk_length, cfg.retrieved_length):
                 raise UserError(f"{self.workdir}'s database has chunk length {r.chunk_length} and retrieved length "
@@ -94,6 +98,12 @@ class Session:
         cfg = self.model.config
         ctxs = [Context("", c) for c in contexts]
         return context_neighbors(ctxs[1:] if chat else ctxs, self.tokenizer, cfg.num_neighbors, cfg.retrieved_length)
+
+
+def _embedder_of(workdir: Path):
+    from retro_toolkit.recipe import load_recipe
+
+    return load_recipe(str(workdir / "recipe.resolved.yaml")).retrieval.embedder
 
 
 def load_session(checkpoint: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
