@@ -235,3 +235,14 @@ def test_reload_opens_the_database_build_db_updated(tuned, tmp_path):
             assert ok.status_code == 200
     finally:
         stop(p)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nemo", "m.nemo", "--live-retrieval"], "--live-retrieval retrieves from a work directory's database: give --workdir too."),
+    (["--nemo", "m.nemo", "--port", "70000"], "--port must be 0..65535, not 70000."),
+    (["--nemo", "m.nemo", "--max-batch", "0"], "--max-batch must be at least 1, not 0."),
+    (["--nemo", "m.nemo", "--max-wait-ms", "-1"], "--max-wait-ms must be 0 or more, not -1.0."),
+])
+def test_bad_serve_arguments_exit_2_before_loading_anything(args, message):
+    p = retro_run("serve", *args)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {message}", p.stderr
