@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from retro_toolkit.collections.generate.generator import before_stop
 from retro_toolkit.collections.generate.sampling import SamplingParams
 from retro_toolkit.errors import UserError
 from retro_toolkit.serve.api import ChatRequest, CompletionRequest, RequestError, RetrieveRequest
@@ -107,10 +108,6 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
             engine.submit(job)
         return jobs
 
-    def cut(text: str, stops: list[str]) -> str:
-        at = [text.index(s) for s in stops if s in text]
-        return text[: min(at)] if at else text
-
     async def collect(request: Request, jobs: list[Job], events: asyncio.Queue) -> dict[int, Any]:
         done: dict[int, Any] = {}
         while len(done) < len(jobs):
@@ -142,7 +139,7 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
                 if kind == "error":
                     yield f"data: {json.dumps(RequestError(value, None, 500, 'server_error').body())}\n\n"
                     break
-                text = cut(session.tokenizer.decode(job.tokens), stops)
+                text = before_stop(session.tokenizer.decode(job.tokens), stops)
                 if kind == "token":
                     text = text[: max(len(sent[index]), len(text) - hold)].rstrip("\ufffd")
                 if len(text) > len(sent[index]):
@@ -179,7 +176,7 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
         done = await collect(request, jobs, events)
         choices = []
         for job in jobs:
-            choice = {"index": job.index, "text": cut(session.tokenizer.decode(job.tokens), job.params.stop),
+            choice = {"index": job.index, "text": before_stop(session.tokenizer.decode(job.tokens), job.params.stop),
                       "logprobs": None, "finish_reason": done.get(job.index)}
             if req.return_retrieved:
                 choice["retrieved_chunk_ids"] = job.retrieved
@@ -210,7 +207,7 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
         choices = []
         for job in jobs:
             choice = {"index": job.index, "finish_reason": done.get(job.index), "message": {
-                "role": "assistant", "content": cut(session.tokenizer.decode(job.tokens), job.params.stop)}}
+                "role": "assistant", "content": before_stop(session.tokenizer.decode(job.tokens), job.params.stop)}}
             if req.return_retrieved:
                 choice["retrieved_chunk_ids"] = job.retrieved
             choices.append(choice)

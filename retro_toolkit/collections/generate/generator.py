@@ -133,7 +133,11 @@ def generate_text(
     outs = generate_ids(model, ids, params, neighbors, eos_id=tokenizer.eod_id, pad_id=tokenizer.pad_id,
                         stop_check=stop_check if params.stop else None, use_cache=use_cache)
     for out in outs:
-        text = tokenizer.decode(out.tokens)
-        cut = [text.index(s) for s in params.stop if s in text]
-        out.text = text[: min(cut)] if cut else text
+        out.text = before_stop(tokenizer.decode(out.tokens), params.stop)
     return outs
+
+
+def before_stop(text: str, stops: Sequence[str]) -> str:
+    """The text up to the first of the stop strings it holds (all of it when it holds none)."""
+    at = [text.index(s) for s in stops if s in text]
+    return text[: min(at)] if at else text
