@@ -136,11 +136,16 @@ def test_a_megatron_indexed_dataset_gives_the_token_stream_of_its_jsonl(referenc
     stream = ts.TokenStream(w / ts.CORPUS_DIR, "train")
     assert stream.document(0).tolist() == tok.encode([docs[0]])[0] + [tok.eod_id]
     # max_docs reads documents one by one instead of the fast count: it skips the same document
-    p = prepare(tmp_path / "cut", f"{prefix}.idx", tok_file, f"data.sources=[{{path: '{prefix}.idx', max_docs: {blank + 2}}}]", "data.split=[1.0,0.0,0.0]")
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert json.loads((tmp_path / "cut" / "corpus" / "meta.json").read_text())["empty_skipped"] == 1
-    assert sum(json.loads((tmp_path / "cut" / "corpus" / "meta.json").read_text())["splits"][s]["documents"]
-               for s in ("train", "valid", "test")) == blank + 2
+    from retro_toolkit.collections.text import corpus_layout, shards
+    from retro_toolkit.collections.text.decoding import ReadStats
+    from retro_toolkit.stages.prepare_corpus import SourceConfig
+
+    src = SourceConfig(path=f"{prefix}.idx", max_docs=blank + 2)
+    (shard,) = shards.plan([src], 64, ["data.sources[0]"])
+    stats = ReadStats()
+    read = list(corpus_layout.documents(shard, src, "replace", stats, blank + 2, tok.eod_id))
+    assert len(read) == blank + 2 and stats.empty_skipped == 1
+    assert corpus_layout.count(shard, src, "replace", None, eod_id=tok.eod_id).docs == len(docs) - 1
 
 
 @pytest.mark.slow
