@@ -121,23 +121,18 @@ def _shards(folder: Path) -> list[Path]:
 def tensors(folder: Path) -> tuple[dict[str, Callable[[], Any]], Any]:
     """(name -> a function reading that tensor, the dtype most of them have), from the open
     shards: nothing is read until asked for, so a rank holds one tensor at a time, not the file."""
-    from collections import Counter
-
     from safetensors import safe_open
 
-    from retro_toolkit.checkpoint.mapped import SAFETENSORS_DTYPES
+    from retro_toolkit.checkpoint.mapped import safetensors_dtype
 
     readers: dict[str, Callable[[], Any]] = {}
-    dtypes: Counter = Counter()
+    dtypes: list[str] = []
     for shard in _shards(folder):
         f = safe_open(str(shard), framework="pt")  # stays open while a reader refers to it
         for name in f.keys():
             readers[name] = partial(f.get_tensor, name)
-            dtypes[f.get_slice(name).get_dtype()] += 1
-    import torch
-
-    dtype = next((SAFETENSORS_DTYPES[d] for d, _ in dtypes.most_common() if d in SAFETENSORS_DTYPES), torch.float32)
-    return readers, dtype
+            dtypes.append(f.get_slice(name).get_dtype())
+    return readers, safetensors_dtype(dtypes)
 
 
 def rename(hf: dict[str, Callable[[], Any]], section: dict[str, Any], where: Path) -> dict[str, Callable[[], Any]]:

@@ -14,7 +14,7 @@ import mmap
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +29,12 @@ def dtype_of(tensors: Mapping[str, Any]) -> torch.dtype:
         return tensors.dtype()  # known without reading the tensors
     counts = Counter(t.dtype for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point())
     return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def safetensors_dtype(dtypes: Iterable[str]) -> torch.dtype:
+    """The floating-point dtype most of a safetensors file's tensors have, from their dtype names."""
+    found = Counter(dtypes)
+    return next((SAFETENSORS_DTYPES[d] for d, _ in found.most_common() if d in SAFETENSORS_DTYPES), torch.float32)
 
 
 class LazyWeights(Mapping):
@@ -111,9 +117,7 @@ class SafetensorsWeights(LazyWeights):
         return self._f.get_tensor(name)
 
     def dtype(self) -> torch.dtype:
-        found = Counter(self._f.get_slice(n).get_dtype() for n in self.names)
-        return next((SAFETENSORS_DTYPES[d] for d, _ in found.most_common() if d in SAFETENSORS_DTYPES),
-                    torch.float32)
+        return safetensors_dtype(self._f.get_slice(n).get_dtype() for n in self.names)
 
 
 _LIBC = None
