@@ -1,7 +1,7 @@
 """The demo database (gensim's Wikipedia sample, IVF index): recall@2 of the approximate
 index against exact search, and a 2-process build equal to the 1-process one, file by file.
 
-The first 30 articles (about 3.5K chunks, 4 embedding blocks) keep each build near a minute
+The first 15 articles (about 2.2K chunks, 6 embedding blocks of 400) keep each build near half a minute
 on 2 cores; queries are the valid and test chunks. benchmarks/speed/build_db.py measures recall
 over the whole corpus and every split (0.998 at IVF128, nprobe 32).
 """
@@ -23,22 +23,22 @@ from tests.conftest import REPO, retro_run
 pytestmark = pytest.mark.slow
 
 DEMO = str(REPO / "recipes" / "demo_wiki.yaml")
-DEMO_30 = ["data.sources=[{path: builtin:wiki-sample, max_docs: 30}]", "retrieval.query_splits=[valid,test]",
-           "retrieval.block_size=800"]
+DEMO_15 = ["data.sources=[{path: builtin:wiki-sample, max_docs: 15}]", "retrieval.query_splits=[valid,test]",
+           "retrieval.block_size=400", "data.split=[0.8,0.1,0.1]"]
 
 
 @pytest.fixture(scope="module")
 def demo_db(tmp_path_factory) -> Path:
     pytest.importorskip("gensim")
     w = tmp_path_factory.mktemp("demo") / "one"
-    p = retro_run(DEMO, f"workdir={w}", *DEMO_30)
+    p = retro_run(DEMO, f"workdir={w}", *DEMO_15)
     assert p.returncode == 0, p.stdout + p.stderr
     return w
 
 
 def test_demo_index_recall_at_2_against_flat(demo_db):
     meta = files.read_json(demo_db / "neighbors" / "meta.json")
-    assert meta["index"] == "IVF128,Flat" and meta["db_chunks"] > 3_000
+    assert meta["index"] == "IVF128,Flat" and meta["db_chunks"] > 2_000
     db = np.concatenate([blocks.read(f) for f in sorted((demo_db / "db" / "embeddings").glob("*.h5"))])
     queries = np.concatenate([blocks.read(f) for s in ("valid", "test")
                               for f in sorted((demo_db / "db" / "query_embeddings" / s).glob("*.h5"))])
@@ -71,7 +71,7 @@ def test_two_processes_build_the_same_database_as_one(demo_db, tmp_path, run_cli
     # Same tokenizer and corpus (copied, with their manifests); only build_db runs, on 2 ranks.
     two = tmp_path / "two"
     shutil.copytree(demo_db, two, ignore=shutil.ignore_patterns("db", "index", "neighbors", "logs", "build_db.json"))
-    p = run_cli(DEMO, f"workdir={two}", *DEMO_30, "executor=torchrun", "executor.nproc_per_node=2")
+    p = run_cli(DEMO, f"workdir={two}", *DEMO_15, "executor=torchrun", "executor.nproc_per_node=2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "skip  tokenizer" in p.stdout and "run   build_db" in p.stdout
     assert json.loads((two / "stages" / "build_db.json").read_text())["world_size"] == 2
