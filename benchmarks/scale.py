@@ -168,7 +168,7 @@ def run_phase(phase: str, w: Path) -> dict:
 
         def chunks():
             if not in_memory:
-                chunk_db.build([("train", ts.TokenStream(w / ts.CORPUS_DIR, "train").doc_offsets)], 64, db_file)
+                chunk_db.build([chunk_db.Part("train", ts.TokenStream(w / ts.CORPUS_DIR, "train").doc_offsets)], 64, db_file)
             db = chunk_db.load(db_file)
             if in_memory:
                 db.chunk_doc, db.chunk_start, db.chunk_end = (np.array(db.chunk_doc), np.array(db.chunk_start),
@@ -216,7 +216,7 @@ def chunk_db_alone(docs: int, root: Path) -> dict:
     out.flush()
     del out
     offsets = np.load(root / "offsets.npy", mmap_mode="r")  # as build_db reads a split's offsets
-    r = measured(lambda: {"chunks": len(chunk_db.build([("train", offsets)], 64, root / "chunks.h5"))})
+    r = measured(lambda: {"chunks": len(chunk_db.build([chunk_db.Part("train", offsets)], 64, root / "chunks.h5"))})
     return {"documents": docs, "tokens": int(offsets[-1]), **r}
 
 
@@ -276,7 +276,7 @@ def _index_phase(phase: str, w: Path, rows: int) -> dict:
                            "synthetic", env.rank, env.world_size)
     dist.barrier()
     if env.is_main:
-        ivf_fill.write_filled(trained, lambda: ((s, c) for s, _, c in blocks.iter_blocks(codes_dir, rows, spans, "synthetic")),
+        ivf_fill.write_filled(trained, lambda: ((np.arange(s, e), c) for s, e, c in blocks.iter_blocks(codes_dir, rows, spans, "synthetic")),
                               added, FILL_WINDOW)
     dist.barrier()
     import faiss

@@ -50,21 +50,33 @@ def run_stage(stage: str, recipe_file: str) -> int:
 
 
 def _run(stage: str, recipe, spec) -> int:
-    from retro_toolkit.core import dist
+    from retro_toolkit.core import dist, files
     from retro_toolkit.core.stage import StageContext
     from retro_toolkit.runner import manifest
 
     env = dist.init()
     started = time.time()
+    if spec.precheck:
+        module, func = spec.precheck.split(":")
+        getattr(importlib.import_module(module), func)(StageContext(stage, recipe, env))
+    # Read before the manifest goes: a work directory from before pins existed pins its manifest's.
+    keep = manifest.keeps_trained(recipe, stage)
+    legacy_pin = manifest.pin(recipe, stage) if spec.update_keys and not manifest.pin_path(recipe.workdir, stage).exists() \
+        else None
+    dist.barrier()
     if env.is_main:
+        if legacy_pin:
+            files.write_json(manifest.pin_path(recipe.workdir, stage), legacy_pin)
         manifest.remove(recipe.workdir, stage)
     dist.barrier()
     module, func = spec.entry.split(":")
     fn = getattr(importlib.import_module(module), func)
-    ctx = StageContext(stage, recipe, env)
+    ctx = StageContext(stage, recipe, env, keep_trained=keep)
     result = fn(ctx)
     dist.barrier()
     if env.is_main:
+        if spec.update_keys and result.summary.get("train_neighbors") != "kept":
+            manifest.write_pin(recipe, stage)
         manifest.write(recipe, stage, result.outputs, result.summary, started, env.world_size)
         print(f"[{stage}] finished in {time.time() - started:.1f}s", flush=True)
     dist.shutdown()

@@ -183,7 +183,7 @@ def test_bad_sources_exit_2_naming_the_file(reference, tmp_path):
     from retro_toolkit.collections.text.tokenizer import open_tokenizer
 
     hf_prefix = megatron_dataset(tmp_path / "hf_ids", open_tokenizer(make_hf_tokenizer(hf)), [r["text"] for r in records()[:8]])
-    refused(hf_prefix, "token ids do not round-trip through tokenizer.model")
+    refused(hf_prefix, "token ids do not round-trip through the tokenizer")
 
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"body": ["some text"], "n": [1]}), table)

@@ -29,7 +29,7 @@ def test_codes_and_neighbours_are_the_same_on_one_thread_and_two():
         for threads in (1, 2):
             faiss.omp_set_num_threads(threads)
             codes = faiss_index.encode(index, x)
-            faiss_index.add_codes(filled := faiss.deserialize_index(faiss.serialize_index(index)), codes, 0)
+            faiss_index.add_codes(filled := faiss.deserialize_index(faiss.serialize_index(index)), codes, np.arange(len(codes)))
             faiss_index.set_nprobe(filled, 4)
             got.append((codes, *faiss_index.search(filled, x[:6000], 10)))
         faiss.omp_set_num_threads(1)  # what each call computes: fixed rows, one thread

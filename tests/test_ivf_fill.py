@@ -34,9 +34,9 @@ def test_the_filled_file_is_faiss_own_byte_for_byte_and_searches_the_same(tmp_pa
     blob = _trained(string)
     x = np.random.default_rng(1).standard_normal((n, D)).astype(np.float32)
     reference = faiss.deserialize_index(blob)
-    blocks = [(s, faiss_index.encode(reference, x[s:s + 1200])) for s in range(0, n, 1200)]
-    for s, codes in blocks:
-        faiss_index.add_codes(reference, codes, s)
+    blocks = [(np.arange(s, min(n, s + 1200)), faiss_index.encode(reference, x[s:s + 1200])) for s in range(0, n, 1200)]
+    for ids, codes in blocks:
+        faiss_index.add_codes(reference, codes, ids)
     faiss.write_index(reference, str(tmp_path / "reference"))
     want = (tmp_path / "reference").read_bytes()
     for window in (1 << 30, 5000, 1):  # one window; several; one list at a time
@@ -83,3 +83,36 @@ def test_encoding_needs_no_search_table(tmp_path):
     faiss_index.skip_search_tables(fresh)
     fresh.train(np.random.default_rng(0).standard_normal((6000, D)).astype(np.float32))
     assert table(fresh) == 0
+
+
+@pytest.mark.parametrize("string", ["IVF64,PQ4", "Flat", "PQ4"])
+def test_chunks_taken_out_are_not_in_the_filled_index_and_the_rest_keep_their_ids(tmp_path, string):
+    """Blocks with gaps in their ids (documents taken out of the database): an IVF file is still
+    faiss's own; a Flat or PQ index is wrapped in an IDMap; no search returns a missing id."""
+    import faiss
+
+    n = 5000
+    x = np.random.default_rng(2).standard_normal((n, D)).astype(np.float32)
+    keep = np.random.default_rng(3).random(n) > 0.2
+    blob = _trained(string) if string != "Flat" else faiss.serialize_index(faiss.index_factory(D, "Flat"))
+    reference = faiss.deserialize_index(blob)
+    blocks = []
+    for s in range(0, n, 1200):
+        ids, codes = np.arange(s, min(n, s + 1200)), faiss_index.encode(reference, x[s:s + 1200])
+        blocks.append((ids[keep[s:s + 1200]], codes[keep[s:s + 1200]]))
+    index = faiss_index.filled(faiss.deserialize_index(blob), blocks)
+    faiss_index.save(index, tmp_path / "filled")
+    if string.startswith("IVF"):
+        for ids, codes in blocks:
+            faiss_index.add_codes(reference, codes, ids)
+        faiss.write_index(reference, str(tmp_path / "reference"))
+        assert ivf_fill.write_filled(faiss.deserialize_index(blob), lambda: iter(blocks), tmp_path / "windowed", 5000) \
+            == keep.sum()
+        assert (tmp_path / "windowed").read_bytes() == (tmp_path / "reference").read_bytes()
+    loaded = faiss_index.load(tmp_path / "filled", mmap=True)
+    faiss_index.set_nprobe(loaded, 64)
+    assert loaded.ntotal == keep.sum()
+    _, found = loaded.search(x, 3)
+    assert np.isin(found[found >= 0], np.flatnonzero(keep)).all()
+    if string == "Flat":  # exact: every kept vector finds itself under its own id
+        assert np.array_equal(found[keep, 0], np.flatnonzero(keep))

@@ -164,7 +164,7 @@ def test_database_parts_keep_train_ids_and_read_across_streams():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        db = chunk_db.build([("train", t_off), ("extra", e_off)], 64, Path(d) / "chunks.h5")
+        db = chunk_db.build([chunk_db.Part("train", t_off), chunk_db.Part("extra", e_off)], 64, Path(d) / "chunks.h5")
         assert chunk_db.load(Path(d) / "chunks.h5").parts == ["train", "extra"]
     n_train = len(db_train[0])
     assert np.array_equal(db.chunk_start[:n_train], db_train[1])  # train chunk ids unchanged
@@ -219,7 +219,7 @@ def test_adding_parallel_encoded_codes_equals_adding_vectors(string):
     b.train(x)  # same data and seed: the same trained state
     a.add(x)
     for start in range(0, 1200, 400):  # three "ranks", appended in order
-        faiss_index.add_codes(b, faiss_index.encode(b, x[start:start + 400]), start)
+        faiss_index.add_codes(b, faiss_index.encode(b, x[start:start + 400]), np.arange(start, start + 400))
     assert b.ntotal == 1200
     faiss_index.set_nprobe(a, 4)
     faiss_index.set_nprobe(b, 4)
@@ -244,14 +244,15 @@ def test_the_chunk_db_is_built_a_block_of_documents_at_a_time_and_read_through_m
     def offsets(n):
         return np.concatenate([[0], np.cumsum(rng.integers(1, 300, n))]).astype(np.int64)
 
-    parts = [("train", offsets(1000)), ("extra", offsets(333)), ("empty", np.zeros(1, np.int64))]
+    parts = [chunk_db.Part("train", offsets(1000)), chunk_db.Part("extra", offsets(333)),
+             chunk_db.Part("empty", np.zeros(1, np.int64))]
     monkeypatch.setattr(chunk_db, "BUILD_DOCS", 97)
     db = chunk_db.build(parts, 64, tmp_path / "chunks.h5")
-    whole = np.concatenate([[0], parts[0][1][1:], parts[1][1][1:] + parts[0][1][-1]])
+    whole = np.concatenate([[0], parts[0].doc_offsets[1:], parts[1].doc_offsets[1:] + parts[0].doc_offsets[-1]])
     doc, start, end = chunk_db.cut_chunks(whole, 64)
     assert np.array_equal(db.chunk_doc, doc) and np.array_equal(db.chunk_start, start)
     assert np.array_equal(db.chunk_end, end) and np.array_equal(db.doc_offsets, whole)
-    assert db.part_chunks.tolist() == np.searchsorted(start, [0, parts[0][1][-1], whole[-1], whole[-1]]).tolist()
+    assert db.part_chunks.tolist() == np.searchsorted(start, [0, parts[0].doc_offsets[-1], whole[-1], whole[-1]]).tolist()
     assert all(isinstance(c, np.memmap) for c in (db.chunk_doc, db.chunk_start, db.chunk_end, db.doc_offsets))
 
 

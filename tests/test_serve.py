@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import SMALL, SMOKE, retro_run
+from tests.conftest import retro_run
 
 pytestmark = pytest.mark.slow
 PROMPT = "The with statement"
@@ -205,36 +205,6 @@ def test_the_openai_client_talks_to_it(server):
     assert streamed == client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "What does pass do?"}], "max_tokens": 10,
         "temperature": 0}).json()["choices"][0]["message"]["content"]
-
-
-def test_reload_opens_the_database_build_db_updated(tuned, tmp_path):
-    """extra_sources added to a served work directory: after build_db and /v1/reload the server
-    retrieves the new documents, without a restart."""
-    from tests.test_pretrain import TRAIN, copy_db
-    from tests.test_sft_qa import SFT
-
-    w = copy_db(tuned, tmp_path / "w")
-    p, url = start(w, tmp_path)
-    question = {"query": "How many purple herons does the lighthouse keeper count?", "k": 1}
-    try:
-        with httpx.Client(base_url=url, timeout=120) as client:
-            n = client.post("/v1/reload").json()["chunks"]
-            before = client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0]
-            extra = tmp_path / "extra.jsonl"
-            extra.write_text(json.dumps({"text": "The retro toolkit lighthouse keeper counts seventeen purple herons "
-                                                 "every morning at dawn."}) + "\n")
-            built = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT, f"retrieval.extra_sources=[{{path: {extra}}}]",
-                              "stages=[tokenizer,prepare_corpus,build_db]")
-            assert built.returncode == 0, built.stdout + built.stderr
-            assert client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0] == before
-            reloaded = client.post("/v1/reload")
-            assert reloaded.status_code == 200 and reloaded.json()["chunks"] == n + 1, reloaded.text
-            after = client.post("/v1/retrieve", json=question).json()["data"][0]["neighbours"][0]
-            assert after["chunk_id"] == n and "seventeen purple herons" in after["text"]
-            ok = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "temperature": 0})
-            assert ok.status_code == 200
-    finally:
-        stop(p)
 
 
 @pytest.mark.parametrize("args, message", [

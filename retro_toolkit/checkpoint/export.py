@@ -30,6 +30,7 @@ def retrieval_settings(workdir: Path, recipe, section: dict[str, Any]) -> Option
     """What a user needs to retrieve for this model: embedder, index, chunk length, k (None for GPT)."""
     if section.get("arch") != "retro":
         return None
+    from retro_toolkit.collections.retrieval import db_version
     from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META
 
     out: dict[str, Any] = {
@@ -46,6 +47,8 @@ def retrieval_settings(workdir: Path, recipe, section: dict[str, Any]) -> Option
         meta = files.read_json(meta_file)
         out.update(index=meta["index"], db_chunks=meta["db_chunks"], k_query=meta["k_query"],
                    tokenizer_sha256=meta["tokenizer_sha256"])
+        trained_on = meta["splits"].get("train", {}).get("database_version", 1)
+        out.update(database=db_version.brief(workdir), trained_on_database_version=trained_on)
     return out
 
 

@@ -17,6 +17,9 @@ class StageContext:
     name: str
     recipe: DictConfig
     env: DistEnv
+    # The runner found models trained on this stage's output that must keep reading what they
+    # read (build_db: the train split's neighbours; runner/manifest.py).
+    keep_trained: bool = False
 
     @property
     def workdir(self) -> Path:

@@ -4,7 +4,8 @@ when asked), the database's neighbours of a query, and health.
     POST /v1/completions        {"prompt": "...", "max_tokens": 32, "temperature": 0}
     POST /v1/chat/completions   {"messages": [{"role": "user", "content": "..."}]}
     POST /v1/retrieve           {"query": "...", "k": 2}       (a server started with --workdir)
-    POST /v1/reload             open the work directory's database again (after build_db changed it)
+    POST /v1/reload             open the work directory's database again now (between batches, a server
+                                reopens it by itself when build_db has written a new version)
     GET  /health, GET /v1/models
 
 Every refusal is a 4xx with {"error": {"message", "type", "param"}} naming the field; an error
@@ -64,8 +65,11 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
 
     @app.get("/health")
     async def health() -> dict:
+        loaded = session._retriever
         return {"status": "ok", "model": name, "live_retrieval": live_retrieval, "max_batch": engine.max_batch,
-                "database": str(session.workdir) if session.workdir else None, "batches_run": engine.batches_run,
+                "database": str(session.workdir) if session.workdir else None,
+                "database_version": (loaded.version or {}).get("version") if loaded else None,
+                "batches_run": engine.batches_run,
                 "largest_batch": engine.largest_batch, "rows_cancelled": engine.rows_cancelled}
 
     @app.get("/v1/models")
@@ -222,7 +226,8 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
         def reopen():
             with engine.lock:  # between batches: a batch never sees two databases
                 r = session.retriever(reload=True)
-                return {"database": str(session.workdir), "chunks": len(r), "index": r.meta["index"]}
+                return {"database": str(session.workdir), "chunks": len(r), "index": r.meta["index"],
+                        "version": (r.version or {}).get("version")}
 
         try:
             return await asyncio.to_thread(reopen)
@@ -237,7 +242,7 @@ def make_app(session, engine: Engine, name: str, live_retrieval: bool = False,
 
         def search():
             with engine.lock:
-                r = session.retriever()
+                r = session.current_retriever()
                 hits = r.search(req.queries(), k=req.k)
                 return [{"query": q, "neighbours": [
                     {"chunk_id": int(c), "distance": float(d), "text": r.chunk_text(int(c))}

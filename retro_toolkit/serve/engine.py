@@ -92,7 +92,7 @@ class Engine:
         s = self.session
         tok = s.tokenizer
         if batch[0].neighbours is None:
-            source = LiveRetrieval(s.retriever(), s.model.config.num_neighbors)
+            source = LiveRetrieval(s.current_retriever(), s.model.config.num_neighbors)
         else:
             source = FixedNeighbors.from_tensor(np.stack([j.neighbours for j in batch]))
         params = SamplingParams(max(j.params.max_new_tokens for j in batch), batch[0].params.temperature,

@@ -57,10 +57,20 @@ class RetrievalConfig:
     block_size: int = bounded(10000, 1, 10**7, "one block's embeddings must fit in memory")
     # Splits whose query chunks get neighbours.
     query_splits: list[Split] = field(default_factory=lambda: ["train", "valid", "test"])
-    # Corpora retrieved from but never trained on (same formats as data.sources). Adding
-    # one later updates the database without retraining the index: only the new chunks
-    # are embedded, and every query is searched again.
+    # Corpora retrieved from but never trained on (same formats as data.sources). Adding,
+    # replacing or dropping one later updates the database without training anything again:
+    # only a new corpus is embedded, the trained index is kept, the valid and test queries
+    # are searched again, and pretrain and sft stay done (see train_neighbors).
     extra_sources: list[SourceConfig] = field(default_factory=list)
+    # Documents to take out of the database (same formats): each must have exactly the text of
+    # a train or extra document. Their chunks leave the index and every neighbour list, and an
+    # extra corpus's copy of their tokens is overwritten; corpus/ (training data) keeps them.
+    remove_sources: list[SourceConfig] = field(default_factory=list)
+    # The train split's neighbours once a model was trained on them, when the database is
+    # updated: "keep" them (a resumed pretrain reads what it was trained on; chunks taken out
+    # are dropped from them), or "recompute" them in the updated database (pretrain and sft
+    # then run again, resuming from their checkpoints).
+    train_neighbors: Literal["keep", "recompute"] = "keep"
     # Keep every chunk's embedding on disk (db/embeddings, db/query_embeddings; 4 x dim bytes a
     # chunk, 138 TiB at InstructRetro's scale), as Retro's pipeline did. false: only the index's
     # training sample is stored; each block is embedded when it is encoded or searched, and
@@ -97,23 +107,32 @@ def check(r: dict[str, Any]) -> None:
 
 
 def _reads(r) -> list[tuple[str, Any]]:
-    return [("retrieval.embedder.path", r.retrieval.embedder.path),
-            *((f"retrieval.extra_sources[{i}].path", s.path) for i, s in enumerate(r.retrieval.extra_sources))]
+    q = r.retrieval
+    return [("retrieval.embedder.path", q.embedder.path),
+            *((f"retrieval.{key}[{i}].path", s.path) for key in ("extra_sources", "remove_sources")
+              for i, s in enumerate(q[key]))]
 
 
 def _preflight(r) -> None:
     from retro_toolkit.collections.retrieval.embedder import resolve_path
+    from retro_toolkit.collections.retrieval.index import check_fillable
     from retro_toolkit.collections.text.sources import check_source
 
     resolve_path(r.retrieval.embedder.path)
-    for i, src in enumerate(r.retrieval.extra_sources):
-        check_source(src, f"retrieval.extra_sources[{i}]", r.data.on_invalid_utf8)
-    check_token_ids(r, r.retrieval.extra_sources, "retrieval.extra_sources")
+    if r.retrieval.index.string != "auto":
+        check_fillable(r.retrieval.index.string)
+    for key in ("extra_sources", "remove_sources"):
+        for i, src in enumerate(r.retrieval[key]):
+            check_source(src, f"retrieval.{key}[{i}]", r.data.on_invalid_utf8)
+        check_token_ids(r, r.retrieval[key], f"retrieval.{key}")
 
 
 # Version 2: num_candidates per query chunk, so samples can drop their own documents.
 STAGE = StageSpec("build_db", "retrieval", depends_on=("prepare_corpus",),
                   config_keys=("retrieval", "model.chunk_length", "model.num_neighbors"),
                   entry="retro_toolkit.collections.retrieval.build_db:run", summary=__doc__, version=2, check=check,
-                  added_keys=(("retrieval.keep_embeddings", True),),
+                  added_keys=(("retrieval.keep_embeddings", True), ("retrieval.remove_sources", []),
+                              ("retrieval.train_neighbors", "keep")),
+                  update_keys=(("retrieval.extra_sources", []), ("retrieval.remove_sources", [])),
+                  precheck="retro_toolkit.collections.retrieval.build_db:check_sources",
                   preflight=_preflight, reads=_reads)

@@ -26,4 +26,4 @@ def check(r: dict[str, Any]) -> None:
 
 
 STAGE = StageSpec("eval_ppl", "eval_ppl", depends_on=("pretrain",), config_keys=("eval_ppl",),
-                  entry="retro_toolkit.collections.retro.eval_ppl:run", summary=__doc__, check=check)
+                  entry="retro_toolkit.collections.retro.eval_ppl:run", reads_database=True, summary=__doc__, check=check)

@@ -61,4 +61,5 @@ def _reads(r) -> list[tuple[str, Any]]:
 
 
 STAGE = StageSpec("eval_qa", "eval_qa", depends_on=("sft",), config_keys=("eval_qa", "sft.system_prompt"),
-                  entry="retro_toolkit.collections.qa.eval_qa:run", summary=__doc__, check=check, gated=True, reads=_reads)
+                  entry="retro_toolkit.collections.qa.eval_qa:run", summary=__doc__, check=check, gated=True,
+                  reads=_reads, reads_database=True)

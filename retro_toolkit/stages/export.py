@@ -39,5 +39,5 @@ def check(r: dict[str, Any]) -> None:
 
 STAGE = StageSpec("export", "export", depends_on=("pretrain",), after=("sft",),
                   config_keys=("model", "export"), entry="retro_toolkit.checkpoint.export:run", summary=__doc__,
-                  added_keys=model.added_keys(), check=check, gated=True,
+                  added_keys=model.added_keys(), check=check, gated=True, reads_database=True,
                   reads=lambda r: [("export.checkpoint", r.export.checkpoint)] if os.path.isabs(r.export.checkpoint) else [])

@@ -6,6 +6,7 @@ Its section is `data:`, which the tokenizer and the database read too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from retro_toolkit.collections.text.splits import SPLIT_BY
@@ -74,6 +75,13 @@ def check_token_ids(r, sources, key: str) -> None:
     if not ids:
         return
     where = f"{key}[{ids[0][0]}]"
+    if key != "data.sources" and not r.tokenizer.model and (Path(r.workdir) / "tokenizer").is_dir():
+        from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
+
+        check_token_sources(sources, workdir_tokenizer(r.workdir), key,  # the one the database was built with
+                            f"Write it again with this work directory's tokenizer ({Path(r.workdir) / 'tokenizer'}), "
+                            "or give that corpus as text, which build_db tokenizes itself. Nothing was changed.")
+        return
     if not r.tokenizer.model:
         raise UserError(f"{where} is a Megatron indexed dataset ({ids[0][1]}): token ids, not text, so no "
                         "tokenizer can be trained on it. Set tokenizer.model to the tokenizer that wrote it.")

@@ -39,6 +39,14 @@ class StageSpec:
     # Check the section only when the recipe runs the stage: its defaults are placeholders
     # (an empty task list) that only a run must replace.
     gated: bool = False
+    # (key, default) that update the stage's output without changing what trained models read
+    # from it: the stages downstream keep their fingerprint (runner/manifest.py).
+    update_keys: tuple[tuple[str, object], ...] = ()
+    # Reads the current retrieval database (reruns when it is updated, and records its version).
+    reads_database: bool = False
+    # "module:function" run inside the job before the stage's manifest is removed: bad input it
+    # finds (a UserError) leaves the work directory as it was, the manifest included.
+    precheck: Optional[str] = None
 
     def __post_init__(self) -> None:
         line = self.summary.strip().splitlines()[0].removeprefix(f"Stage `{self.name}`: ").rstrip(".")

@@ -13,6 +13,8 @@ directory whose database was built with that tokenizer and chunk length.
 
 from __future__ import annotations
 
+import sys
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,19 @@ class Session:
                                 f"{cfg.chunk_length} and {cfg.retrieved_length}: use a matching work directory.")
             self._retriever = r
         return self._retriever
+
+    def current_retriever(self):
+        """The retriever, opened again first when build_db has written another database version
+        since (a server calls this between batches). If the new one does not open, the loaded
+        one stays and the next call tries again."""
+        r = self._retriever
+        if r is not None and r.outdated():
+            try:
+                return self.retriever(reload=True)
+            except (UserError, OSError, RuntimeError) as e:
+                print(f"the database of {self.workdir} changed but did not open; still serving version "
+                      f"{(r.version or {}).get('version')}: {e}", file=sys.stderr, flush=True)
+        return self.retriever()
 
     def generate(self, prompts: Sequence[str], params: SamplingParams, chat: bool = False,
                  contexts: Sequence[str] = (), live_retrieval: bool = False,

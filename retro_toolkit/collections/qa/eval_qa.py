@@ -25,6 +25,7 @@ from retro_toolkit.collections.instruct.dataset import context_neighbors
 from retro_toolkit.collections.instruct.format import DEFAULT_SYSTEM, Context, Conversation, encode_prompt
 from retro_toolkit.collections.qa.metrics import exact_match, f1_score
 from retro_toolkit.collections.qa.tasks import load_task
+from retro_toolkit.collections.retrieval import db_version
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro.engine import build_trained
 from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
@@ -97,13 +98,15 @@ def run(ctx: StageContext) -> StageResult:
         retriever = Retriever(ctx.workdir)
     params = SamplingParams(max_new_tokens=q.max_new_tokens, stop=list(q.stop))
     out_dir = ctx.workdir / OUTPUT_DIR
+    brief = db_version.brief(ctx.workdir)  # the database questions retrieve from
+    version = brief["version"] if brief else None
     scores: dict[str, dict[str, float]] = {}
     outputs = []
     for task in q.tasks:
         questions = load_task(task.name, task.path, task.max_samples, lambda m: ctx.log(f"eval_qa: {m}"))
         rows, score = evaluate_task(model, tokenizer, questions, params, q.batch_size, q.contexts, q.live_retrieval,
                                     retriever, r.sft.system_prompt)
-        scores[task.name] = score
+        scores[task.name] = {**score, "database_version": version}
         if ctx.env.is_main:
             files.write_text(out_dir / f"{task.name}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
         outputs.append(f"{OUTPUT_DIR}/{task.name}.jsonl")
@@ -112,4 +115,5 @@ def run(ctx: StageContext) -> StageResult:
         files.write_json(out_dir / "scores.json", scores)
     ctx.log("eval_qa scores:\n" + table(scores))
     return StageResult(outputs=outputs + [f"{OUTPUT_DIR}/scores.json"],
-                       summary={f"{t}_{m}": s[m] for t, s in scores.items() for m in ("em", "f1")})
+                       summary={**{f"{t}_{m}": s[m] for t, s in scores.items() for m in ("em", "f1")},
+                                "database_version": version})

@@ -67,6 +67,25 @@ def make(string: str, dim: int):
         raise UserError(f"retrieval.index.string = {string!r} is not a faiss factory string faiss accepts ({msg}).") from None
 
 
+def check_fillable(string: str, key: str = "retrieval.index.string") -> None:
+    """Fail unless faiss can add precomputed codes to this index type: build_db fills the index
+    block by block from stored codes, and an update of the database adds to it the same way."""
+    import faiss
+
+    try:  # a dimension most sub-vector counts divide; the embedder's is checked when it is loaded
+        index = faiss.index_factory(3072, string)
+    except RuntimeError:
+        return
+    try:
+        index.sa_code_size()
+    except RuntimeError:
+        raise UserError(
+            f"{key} = {string!r}: faiss cannot add precomputed codes to this index type (a graph index such as "
+            "HNSW or NSG is built from the raw vectors), so build_db can neither fill it block by block nor add "
+            "documents to it when the database is updated. Use a type that can: Flat, IVF<lists>,Flat, "
+            "IVF<lists>,PQ<m>, or an HNSW coarse quantizer as in IVF<lists>_HNSW32,PQ<m>.") from None
+
+
 def set_threads(local_world_size: int) -> None:
     import faiss
 
@@ -208,10 +227,34 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return distances, ids
 
 
-def add_codes(index, codes: np.ndarray, first_id: int) -> None:
-    """Append precomputed codes with ids first_id, first_id + 1, ... (no re-encoding)."""
+def add_codes(index, codes: np.ndarray, ids: np.ndarray) -> None:
+    """Append precomputed codes (no re-encoding). An IVF index stores the ids; other types
+    number their entries 0, 1, ... (see `filled`)."""
     import faiss
 
     target = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
-    target.add_sa_codes(codes, np.arange(first_id, first_id + len(codes), dtype=np.int64))
+    target.add_sa_codes(codes, np.ascontiguousarray(ids, dtype=np.int64))
     index.ntotal = target.ntotal
+
+
+def filled(index, code_blocks) -> object:
+    """`index` (trained, empty) with every (ids, codes) block added. A type that numbers its
+    entries itself (Flat, PQ, SQ) is wrapped in an IDMap when the ids have gaps (chunks taken
+    out of the database); an IVF index stores the ids in its lists."""
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        wrapper = None
+    except RuntimeError:
+        wrapper = faiss.IndexIDMap(index)
+    all_ids = []
+    for ids, codes in code_blocks:
+        add_codes(index, codes, ids)
+        all_ids.append(np.asarray(ids, dtype=np.int64))
+    ids = np.concatenate(all_ids) if all_ids else np.zeros(0, dtype=np.int64)
+    if wrapper is None or np.array_equal(ids, np.arange(len(ids))):
+        return index
+    faiss.copy_array_to_vector(ids, wrapper.id_map)
+    wrapper.ntotal = index.ntotal
+    return wrapper

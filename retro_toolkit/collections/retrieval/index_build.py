@@ -4,7 +4,7 @@ database chunk into code blocks (split over ranks), and write the filled index (
     index/<string>/keys.json           what the trained and the filled index were made from
     index/<string>/trained.faissindex  trained, empty
     index/<string>/codes/*.h5          each block's sa_encode codes
-    index/<string>/added.faissindex    every chunk added, faiss ids = chunk ids
+    index/<string>/added.faissindex    every live chunk added, faiss ids = chunk ids
 
 The vectors come from the caller: read from stored embedding blocks, or embedded on the fly
 (`retrieval.keep_embeddings: false`), so both ways share this step.
@@ -33,6 +33,8 @@ class IndexPlan:
     block_keys: dict[int, str]  # each block's content key, by its first chunk
     train_key: str  # what training reads: the factory string, the sample, their vectors' keys
     folder: Path
+    # Which chunks of a block are in the database (the others were taken out: not added, codes zeroed).
+    live: Callable[[int, int], np.ndarray] | None = None
 
     @property
     def fill_key(self) -> str:
@@ -73,20 +75,26 @@ def build(ctx: StageContext, plan: IndexPlan, training_vectors: Callable[[], np.
 
     index = faiss_index.load(trained_file, search_tables=False)
     codes_dir = folder / "codes"
-    blocks.compute_missing(codes_dir, plan.n, plan.spans, lambda s, e: faiss_index.encode(index, block_vectors(s, e)),
-                           plan.code_key, env.rank, env.world_size)
+    def encode(s: int, e: int) -> np.ndarray:
+        codes = faiss_index.encode(index, block_vectors(s, e))
+        if plan.live is not None:
+            codes[~plan.live(s, e)] = 0
+        return codes
+
+    blocks.compute_missing(codes_dir, plan.n, plan.spans, encode, plan.code_key, env.rank, env.world_size)
     dist.barrier()
     if env.is_main:
         blocks.remove(blocks.stale_files(codes_dir, plan.n, plan.spans))
 
         def code_blocks():
-            return ((s, codes) for s, _, codes in blocks.iter_blocks(codes_dir, plan.n, plan.spans, plan.code_key))
+            for s, e, codes in blocks.iter_blocks(codes_dir, plan.n, plan.spans, plan.code_key):
+                ids = np.arange(s, e, dtype=np.int64)
+                keep = plan.live(s, e) if plan.live is not None else None
+                yield (ids, codes) if keep is None or keep.all() else (ids[keep], codes[keep])
 
         if ivf_fill.supported(index):  # the lists go to disk through a window, never whole in memory
             ivf_fill.write_filled(index, code_blocks, added_file, int(ctx.recipe.retrieval.index.memory_gb * 2**30))
         else:
-            for start, codes in code_blocks():
-                faiss_index.add_codes(index, codes, start)
-            faiss_index.save(index, added_file)
+            faiss_index.save(faiss_index.filled(index, code_blocks()), added_file)
         files.write_json(keys_file, {"train": plan.train_key, "fill": plan.fill_key})
     dist.barrier()

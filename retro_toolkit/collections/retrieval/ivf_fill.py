@@ -27,7 +27,7 @@ import numpy as np
 
 from retro_toolkit.core import files
 
-CodeBlocks = Callable[[], Iterable[tuple[int, np.ndarray]]]  # (first chunk id, codes) per block, in order
+CodeBlocks = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]  # (chunk ids, codes) per block, ids ascending
 SCATTER_ROWS = 1 << 14  # entries scattered at a time: bounds the index arrays numpy builds
 
 
@@ -85,8 +85,8 @@ def _lists_header(sizes: np.ndarray, code_size: int) -> bytes:
 
 
 def write_filled(index, code_blocks: CodeBlocks, path: Path, window_bytes: int = 8 << 30) -> int:
-    """Write `index` (trained, empty, supported) with every block's codes added, ids = chunk
-    ids, to `path`. Returns the number of entries. `index` itself is left with ntotal set."""
+    """Write `index` (trained, empty, supported) with every block's codes added under their
+    chunk ids, to `path`. Returns the number of entries. `index` itself is left with ntotal set."""
     import faiss
 
     ivf = _ivf(index)
@@ -116,8 +116,8 @@ def write_filled(index, code_blocks: CodeBlocks, path: Path, window_bytes: int =
         for lo, hi in _windows(start, window_bytes):
             base = int(start[lo])
             window = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=base, shape=(int(start[hi]) - base,))
-            for first, codes in code_blocks():
-                _scatter(window, base, codes, first, coarse, code_size, lo, hi, start, sizes, written)
+            for ids, codes in code_blocks():
+                _scatter(window, base, codes, ids, coarse, code_size, lo, hi, start, sizes, written)
             window.flush()
             del window
     return n
@@ -134,7 +134,7 @@ def _windows(start: np.ndarray, window_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _scatter(window, base, codes, first, coarse, code_size, lo, hi, start, sizes, written) -> None:
+def _scatter(window, base, codes, chunk_ids, coarse, code_size, lo, hi, start, sizes, written) -> None:
     """Copy the entries of lists [lo, hi) from one block to their places; `written` counts each
     list's entries so far."""
     lists = list_numbers(codes, coarse)
@@ -149,7 +149,7 @@ def _scatter(window, base, codes, first, coarse, code_size, lo, hi, start, sizes
         written[lists[np.concatenate([[0], change])]] += runs
     code_at = start[lists] - base + pos * code_size
     id_at = start[lists] - base + sizes[lists] * code_size + pos * 8
-    ids = (first + rows).astype("<i8").view(np.uint8).reshape(-1, 8)
+    ids = np.ascontiguousarray(chunk_ids[rows], dtype="<i8").view(np.uint8).reshape(-1, 8)
     body = codes[rows, coarse:]
     for a in range(0, len(rows), SCATTER_ROWS):
         b = a + SCATTER_ROWS

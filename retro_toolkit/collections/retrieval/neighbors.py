@@ -62,10 +62,11 @@ def filter_candidates(
     candidates: np.ndarray, candidate_doc: np.ndarray, lo: np.ndarray | int | None, hi: np.ndarray | int | None, k: int
 ) -> np.ndarray:
     """Keep the first k candidates (in rank order) whose document is outside [lo, hi]; pad with -1.
+    A candidate whose document is -1 (taken out of the database since it was found) is dropped.
 
     lo and hi are per row ([rows] arrays), one range for all rows (ints), or None (no ban).
     """
-    valid = candidates >= 0
+    valid = (candidates >= 0) & (candidate_doc >= 0)
     if lo is not None:
         lo, hi = np.reshape(lo, (-1, 1)), np.reshape(hi, (-1, 1))
         valid &= ~((candidate_doc >= lo) & (candidate_doc <= hi))

@@ -17,6 +17,7 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import chunk_db, index as faiss_index
 from retro_toolkit.collections.retrieval.build_db import NEIGHBORS_META, chunk_text, database_tokens
+from retro_toolkit.collections.retrieval import db_version
 from retro_toolkit.collections.retrieval.embedder import BertEmbedder
 from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
 from retro_toolkit.core import files
@@ -39,6 +40,7 @@ class Retriever:
         if not meta_file.is_file():
             raise UserError(f"{self.workdir} has no retrieval database ({meta_file} is missing): run the build_db stage.")
         self.meta = files.read_json(meta_file)
+        self.version = db_version.read(self.workdir)  # read first: a newer database means opening again
         self.recipe = load_recipe(str(self.workdir / "recipe.resolved.yaml"))
         self.tokenizer = workdir_tokenizer(self.workdir)
         self.db = chunk_db.load(self.workdir / chunk_db.CHUNKS_FILE)
@@ -51,7 +53,12 @@ class Retriever:
         self.embedder = embedder or BertEmbedder(e.path, e.max_tokens, e.batch_size)
 
     def __len__(self) -> int:
-        return len(self.db)
+        return self.db.live_chunks
+
+    def outdated(self) -> bool:
+        """Whether build_db has written another database version since this one was opened."""
+        now = db_version.read(self.workdir)
+        return (now or {}).get("key") != (self.version or {}).get("key")
 
     def search(self, queries: list[str] | list[np.ndarray] | np.ndarray, k: int | None = None) -> Hits:
         """Nearest database chunks of texts or of token chunks (decoded with the decoder tokenizer)."""

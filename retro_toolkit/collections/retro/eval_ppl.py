@@ -16,6 +16,7 @@ import torch
 import torch.distributed as td
 from megatron.core import parallel_state
 
+from retro_toolkit.collections.retrieval import db_version
 from retro_toolkit.collections.retro import checkpointing as ckpt
 from retro_toolkit.collections.retro import training
 from retro_toolkit.collections.retro.engine import build_trained, dataset
@@ -81,6 +82,9 @@ def run(ctx: StageContext) -> StageResult:
     for split, row in results.items():
         if "ppl_gpt_twin" in row:
             ctx.log(f"{split}: GPT twin ppl {row['ppl_gpt_twin']:.3f} vs Retro {row['ppl']:.3f}")
+    version = db_version.brief(ctx.workdir)  # the database whose valid/test neighbours were read
+    for row in results.values():
+        row["database_version"] = version["version"] if version else None
     if ctx.env.is_main:
         files.write_json(ctx.workdir / OUTPUT, results)
     summary = {}
@@ -88,4 +92,5 @@ def run(ctx: StageContext) -> StageResult:
         for k, v in row.items():
             if k.startswith("ppl"):
                 summary[f"{split}_{k}"] = round(v, 3)
+    summary["database_version"] = version["version"] if version else None
     return StageResult(outputs=[OUTPUT], summary=summary)

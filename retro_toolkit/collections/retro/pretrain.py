@@ -20,6 +20,8 @@ from retro_toolkit.collections.retro import engine
 from retro_toolkit.collections.retro.engine import build, dataset, train_with_checkpoints
 from retro_toolkit.checkpoint.gpt_sources import kind_of
 from retro_toolkit.collections.retro.init_from_external import init_from_external
+from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_META
+from retro_toolkit.core import files
 from retro_toolkit.core.stage import StageContext, StageResult
 from retro_toolkit.stages.pretrain import ADDED_KEYS, RESUME_FREE, TWIN
 
@@ -113,4 +115,7 @@ def run(ctx: StageContext) -> StageResult:
         summary.update(pretrain_model(ctx, arch, name))
         final = ckpt.latest(ctx.workdir / "checkpoints" / name)
         outputs += [str(final.relative_to(ctx.workdir)), f"checkpoints/{name}/{ckpt.LATEST}"]
+    if ctx.recipe.model.arch == "retro":  # the database the train split's neighbours were searched in
+        meta = files.read_json(ctx.workdir / NEIGHBORS_META)
+        summary["neighbors_database_version"] = meta["splits"]["train"].get("database_version", 1)
     return StageResult(outputs=outputs, summary={k: v for k, v in summary.items() if v is not None})

@@ -97,7 +97,10 @@ class IndexedDataset:
             yield self.document(i), f"{self.prefix}:doc{i}"
 
 
-def check_tokenizer(ds: IndexedDataset, tok, key: str, sample: int = 8, span: int = 256) -> None:
+FIX = "Set tokenizer.model to the one preprocess_data.py used."
+
+
+def check_tokenizer(ds: IndexedDataset, tok, key: str, sample: int = 8, span: int = 256, fix: str = FIX) -> None:
     """Refuse a tokenizer that did not write `ds`: ids past its vocabulary, or the first documents'
     text (decoded with it) re-encoding to other ids."""
     ratios = []
@@ -105,13 +108,12 @@ def check_tokenizer(ds: IndexedDataset, tok, key: str, sample: int = 8, span: in
         ids = [int(t) for t in ds.document(i)[:span]]
         if ids and max(ids) >= tok.vocab_size:
             raise UserError(f"{key}.path: {ds.prefix} document {i} holds token id {max(ids)}, past the tokenizer's "
-                            f"vocabulary ({tok.vocab_size}): it was written with another tokenizer. Set "
-                            "tokenizer.model to the one preprocess_data.py used.")
+                            f"vocabulary ({tok.vocab_size}): it was written with another tokenizer. {fix}")
         ids = [t for t in ids if t not in (tok.eod_id, tok.bos_id)]
         if ids:
             again = tok.encode([tok.decode(ids)])[0]
             ratios.append(difflib.SequenceMatcher(a=ids, b=again, autojunk=False).ratio())
     if ratios and sum(ratios) / len(ratios) < 0.9:
-        raise UserError(f"{key}.path: {ds.prefix}'s token ids do not round-trip through tokenizer.model (decoded and "
+        raise UserError(f"{key}.path: {ds.prefix}'s token ids do not round-trip through the tokenizer (decoded and "
                         f"re-encoded, {100 * sum(ratios) / len(ratios):.0f}% of them come back): it was written with "
-                        "another tokenizer. Set tokenizer.model to the one preprocess_data.py used.")
+                        f"another tokenizer. {fix}")

@@ -78,12 +78,12 @@ def megatron_sources(sources: Any) -> list[tuple[int, Path]]:
     return out
 
 
-def check_token_sources(sources: Any, tok, key_prefix: str = "data.sources") -> None:
+def check_token_sources(sources: Any, tok, key_prefix: str = "data.sources", fix: str | None = None) -> None:
     """Megatron indexed datasets hold ids: the tokenizer must be the one that wrote them."""
-    from retro_toolkit.collections.text.megatron_indexed import IndexedDataset, check_tokenizer
+    from retro_toolkit.collections.text.megatron_indexed import FIX, IndexedDataset, check_tokenizer
 
     for i, prefix in megatron_sources(sources):
-        check_tokenizer(IndexedDataset(prefix, f"{key_prefix}[{i}]"), tok, f"{key_prefix}[{i}]")
+        check_tokenizer(IndexedDataset(prefix, f"{key_prefix}[{i}]"), tok, f"{key_prefix}[{i}]", fix=fix or FIX)
 
 
 def encode_documents(tok, docs: list[Document]) -> list[list[int]]:
