@@ -75,7 +75,8 @@ def test_ppl_json_matches_a_direct_computation(trained):
     ppl = json.loads((trained / "eval" / "ppl.json").read_text())
     assert set(ppl) == {"valid", "test"}
     for split, row in ppl.items():
-        assert set(row) == {"ppl", "ppl_no_retrieval", "ppl_gpt_twin", "tokens", "samples"}
+        assert set(row) == {"ppl", "ppl_no_retrieval", "ppl_gpt_twin", "tokens", "samples", "database_version"}
+        assert row["database_version"] == 1
         assert row["tokens"] == row["samples"] * 128
         assert 1.0 < row["ppl"] < 1000 and 1.0 < row["ppl_gpt_twin"] < 1000
 

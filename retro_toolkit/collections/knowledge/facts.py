@@ -7,7 +7,7 @@ another one stating the same fact (Retro never retrieves from the query's own do
 The update changes some facts: their v1 documents leave the database and v2 documents
 (same templates, new value) come in, with documents about people who appear only there.
 
-    python -m retro_toolkit.collections.knowledge.facts OUTDIR [--entities 2400] [--seed 0]
+    python -m retro_toolkit.collections.knowledge.facts OUTDIR [--entities 2400] [--seed 0] [--tokenizer M]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 # Names and descriptors from real words: the MiniLM embedder tells one person's chunks from
 # another's by them only when they carry meaning (invented syllables lose to the template
@@ -151,6 +151,24 @@ class FactWorld:
         return out
 
 
+# Neutral words appended after the statement: with them a document and its end-of-document
+# token fill whole chunks, so every document starts a chunk in the token stream, as a probe
+# does, and training sees the probe's layout (name in one chunk, value in the next).
+_TAIL = "and so it is with many of the old stories for a long time and still is".split()
+
+
+def pad_to_chunks(docs: list[str], encode: Callable[[str], list[int]], chunk_length: int = 16) -> list[str]:
+    """Each document with the fewest tail words that make its tokens + 1 a multiple of chunk_length."""
+    out = []
+    for doc in docs:
+        for k in range(2 * len(_TAIL) + 1):
+            text = doc if k == 0 else f"{doc} {' '.join((_TAIL * 2)[:k])}."
+            if (len(encode(text)) + 1) % chunk_length == 0:
+                break
+        out.append(text)
+    return out
+
+
 def _write(path: Path, rows: Iterable[dict]) -> int:
     n = 0
     with open(path, "w") as fh:
@@ -160,15 +178,20 @@ def _write(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def write_all(outdir: str | Path, **world: int) -> dict:
+def write_all(outdir: str | Path, encode: Optional[Callable[[str], list[int]]] = None, **world: int) -> dict:
     """v1.jsonl (train corpus), v2.jsonl (database v2), removed/added/probes/heldout_*.jsonl, and
     corpus_v1.jsonl: v1 then the held-out unchanged and new documents, to be split
-    [train, valid, test] by document count (printed as `split`)."""
+    [train, valid, test] by document count (printed as `split`). With `encode` (the decoder's
+    tokenizer) every document is padded to whole chunks."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     w = FactWorld(**world)
-    texts = lambda docs: ({"text": d} for d in docs)  # noqa: E731
+    pad = (lambda docs: pad_to_chunks(docs, encode)) if encode else (lambda docs: docs)  # noqa: E731
+    texts = lambda docs: ({"text": d} for d in pad(docs))  # noqa: E731
     v1, unchanged, new = w.v1_documents(), w.heldout_documents("unchanged"), w.heldout_documents("new")
+    for held in (unchanged, new):
+        for d, text in zip(held, pad([d["text"] for d in held])):
+            d["text"] = text
     total = len(v1) + len(unchanged) + len(new)
     return {
         "corpus_v1": _write(out / "corpus_v1.jsonl", texts(v1 + [d["text"] for d in unchanged + new])),
@@ -192,8 +215,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--new", type=int, default=150)
     p.add_argument("--mentions", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="a SentencePiece .model: pad every document to whole 16-token chunks")
     a = p.parse_args(argv)
-    counts = write_all(a.outdir, entities=a.entities, changed=a.changed, unchanged=a.unchanged, new=a.new,
+    encode = None
+    if a.tokenizer:
+        import sentencepiece as spm
+
+        encode = spm.SentencePieceProcessor(model_file=a.tokenizer).encode
+    counts = write_all(a.outdir, encode, entities=a.entities, changed=a.changed, unchanged=a.unchanged, new=a.new,
                        mentions=a.mentions, seed=a.seed)
     print(json.dumps(counts))
 
