@@ -75,7 +75,7 @@ def _run(stage: str, recipe, spec) -> int:
     result = fn(ctx)
     dist.barrier()
     if env.is_main:
-        if spec.update_keys and result.summary.get("train_neighbors") != "kept":
+        if spec.update_keys and not result.kept_trained:
             manifest.write_pin(recipe, stage)
         manifest.write(recipe, stage, result.outputs, result.summary, started, env.world_size)
         print(f"[{stage}] finished in {time.time() - started:.1f}s", flush=True)

@@ -39,3 +39,5 @@ class StageResult:
     outputs: list[str]
     # Short facts for the summary table and the manifest (counts, sizes, ids).
     summary: dict[str, Any] = field(default_factory=dict)
+    # The run kept what trained models read (StageContext.keep_trained honoured): their pin stays.
+    kept_trained: bool = False

@@ -42,7 +42,7 @@ def read(workdir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _drop_defaults(stage: str, cfg: dict[str, Any], keys) -> dict[str, Any]:
+def _drop_defaults(cfg: dict[str, Any], keys) -> dict[str, Any]:
     for key, default in keys:
         section, _, leaf = key.rpartition(".")
         if isinstance(cfg.get(section), dict) and cfg[section].get(leaf) == default:
@@ -55,7 +55,7 @@ def stage_config(recipe: DictConfig, stage: str) -> dict[str, Any]:
     for key in STAGES[stage].config_keys:
         node = OmegaConf.select(recipe, key)
         cfg[key] = OmegaConf.to_container(node) if isinstance(node, (DictConfig,)) or OmegaConf.is_list(node) else node
-    return _drop_defaults(stage, cfg, STAGES[stage].added_keys)
+    return _drop_defaults(cfg, STAGES[stage].added_keys)
 
 
 def _base_config(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def _base_config(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
         section, _, leaf = key.rpartition(".")
         if isinstance(cfg.get(section), dict):
             cfg[section][leaf] = default
-    return _drop_defaults(stage, cfg, STAGES[stage].added_keys)
+    return _drop_defaults(cfg, STAGES[stage].added_keys)
 
 
 def _hash(stage: str, version: int, config: dict[str, Any], inputs: dict[str, Any]) -> str:
@@ -115,25 +115,30 @@ def pin(recipe: DictConfig, stage: str) -> dict[str, str] | None:
             "base": _hash(stage, m.get("version", 1), _base_config(stage, m["config"]), m.get("inputs", {}))}
 
 
+def _holding_pin(recipe: DictConfig, stage: str, memo: dict[str, str] | None = None) -> dict[str, str] | None:
+    """The stage's pin where it holds for this recipe: the stage takes updates, the recipe does
+    not ask trained stages to follow them, and the base is the pinned one."""
+    spec = STAGES[stage]
+    if not spec.update_keys or (spec.follow_updates and OmegaConf.select(recipe, spec.follow_updates[0])
+                                == spec.follow_updates[1]):
+        return None
+    p = pin(recipe, stage)
+    return p if p and p["base"] == base_fingerprint(recipe, stage, memo) else None
+
+
 def trained_fingerprint(recipe: DictConfig, stage: str, memo: dict[str, str] | None = None) -> str:
     """What stages that train on `stage` take as its fingerprint (see the module's docstring)."""
     memo = {} if memo is None else memo
-    if not STAGES[stage].update_keys or OmegaConf.select(recipe, "retrieval.train_neighbors") == "recompute":
-        return fingerprint(recipe, stage, memo)
     key = f"{stage}@trained"
     if key not in memo:
-        p = pin(recipe, stage)
-        memo[key] = p["fingerprint"] if p and p["base"] == base_fingerprint(recipe, stage, memo) \
-            else fingerprint(recipe, stage, memo)
+        p = _holding_pin(recipe, stage, memo)
+        memo[key] = p["fingerprint"] if p else fingerprint(recipe, stage, memo)
     return memo[key]
 
 
 def keeps_trained(recipe: DictConfig, stage: str) -> bool:
-    """Whether a run of `stage` must keep what trained models read: the pin holds for this recipe."""
-    if not STAGES[stage].update_keys or OmegaConf.select(recipe, "retrieval.train_neighbors") == "recompute":
-        return False
-    p = pin(recipe, stage)
-    return p is not None and p["base"] == base_fingerprint(recipe, stage)
+    """Whether a run of `stage` must keep what trained models read."""
+    return _holding_pin(recipe, stage) is not None
 
 
 def write_pin(recipe: DictConfig, stage: str) -> None:

@@ -134,5 +134,6 @@ STAGE = StageSpec("build_db", "retrieval", depends_on=("prepare_corpus",),
                   added_keys=(("retrieval.keep_embeddings", True), ("retrieval.remove_sources", []),
                               ("retrieval.train_neighbors", "keep")),
                   update_keys=(("retrieval.extra_sources", []), ("retrieval.remove_sources", [])),
+                  follow_updates=("retrieval.train_neighbors", "recompute"),
                   precheck="retro_toolkit.collections.retrieval.build_db:check_sources",
                   preflight=_preflight, reads=_reads)

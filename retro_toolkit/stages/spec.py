@@ -42,6 +42,9 @@ class StageSpec:
     # (key, default) that update the stage's output without changing what trained models read
     # from it: the stages downstream keep their fingerprint (runner/manifest.py).
     update_keys: tuple[tuple[str, object], ...] = ()
+    # (key, value): where the recipe sets it, the stages trained on this one follow every update
+    # (they rerun) instead of keeping what they read.
+    follow_updates: Optional[tuple[str, object]] = None
     # Reads the current retrieval database (reruns when it is updated, and records its version).
     reads_database: bool = False
     # "module:function" run inside the job before the stage's manifest is removed: bad input it

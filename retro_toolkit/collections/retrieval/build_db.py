@@ -228,7 +228,7 @@ def run(ctx: StageContext) -> StageResult:
     dist.barrier()
     outputs = [chunk_db.CHUNKS_FILE, f"index/{faiss_index.folder_name(string)}/added.faissindex", NEIGHBORS_META,
                db_version.VERSION_FILE]
-    return StageResult(outputs=outputs, summary=summary)
+    return StageResult(outputs=outputs, summary=summary, kept_trained=summary["train_neighbors"] == "kept")
 
 
 def check_sources(ctx: StageContext) -> None:
