@@ -62,13 +62,14 @@ def smoke_local(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tuned(small_db, tmp_path_factory) -> Path:
-    """small_db pretrained, instruction-tuned, QA-evaluated and exported (tests/test_sft_qa.py's
+    """small_db pretrained, evaluated, instruction-tuned, QA-evaluated and exported (tests/test_sft_qa.py's
     settings): a finished run whose package and database the generation and serving tests use."""
     from tests.test_pretrain import TRAIN, copy_db
     from tests.test_sft_qa import SFT
 
     w = copy_db(small_db, tmp_path_factory.mktemp("tuned") / "w")
-    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT)
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, *SFT,
+                  "stages=[tokenizer,prepare_corpus,build_db,pretrain,eval_ppl,sft,eval_qa,export]")
     assert p.returncode == 0, p.stdout + p.stderr
     return w
 

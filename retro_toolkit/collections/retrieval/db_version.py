@@ -1,6 +1,6 @@
 """db/version.json: which database a work directory holds now.
 
-    {"version": 3, "key": "<16 hex>", "chunks": 51234, "removed_docs": 2, "parts": [...], "at": unix time,
+    {"version": 3, "key": "<16 hex>", "chunks": 51234, "removed_docs": 2, "parts": [...],
      "history": [{"version": 1, ...}, {"version": 2, ...}, {"version": 3, ...}]}
 
 The number goes up by one whenever build_db fills an index whose content differs from the
@@ -13,7 +13,6 @@ the neighbours a model trained on record the version they used.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ def record(workdir: str | os.PathLike, key: str, db) -> dict[str, Any]:
     if old.get("key") == key[:16]:
         return old
     entry = {"version": old.get("version", 0) + 1, "key": key[:16], "chunks": db.live_chunks,
-             "removed_docs": db.removed_docs, "parts": list(db.parts), "at": round(time.time(), 3)}
+             "removed_docs": db.removed_docs, "parts": list(db.parts)}
     data = {**entry, "history": old.get("history", []) + [entry]}
     files.write_json(Path(workdir) / VERSION_FILE, data)
     return data
