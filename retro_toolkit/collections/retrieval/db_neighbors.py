@@ -40,13 +40,12 @@ class Splits:
         n = old["query_chunks"]
         whole = all(blocks.valid(blocks.path(w / NEIGHBORS_DIR / "train", s, e, n), e - s, key)
                     for (s, e), key in zip(blocks.ranges(n, cfg.block_size), old["keys"]))
-        self.kept = dist.broadcast_object(trained and whole)
-        return self.kept
+        return dist.broadcast_object(trained and whole)
 
     def search(self, db: chunk_db.ChunkDB, plan: index_build.IndexPlan, embed: Callable, skipped: Callable,
-               summary: dict[str, Any], version: int) -> dict[str, Any]:
-        """Search every query split (the train split's kept where keeps_train said so); returns
-        neighbors/meta.json's "splits"."""
+               summary: dict[str, Any], version: int, kept: bool) -> dict[str, Any]:
+        """Search every query split (the train split's not, when `kept`: keeps_train's answer);
+        returns neighbors/meta.json's "splits"."""
         ctx, env, cfg = self.ctx, self.ctx.env, self.ctx.recipe.retrieval
         index = faiss_index.load(plan.folder / "added.faissindex", mmap=True)  # ranks of a node share its pages
         faiss_index.set_nprobe(index, cfg.index.nprobe)
@@ -55,7 +54,6 @@ class Splits:
             on_gpu = faiss_index.to_gpu(index, env.local_rank % faiss_index.num_gpus())
             if on_gpu is not index:
                 search_index = on_gpu.search
-        kept = getattr(self, "kept", False)
         summary["train_neighbors"] = "kept" if kept else "searched" if "train" in cfg.query_splits else "none"
         out = {}
         for split in cfg.query_splits:
