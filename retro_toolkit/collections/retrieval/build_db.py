@@ -215,7 +215,7 @@ def run(ctx: StageContext) -> StageResult:
         summary["removed_docs"] = db.removed_docs
     version = dist.broadcast_object(db_version.record(w, plan.fill_key, db)["version"] if env.is_main else None)
     summary["database_version"] = version
-    splits_meta = splits.search(db, plan, embed, skipped, summary, version, keep_train)
+    splits_meta = splits.search(db, plan, embedder.embed, summary, version, keep_train)
     if cfg.validate_fraction > 0 and env.is_main:
         summary.update(_validate(spans, cfg.validate_fraction, cfg.seed, emb_dir, n, emb_keys,
                                  lambda s, e: embed_rows(np.arange(s, e), embedder.embed), ctx))

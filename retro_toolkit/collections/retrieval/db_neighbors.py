@@ -42,7 +42,7 @@ class Splits:
                     for (s, e), key in zip(blocks.ranges(n, cfg.block_size), old["keys"]))
         return dist.broadcast_object(trained and whole)
 
-    def search(self, db: chunk_db.ChunkDB, plan: index_build.IndexPlan, embed: Callable, skipped: Callable,
+    def search(self, db: chunk_db.ChunkDB, plan: index_build.IndexPlan, embed: Callable,
                summary: dict[str, Any], version: int, kept: bool) -> dict[str, Any]:
         """Search every query split (the train split's not, when `kept`: keeps_train's answer);
         returns neighbors/meta.json's "splits"."""
@@ -61,12 +61,12 @@ class Splits:
                 out[split] = self.old["splits"]["train"]
                 ctx.log(f"train neighbours kept as trained on (database version {out[split].get('database_version', 1)})")
                 continue
-            out[split] = self._split(split, db, search_index, plan.fill_key, embed, skipped, summary)
+            out[split] = self._split(split, db, search_index, plan.fill_key, embed, summary)
             out[split]["database_version"] = version
         dist.barrier()
         return out
 
-    def _split(self, split, db, search_index, fill_key, embed, skipped, summary) -> dict[str, Any]:
+    def _split(self, split, db, search_index, fill_key, embed, summary) -> dict[str, Any]:
         ctx, env, cfg, m = self.ctx, self.ctx.env, self.ctx.recipe.retrieval, self.ctx.recipe.model.chunk_length
         w, n, c = ctx.workdir, len(db), self.c
         stream = ts.TokenStream(w / ts.CORPUS_DIR, split)
@@ -85,7 +85,7 @@ class Splits:
 
         if cfg.keep_embeddings:
             blocks.compute_missing(q_dir, nq, q_spans, lambda s, e: embed(q_texts(s, e)), q_key, env.rank,
-                                   env.world_size, on_block=skipped)
+                                   env.world_size)
 
         def search(start: int, end: int) -> np.ndarray:
             emb = blocks.read(blocks.path(q_dir, start, end, nq), end - start, q_key(start, end)) \
