@@ -169,6 +169,19 @@ def test_taken_out_documents_are_retrieved_by_no_path_and_their_text_is_gone(upd
         assert not emb[start][c - start].any()
 
 
+def test_a_fact_probe_records_whether_its_first_chunk_retrieved_the_expected_value(updates):
+    from retro_toolkit.collections.generate.session import load_session
+    from retro_toolkit.collections.knowledge.probes import ANSWERS, ask
+
+    prompt = " ".join([ORCHARD_NOW[0]] * 8)  # a first chunk that retrieves the replacing corpus
+    probe = {"prompt": prompt, "entity": "Vellmire", "v1": "square", "v2": "round", "kind": "changed"}
+    rows = ask(load_session(workdir=updates["w"]), [{**probe, "expect": "v2"}, {**probe, "expect": "v1"}],
+               max_new_tokens=2)
+    # the replaced corpus's "square pears" are retrieved no more
+    assert [r["retrieved_expected"] for r in rows] == [True, False]
+    assert all(r["answer"] in ANSWERS and isinstance(r["text"], str) for r in rows)
+
+
 def test_recomputing_the_train_neighbours_is_a_choice_that_trains_again(updates):
     p = retro_run(SMOKE, f"workdir={updates['w']}", *args(), *updates["v3"], "retrieval.train_neighbors=recompute",
                   "--dry-run")

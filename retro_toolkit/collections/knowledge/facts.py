@@ -7,7 +7,7 @@ another one stating the same fact (Retro never retrieves from the query's own do
 The update changes some facts: their v1 documents leave the database and v2 documents
 (same templates, new value) come in, with documents about people who appear only there.
 
-    python -m retro_toolkit.collections.knowledge.facts OUTDIR [--entities 2400] [--seed 0] [--tokenizer M]
+    python -m retro_toolkit.collections.knowledge.facts OUTDIR [--entities 4800] [--seed 0] [--chunk-length 16]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 # Names and descriptors from real words: the MiniLM embedder tells one person's chunks from
 # another's by them only when they carry meaning (invented syllables lose to the template
@@ -30,7 +30,7 @@ FIRST = ("Agnes Albert Alma Ambrose Arthur Beatrix Bernard Bertram Cecil Clara C
 SURNAME_HEADS = ("thistle copper raven moss briar frost ember willow hazel bramble fern amber lantern kettle feather "
                  "thorn marble pepper cinder bell heron otter badger falcon juniper saffron tallow velvet walnut acorn").split()
 SURNAME_TAILS = "wood field brook stone worth well more ridge gate hollow cote wick by ford shaw ley dale mere croft bury".split()
-ADJECTIVES = ("left-handed red-haired soft-spoken cheerful stubborn absent-minded bearded tall freckled shy grumpy "
+ADJECTIVES = ("quiet jolly wise cheerful stubborn careful bearded tall freckled shy grumpy "
               "patient cautious famous retired young elderly clever restless gentle").split()
 OCCUPATIONS = ("baker blacksmith beekeeper cartographer clockmaker ferryman glassblower harpist jeweller locksmith "
                "miller potter saddler shepherd tailor tanner weaver violinist astronomer botanist chemist falconer "
@@ -44,129 +44,144 @@ TOWNS = ["Ashbury", "Brindlemoor", "Calderwick", "Dunmarrow", "Elmshade", "Fallo
 COLOURS = ["crimson", "amber", "teal", "violet", "olive", "scarlet", "indigo", "maroon", "turquoise",
            "lavender", "ochre", "cobalt", "silver", "emerald", "magenta", "beige"]
 VALUES = {"town": TOWNS, "colour": COLOURS}
+STREETS = ("Rowan Elder Aspen Alder Birch Cedar Linden Poplar Sycamore Yew Holly Laurel Myrtle Hawthorn Blackthorn "
+           "Chestnut Cherry Plum Pear Quince Lark Wren Finch Robin Swallow Magpie Starling Kingfisher Plover Curlew "
+           "Bittern Osprey Nightingale Thrush Linnet Siskin Dunnock Ouzel Pipit Bunting").split()
 
-# A template is an opening (after the identity) and a statement; openings hint at the
-# attribute, so a probe's first chunk retrieves the right fact of its person, not another.
-# The value lands 16-30 tokens in: in the chunk after the one that names the person, and
-# inside a retrieved first chunk's continuation (the next 16 tokens).
-OPENINGS = {
-    "town": ["who rarely visits the old neighbourhood", "who still misses the streets of childhood",
-             "who moved away from home long ago", "who often writes to family back home",
-             "who tells stories about the old town", "who keeps a photo of the town square",
-             "who goes home for every holiday", "who knows every lane of the home town"],
-    "colour": ["who has a good eye for paint", "who owns far too many scarves", "who dyes wool as a hobby",
-               "who cares a lot about colours", "who repaints the front door every spring",
-               "who chooses clothes with great care", "who sells paint at the market", "who sorts everything by colour"],
+# A template is the statement before the value. Every document is laid out in two chunks:
+# the first holds the person (name and descriptor), neutral filler words and the statement,
+# exactly one chunk long; the value opens the second. A probe is a first chunk with a
+# template none of the person's documents use; the first chunk it retrieves is another
+# document's, whose continuation (the next chunk) opens with the value. Copying the value is
+# then the aligned copy a small Retro learns within a CPU budget; a value anywhere in the
+# continuation needs a lookup by content that takes it many times longer.
+TEMPLATES = {
+    "town": ["grew up in", "was born in", "comes from", "still lives in", "was raised in", "has a house in",
+             "spent a childhood in", "calls home"],
+    "colour": ["likes the colour", "always wears", "paints every door", "favours the colour", "picks the colour",
+               "dyes the wool", "is fond of", "dresses in"],
 }
-STATEMENTS = {
-    "town": ["grew up in the town of {v}", "calls the town of {v} home", "was born and raised in {v}",
-             "comes from the town of {v}", "spent a childhood in {v}"],
-    "colour": ["has a favourite colour, and it is {v}", "always wears the colour {v}", "paints everything the colour {v}",
-               "loves the colour {v} above all", "picks the colour {v} every time"],
-}
-TEMPLATES = {a: [f"{{n}}, the {{d}}, {o}. {{f}} {s}." for o in OPENINGS[a] for s in STATEMENTS[a]] for a in OPENINGS}
+_FILLER = "so it is said and so say all the good people of the old country".split()
+_TAIL = "and so it is with many of the old stories for a long time and still is today".split()
+
+
+class Layout:
+    """Documents of exactly two chunks (the end-of-document token included), the value first
+    in the second; `encode` is the decoder's tokenizer."""
+
+    def __init__(self, encode: Callable[[str], list[int]], chunk_length: int = 16) -> None:
+        self.encode, self.m = encode, chunk_length
+
+    def head(self, entity: str, descriptor: str, statement: str) -> str:
+        """The first chunk: the fewest filler words that make it chunk_length tokens."""
+        for k in range(len(_FILLER) + 1):
+            text = " ".join([f"{entity}, {descriptor},", *_FILLER[:k], statement])
+            if len(self.encode(text)) == self.m:
+                return text
+        raise ValueError(f"no filler makes {entity!r} / {statement!r} exactly {self.m} tokens long")
+
+    def document(self, head: str, value: str, source: str) -> str:
+        """head, the value, its source and tail words up to one token short of two chunks."""
+        for k in range(len(_TAIL) + 1):
+            text = f"{head} {value}, {' '.join([source, *_TAIL[:k]])}."
+            if len(self.encode(text)) == 2 * self.m - 1:
+                return text
+        raise ValueError(f"no tail makes the document of {head!r} {2 * self.m - 1} tokens long")
 
 
 @dataclass
 class Fact:
     entity: str
-    descriptor: str  # adjective and occupation, the same in all its person's documents
+    descriptor: str  # adjective, occupation and street, the same in all its person's documents
     attribute: str
     v1: Optional[str]  # None for people who appear only in the update
     v2: Optional[str]  # None for facts the update leaves alone
     templates: list[int]  # the templates of its corpus documents
     probe_template: int  # a template none of its documents use
+    sources: dict[str, str]  # per version, who recorded the value: the rest of its second chunk
 
     @property
     def kind(self) -> str:
         return "new" if self.v1 is None else "changed" if self.v2 is not None else "unchanged"
 
 
-def render(attribute: str, template: int, entity: str, descriptor: str, value: str) -> str:
-    return TEMPLATES[attribute][template].format(n=entity, d=descriptor, f=entity.split()[0], v=value)
-
-
-def prompt_of(attribute: str, template: int, entity: str, descriptor: str) -> str:
-    """The document up to its value, without the space before it."""
-    return TEMPLATES[attribute][template].split("{v}")[0].format(n=entity, d=descriptor, f=entity.split()[0]).rstrip()
-
-
 class FactWorld:
-    def __init__(self, entities: int = 2400, changed: int = 300, unchanged: int = 300, new: int = 150,
+    def __init__(self, entities: int = 4800, changed: int = 300, unchanged: int = 300, new: int = 300,
                  mentions: int = 3, seed: int = 0) -> None:
-        """`new` people appear only in the update; `changed` + `unchanged` known facts are probed."""
+        """One fact per person (town or colour, alternately), so a person's other documents all
+        state it. `new` people appear only in the update; `changed` + `unchanged` known facts
+        and the new ones are probed."""
         rng = random.Random(seed)
         names: set[str] = set()
         while len(names) < entities + new:
             names.add(f"{rng.choice(FIRST)} {rng.choice(SURNAME_HEADS).capitalize()}{rng.choice(SURNAME_TAILS)}")
         people = sorted(names)
         rng.shuffle(people)
+        attributes = list(VALUES)
         self.facts: list[Fact] = []
         for i, person in enumerate(people):
-            descriptor = f"{rng.choice(ADJECTIVES)} {rng.choice(OCCUPATIONS)}"
-            for attribute, values in VALUES.items():
-                tpl = rng.sample(range(len(TEMPLATES[attribute])), mentions + 1)
-                v = rng.choice(values)
-                old = None if i >= entities else v
-                self.facts.append(Fact(person, descriptor, attribute, old, v if old is None else None, tpl[:mentions], tpl[mentions]))
+            descriptor = f"{rng.choice(ADJECTIVES)} {rng.choice(OCCUPATIONS)} of {rng.choice(STREETS)} Lane"
+            attribute = attributes[i % len(attributes)]
+            tpl = rng.sample(range(len(TEMPLATES[attribute])), mentions + 1)
+            v = rng.choice(VALUES[attribute])
+            old = None if i >= entities else v
+            sources = {version: f"by {rng.choice(FIRST)} {rng.choice(SURNAME_HEADS).capitalize()}"
+                                f"{rng.choice(SURNAME_TAILS)}, {rng.randrange(1800, 1900)}"
+                       for version in ("v1", "v2")}
+            self.facts.append(Fact(person, descriptor, attribute, old, v if old is None else None, tpl[:mentions],
+                                   tpl[mentions], sources))
         known = [f for f in self.facts if f.v1 is not None]
         picked = rng.sample(known, changed + unchanged)
         for f in picked[:changed]:
             f.v2 = rng.choice([v for v in VALUES[f.attribute] if v != f.v1])
         self.probed = picked + [f for f in self.facts if f.v1 is None]
 
-    def _docs(self, facts: Iterable[Fact], version: str) -> list[str]:
-        return [render(f.attribute, t, f.entity, f.descriptor, getattr(f, version)) for f in facts for t in f.templates]
+    def _docs(self, facts: Iterable[Fact], version: str, layout: Layout) -> list[str]:
+        return [layout.document(layout.head(f.entity, f.descriptor, TEMPLATES[f.attribute][t]), getattr(f, version),
+                                f.sources[version]) for f in facts for t in f.templates]
 
-    def v1_documents(self) -> list[str]:
+    def v1_documents(self, layout: Layout) -> list[str]:
         """The training corpus and database v1, in a fixed shuffled order."""
-        docs = self._docs([f for f in self.facts if f.v1 is not None], "v1")
+        docs = self._docs([f for f in self.facts if f.v1 is not None], "v1", layout)
         random.Random(1).shuffle(docs)
         return docs
 
-    def removed_documents(self) -> list[str]:
-        return self._docs([f for f in self.facts if f.kind == "changed"], "v1")
+    def removed_documents(self, layout: Layout) -> list[str]:
+        return self._docs([f for f in self.facts if f.kind == "changed"], "v1", layout)
 
-    def added_documents(self) -> list[str]:
+    def added_documents(self, layout: Layout) -> list[str]:
         """The changed facts' new documents and everything about people new in v2."""
-        return self._docs([f for f in self.facts if f.kind in ("changed", "new")], "v2")
+        return self._docs([f for f in self.facts if f.kind in ("changed", "new")], "v2", layout)
 
-    def v2_documents(self) -> list[str]:
-        removed = set(self.removed_documents())
-        return [d for d in self.v1_documents() if d not in removed] + self.added_documents()
+    def v2_documents(self, layout: Layout) -> list[str]:
+        removed = set(self.removed_documents(layout))
+        return [d for d in self.v1_documents(layout) if d not in removed] + self.added_documents(layout)
 
-    def probes(self) -> list[dict]:
-        return [{"prompt": prompt_of(f.attribute, f.probe_template, f.entity, f.descriptor), "v1": f.v1, "v2": f.v2,
-                 "kind": f.kind, "entity": f.entity, "attribute": f.attribute} for f in self.probed]
+    def probes(self, layout: Layout) -> list[dict]:
+        """The first chunk of a document in the fact's probe template, and the values it could go on with."""
+        return [{"prompt": layout.head(f.entity, f.descriptor, TEMPLATES[f.attribute][f.probe_template]),
+                 "v1": f.v1, "v2": f.v2, "kind": f.kind, "entity": f.entity, "attribute": f.attribute}
+                for f in self.probed]
 
-    def heldout_documents(self, kind: str = "new") -> list[dict]:
+    def heldout_documents(self, layout: Layout, kind: str = "new") -> list[dict]:
         """Whole probe-template documents, never in any corpus: for `new` people their value is
         only in database v2; for `unchanged` facts it is in both."""
         out = []
         for f in self.probed:
             if f.kind == kind:
-                value = f.v2 if f.v1 is None else f.v1
-                out.append({"text": render(f.attribute, f.probe_template, f.entity, f.descriptor, value),
-                            "prompt": prompt_of(f.attribute, f.probe_template, f.entity, f.descriptor), "value": value})
+                version = "v2" if f.v1 is None else "v1"
+                prompt = layout.head(f.entity, f.descriptor, TEMPLATES[f.attribute][f.probe_template])
+                out.append({"text": layout.document(prompt, getattr(f, version), f.sources[version]), "prompt": prompt,
+                            "value": getattr(f, version)})
         return out
 
-
-# Neutral words appended after the statement: with them a document and its end-of-document
-# token fill whole chunks, so every document starts a chunk in the token stream, as a probe
-# does, and training sees the probe's layout (name in one chunk, value in the next).
-_TAIL = "and so it is with many of the old stories for a long time and still is".split()
-
-
-def pad_to_chunks(docs: list[str], encode: Callable[[str], list[int]], chunk_length: int = 16) -> list[str]:
-    """Each document with the fewest tail words that make its tokens + 1 a multiple of chunk_length."""
-    out = []
-    for doc in docs:
-        for k in range(2 * len(_TAIL) + 1):
-            text = doc if k == 0 else f"{doc} {' '.join((_TAIL * 2)[:k])}."
-            if (len(encode(text)) + 1) % chunk_length == 0:
-                break
-        out.append(text)
-    return out
+    def raw_text(self) -> Iterator[str]:
+        """Every sentence shape and word the documents can hold, for training their tokenizer."""
+        for f in self.facts:
+            for t in range(len(TEMPLATES[f.attribute])):
+                value = f.v1 or f.v2
+                yield (f"{f.entity}, {f.descriptor}, {' '.join(_FILLER)}, {TEMPLATES[f.attribute][t]} "
+                       f"{value}, {f.sources['v1']} {f.sources['v2']} {' '.join(_TAIL)}.")
 
 
 def _write(path: Path, rows: Iterable[dict]) -> int:
@@ -178,52 +193,63 @@ def _write(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
-def write_all(outdir: str | Path, encode: Optional[Callable[[str], list[int]]] = None, **world: int) -> dict:
-    """v1.jsonl (train corpus), v2.jsonl (database v2), removed/added/probes/heldout_*.jsonl, and
-    corpus_v1.jsonl: v1 then the held-out unchanged and new documents, to be split
-    [train, valid, test] by document count (printed as `split`). With `encode` (the decoder's
-    tokenizer) every document is padded to whole chunks."""
+TOKENIZER = "tokenizer.model"
+
+
+def train_tokenizer(world: FactWorld, out_file: Path, vocab_size: int = 1500) -> Callable[[str], list[int]]:
+    """A SentencePiece model of the world's words (one thread, so the same world gives the same model)."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(0)
+    with open(out_file, "wb") as fh:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=world.raw_text(), model_writer=fh, vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=1, minloglevel=2)
+    return spm.SentencePieceProcessor(model_file=str(out_file)).encode
+
+
+def write_all(outdir: str | Path, encode: Optional[Callable[[str], list[int]]] = None, chunk_length: int = 16,
+              vocab_size: int = 1500, **world: int) -> dict:
+    """corpus_v1.jsonl (the v1 documents, then the held-out unchanged and new documents, to be
+    split [train, valid, test] by document count, printed as `split`), v2.jsonl (database v2),
+    removed.jsonl, added.jsonl, probes.jsonl, heldout_*.jsonl, and the tokenizer the layout was
+    made with (tokenizer.model; `encode` replaces it)."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     w = FactWorld(**world)
-    pad = (lambda docs: pad_to_chunks(docs, encode)) if encode else (lambda docs: docs)  # noqa: E731
-    texts = lambda docs: ({"text": d} for d in pad(docs))  # noqa: E731
-    v1, unchanged, new = w.v1_documents(), w.heldout_documents("unchanged"), w.heldout_documents("new")
-    for held in (unchanged, new):
-        for d, text in zip(held, pad([d["text"] for d in held])):
-            d["text"] = text
+    if encode is None:
+        encode = train_tokenizer(w, out / TOKENIZER, vocab_size)
+    lay = Layout(encode, chunk_length)
+    texts = lambda docs: ({"text": d} for d in docs)  # noqa: E731
+    v1, unchanged, new = w.v1_documents(lay), w.heldout_documents(lay, "unchanged"), w.heldout_documents(lay, "new")
     total = len(v1) + len(unchanged) + len(new)
     return {
         "corpus_v1": _write(out / "corpus_v1.jsonl", texts(v1 + [d["text"] for d in unchanged + new])),
         "split": [len(v1) / total, len(unchanged) / total, len(new) / total],
         "v1": _write(out / "v1.jsonl", texts(v1)),
-        "v2": _write(out / "v2.jsonl", texts(w.v2_documents())),
-        "removed": _write(out / "removed.jsonl", texts(w.removed_documents())),
-        "added": _write(out / "added.jsonl", texts(w.added_documents())),
-        "probes": _write(out / "probes.jsonl", w.probes()),
+        "v2": _write(out / "v2.jsonl", texts(w.v2_documents(lay))),
+        "removed": _write(out / "removed.jsonl", texts(w.removed_documents(lay))),
+        "added": _write(out / "added.jsonl", texts(w.added_documents(lay))),
+        "probes": _write(out / "probes.jsonl", w.probes(lay)),
         "heldout_new": _write(out / "heldout_new.jsonl", new),
         "heldout_unchanged": _write(out / "heldout_unchanged.jsonl", unchanged),
     }
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Write the invented-facts corpora (v1, v2) and their probes.")
+    p = argparse.ArgumentParser(description="Write the invented-facts corpora (v1, v2), their probes and their tokenizer.")
     p.add_argument("outdir")
-    p.add_argument("--entities", type=int, default=2400)
+    p.add_argument("--entities", type=int, default=4800)
     p.add_argument("--changed", type=int, default=300)
     p.add_argument("--unchanged", type=int, default=300)
-    p.add_argument("--new", type=int, default=150)
+    p.add_argument("--new", type=int, default=300)
     p.add_argument("--mentions", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", help="a SentencePiece .model: pad every document to whole 16-token chunks")
+    p.add_argument("--chunk-length", type=int, default=16)
     a = p.parse_args(argv)
-    encode = None
-    if a.tokenizer:
-        import sentencepiece as spm
-
-        encode = spm.SentencePieceProcessor(model_file=a.tokenizer).encode
-    counts = write_all(a.outdir, encode, entities=a.entities, changed=a.changed, unchanged=a.unchanged, new=a.new,
-                       mentions=a.mentions, seed=a.seed)
+    counts = write_all(a.outdir, chunk_length=a.chunk_length, entities=a.entities, changed=a.changed,
+                       unchanged=a.unchanged, new=a.new, mentions=a.mentions, seed=a.seed)
     print(json.dumps(counts))
 
 
