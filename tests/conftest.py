@@ -74,4 +74,16 @@ def tuned(small_db, tmp_path_factory) -> Path:
     return w
 
 
-from tests.slurm_fixture import slurm_cluster  # noqa: E402,F401  (session fixture)
+@pytest.fixture(scope="session")
+def dp2(small_db, tmp_path_factory) -> Path:
+    """small_db pretrained and evaluated by 2 ranks on this machine (tests/test_pretrain.py's
+    TRAIN): what a 2-rank run gives, which the 2-node Slurm run must repeat byte for byte."""
+    from tests.test_pretrain import TRAIN, copy_db
+
+    w = copy_db(small_db, tmp_path_factory.mktemp("dp2") / "w")
+    p = retro_run(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "executor=torchrun", "executor.nproc_per_node=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    return w
+
+
+from tests.slurm_fixture import slurm_cluster, slurm_two_nodes  # noqa: E402,F401  (session fixtures)

@@ -14,6 +14,12 @@ of those is a test failure instead (for the CI job that must exercise Slurm). Th
 of the start script's stderr goes into the reason only when ``CI`` is unset; in CI the
 reason points at the log folder instead.
 
+The cluster also has two more nodes, ``rtnode1`` and ``rtnode2`` in partition ``multi``: each
+a network and UTS namespace of this machine, behind a bridge with private addresses
+(``SLURM_NS_NODES=2`` to the start script). ``slurm_two_nodes`` gives them to the tests that
+run multi-node jobs; where they could not be made, the single node still serves and those
+tests skip (or fail under ``RETRO_REQUIRE_SLURM=1``) with the reason.
+
 Knobs: ``RETRO_SLURM_BASE`` (default ``/tmp/retro-toolkit-slurm``) is passed to the
 scripts as ``SLURM_BASE``; ``SLURM_DB_PORT`` etc. pass through to the start script.
 """
@@ -34,6 +40,10 @@ START_SCRIPT = SCRIPTS_DIR / "start-slurm.sh"
 STOP_SCRIPT = SCRIPTS_DIR / "stop-slurm.sh"
 DEFAULT_SLURM_BASE = "/tmp/retro-toolkit-slurm"
 PARTITION = "debug"
+MULTI_PARTITION = "multi"
+NS_NODES = 2
+# The interface each namespace node has on the bridge (start-slurm.sh).
+NS_INTERFACE = "rt0"
 # First start installs packages with apt-get; allow for a slow mirror.
 START_TIMEOUT_S = 900
 STOP_TIMEOUT_S = 120
@@ -46,6 +56,15 @@ class SlurmCluster:
     slurm_base: str
     #: True when this fixture started the daemons (and so stops them at teardown).
     started_here: bool
+    #: Why the cluster has no two namespace nodes (None when it has them).
+    no_two_nodes: str | None = None
+
+
+@dataclass(frozen=True)
+class TwoNodes:
+    partition: str
+    nodes: list[str]
+    interface: str
 
 
 def _unavailable(reason: str) -> None:
@@ -87,6 +106,16 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def _start(env: dict[str, str]) -> tuple[object, str]:
+    try:
+        p = subprocess.run(["bash", str(START_SCRIPT)], env=env, capture_output=True, text=True,
+                           timeout=START_TIMEOUT_S, check=False)
+        return p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr or ""
+        return f"timeout after {START_TIMEOUT_S}s", err.decode(errors="replace") if isinstance(err, bytes) else err
+
+
 def _stop(env: dict[str, str]) -> None:
     try:
         subprocess.run(
@@ -106,6 +135,7 @@ def slurm_cluster():
     base = os.environ.get("RETRO_SLURM_BASE", DEFAULT_SLURM_BASE)
     env = {**os.environ, "SLURM_BASE": base}
 
+    no_two_nodes = None
     if _cluster_up():
         # Someone else's cluster (or one left running): reuse it, never stop it.
         started_here = False
@@ -118,21 +148,11 @@ def slurm_cluster():
                 f"{' and '.join(missing)} not found; the local cluster installs Debian's "
                 "slurm-wlm packages"
             )
-        try:
-            p = subprocess.run(
-                ["bash", str(START_SCRIPT)],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=START_TIMEOUT_S,
-                check=False,
-            )
-            rc, err = p.returncode, p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc = f"timeout after {START_TIMEOUT_S}s"
-            err = e.stderr or ""
-            if isinstance(err, bytes):
-                err = err.decode(errors="replace")
+        rc, err = _start({**env, "SLURM_NS_NODES": str(NS_NODES)})
+        if rc != 0:  # without the namespace nodes, the single-node tests still run
+            no_two_nodes = f"{START_SCRIPT.name} with SLURM_NS_NODES={NS_NODES} failed (exit {rc}): {_tail(err, 5)}"
+            _stop(env)
+            rc, err = _start(env)
         if rc != 0:
             _stop(env)  # stop whatever part of it did start (pid files under base only)
             reason = f"{START_SCRIPT.name} failed (exit {rc})"
@@ -157,7 +177,28 @@ def slurm_cluster():
             hostname=node,
             slurm_base=base,
             started_here=started_here,
+            no_two_nodes=no_two_nodes,
         )
     finally:
         if started_here:
             _stop(env)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_cluster) -> TwoNodes:
+    """The cluster's two namespace nodes, idle, in partition `multi`."""
+    if slurm_cluster.no_two_nodes:
+        _unavailable(slurm_cluster.no_two_nodes)
+    try:
+        p = subprocess.run(["sinfo", "-h", "-N", "-p", MULTI_PARTITION, "-o", "%N %T"], capture_output=True,
+                           text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        _unavailable(f"sinfo failed: {e}")
+    rows = [line.split() for line in p.stdout.splitlines() if line.strip()]
+    if len(rows) != NS_NODES:
+        _unavailable(f"the running cluster has {len(rows)} node(s) in partition {MULTI_PARTITION!r}, not "
+                     f"{NS_NODES} (it was started without SLURM_NS_NODES={NS_NODES})")
+    busy = [f"{n} is {state}" for n, state in rows if state not in ("idle", "mixed")]
+    if busy:
+        _unavailable(f"partition {MULTI_PARTITION!r}: {', '.join(busy)}")
+    return TwoNodes(MULTI_PARTITION, [n for n, _ in rows], NS_INTERFACE)

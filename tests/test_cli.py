@@ -121,7 +121,8 @@ def test_dry_run_slurm_prints_sbatch_scripts(run_cli, tmp_path):
     assert p.stdout.count("#!/bin/bash") == 8  # one script per stage
     for line in ("#SBATCH --account=abc", "#SBATCH --partition=gpu", "#SBATCH --nodes=2",
                  "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4", "#SBATCH --time=02:30:00",
-                 "--nproc-per-node 4", "-m retro_toolkit.launch prepare_corpus", "-m retro_toolkit.launch eval_ppl", "-m retro_toolkit.launch eval_qa"):
+                 "-m retro_toolkit.executors.node_launch 4 prepare_corpus", "-m retro_toolkit.executors.node_launch 4 eval_ppl",
+                 "-m retro_toolkit.executors.node_launch 4 eval_qa"):
         assert line in p.stdout, line
     assert "dry run: nothing was submitted." in p.stdout
     assert not (tmp_path / "w").exists()

@@ -109,7 +109,8 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
         assert "#SBATCH --account=acct" in text and "#SBATCH --partition=gpu" in text, stage
         assert f"#SBATCH --job-name=retro-{name}-{stage}" in text
         assert f"--container-image {IMAGE}" in text and f"--container-mounts /lustre:/lustre,{data_root}:{data_root}" in text
-        assert f"-m retro_toolkit.launch {stage} {workdir}/recipe.resolved.yaml" in text
+        assert re.search(rf"-m retro_toolkit\.(launch|executors\.node_launch \d+) {stage} {workdir}/recipe\.resolved\.yaml",
+                         text), stage
         # Training jobs get SIGTERM 10 minutes before their time limit, and torchrun waits that
         # long for saving workers; the other stages have nothing to save.
         assert ("#SBATCH --signal=TERM@600\n" in text) == (stage in ("pretrain", "sft")), stage
@@ -124,10 +125,10 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
         assert (f"#SBATCH --gpus-per-node={gpus}\n" in text) if gpus else ("--gpus-per-node" not in text), stage
         if nodes * tasks > 1:  # torchrun: one Slurm task per node, rendezvous on the first node
             assert "#SBATCH --ntasks-per-node=1\n" in text
-            assert f"--nnodes {nodes} --nproc-per-node {tasks}" in text, stage
-            if nodes > 1:
-                assert "nodes=( $( scontrol show hostnames $SLURM_JOB_NODELIST ) )" in text
-                assert "--rdzv-endpoint $head_node_ip:29500" in text and "--node-rank $SLURM_NODEID" in text
+            if nodes > 1:  # each node's task starts its torchrun, pointed at the first node's address
+                assert f" python -m retro_toolkit.executors.node_launch {tasks} {stage} " in text, stage
+            else:
+                assert f"--nnodes 1 --nproc-per-node {tasks}" in text, stage
         else:
             assert "torchrun" not in text and "#SBATCH --ntasks-per-node=1\n" in text
         if stage in ("pretrain", "sft", "eval_ppl", "eval_qa"):
@@ -226,3 +227,33 @@ def test_validate_estimates_disk_and_memory_of_instructretro_48b_at_its_corpus_s
     assert p.returncode == 0, p.stdout + p.stderr
     assert "chunk embeddings" not in p.stdout and "query embeddings" not in p.stdout
     assert re.search(r"build_db +244\.1 GiB +training sample embeddings \(float32, dim 1024", p.stdout)
+
+
+def _shape(script: str, workdir: str, name: str) -> list[str]:
+    """A job script without what a recipe sets for itself (work directory, name, account,
+    partition, GPUs, memory, container, environment), NeMo-Run's experiment ids, and with
+    every number (the sizes) as N."""
+    text = script.replace(workdir, "WORKDIR").replace(f"retro-{name}-", "retro-NAME-")
+    text = re.sub(r"/experiments/[^/\s]+/[^/\s]+/", "/experiments/EXP/", text)
+    return [re.sub(r"\d+", "N", line) for line in text.splitlines()
+            if line and not line.startswith(("#SBATCH --partition", "#SBATCH --account", "#SBATCH --gpus",
+                                             "#SBATCH --mem", "#SBATCH --dependency", "#SBATCH --kill-on",
+                                             "export ", "#SBATCH --container"))]
+
+
+def test_the_two_node_test_job_is_rendered_as_the_48b_pretrain_job(data_root, run_cli, tmp_path):
+    """The 2-node Slurm test (tests/test_slurm_two_nodes.py) runs the same script as the 48B
+    recipe's 32-node pretrain job, sizes aside: one rendering function, one launch path."""
+    from tests.conftest import SMALL, SMOKE
+    from tests.test_pretrain import TRAIN
+
+    big = run_cli("instructretro_48b", *_cluster(data_root), "executor.container_image=null", "--dry-run")
+    assert big.returncode == 0, big.stderr
+    w = tmp_path / "two"
+    small = run_cli(SMOKE, *SMALL, *TRAIN, f"workdir={w}", "executor=slurm", "executor.partition=multi",
+                    "executor.nodes=2", "executor.time=00:10:00", "--dry-run")
+    assert small.returncode == 0, small.stderr
+    a = _shape(_scripts(big.stdout)["pretrain"], f"{data_root}/runs/instructretro_48b", "instructretro_48b")
+    b = _shape(_scripts(small.stdout)["pretrain"], str(w), "smoke")
+    assert any("retro_toolkit.executors.node_launch" in line for line in a)
+    assert a == b

@@ -105,10 +105,8 @@ def test_ppl_json_matches_a_direct_computation(trained):
     assert math.exp(nll / n) == pytest.approx(ppl["test"]["ppl"], rel=1e-5)
 
 
-def test_torchrun_data_parallel_matches_one_process(trained, small_db, tmp_path, run_cli):
-    w = copy_db(small_db, tmp_path / "dp")
-    p = run_cli(SMOKE, f"workdir={w}", *SMALL, *TRAIN, "executor=torchrun", "executor.nproc_per_node=2")
-    assert p.returncode == 0, p.stdout + p.stderr
+def test_torchrun_data_parallel_matches_one_process(trained, dp2):
+    w = dp2
     assert "dp 2, tp 1, micro 2, accumulation 1" in (w / "logs" / "pretrain.rank0.log").read_text()
     # 2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: the same global batches
     assert losses(w) == pytest.approx(losses(trained), rel=1e-5)

@@ -5,7 +5,8 @@ key under a local executor is an unknown key, not a silently ignored one. Each k
 module (local, torchrun, slurm, docker) holds its settings dataclass and turns those
 settings into a NeMo-Run executor; nemo_run is imported lazily, inside those functions.
 Every executor runs the same command, `python -m retro_toolkit.launch STAGE RECIPE`; only
-where and how many times differs.
+where and how many times differs (a multi-node Slurm job starts it through
+executors/node_launch.py, one torchrun per node).
 
 `executor.stages` gives one stage other resources than the rest, e.g. a CPU partition
 for build_db and 16 GPU nodes for pretrain:
@@ -80,5 +81,8 @@ def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
 
     # NeMo-Run adds torchrun's --no-python unless the entrypoint is literally "python", so a
     # kind answers "python" whenever torchrun starts its ranks.
-    entry = _KINDS[cfg.type].entrypoint(cfg)
-    return run.Script(path=LAUNCH_MODULE, m=True, entrypoint=entry, args=[stage, str(recipe_file)])
+    kind = _KINDS[cfg.type]
+    entry = kind.entrypoint(cfg)
+    module, args = kind.command(cfg, stage, str(recipe_file)) if hasattr(kind, "command") \
+        else (LAUNCH_MODULE, [stage, str(recipe_file)])
+    return run.Script(path=module, m=True, entrypoint=entry, args=args)

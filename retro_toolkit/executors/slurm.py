@@ -38,7 +38,7 @@ class SlurmExecutorConfig:
     partition: Optional[str] = None
     nodes: int = bounded(1, 1, 100_000, WHY_CLUSTER)
     # Processes per node; more than one (or more than one node) runs the stage under
-    # torchrun, with its rendezvous on the job's first node (from SLURM_JOB_NODELIST).
+    # torchrun, with its rendezvous on the job's first node (node_launch.py).
     ntasks_per_node: int = bounded(1, 1, 1024, WHY_CLUSTER)
     # GPUs per node; 0 or null asks for none (e.g. build_db on a CPU partition).
     gpus_per_node: Optional[int] = bounded(None, 0, 1024, WHY_CLUSTER)
@@ -50,6 +50,11 @@ class SlurmExecutorConfig:
     container_mounts: list[str] = field(default_factory=list)
     # Python on the compute node (the one with retro_toolkit installed).
     python: str = "python"
+    # The network interface the ranks of a multi-node job talk over (e.g. ib0, eth1, or rt0
+    # on the test cluster): sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME unless env does.
+    # null lets gloo and NCCL pick, which fails where a node's hostname does not resolve to
+    # the interface the nodes share.
+    network_interface: Optional[str] = None
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     env: dict[str, str] = field(default_factory=dict)
     # Extra #SBATCH options, e.g. {qos: high, constraint: a100}.
@@ -68,8 +73,21 @@ def describe(cfg: DictConfig) -> str:
     return f"slurm{part} {cfg.nodes} node(s) x {cfg.ntasks_per_node} task(s){gpus}, {cfg.time}"
 
 
+def _single_node_torchrun(cfg: DictConfig) -> bool:
+    return cfg.nodes == 1 and cfg.ntasks_per_node > 1
+
+
 def entrypoint(cfg: DictConfig) -> str:
-    return "python" if processes(cfg) > 1 else cfg.python  # see retro_toolkit.executors.script
+    return "python" if _single_node_torchrun(cfg) else cfg.python  # see retro_toolkit.executors.script
+
+
+def command(cfg: DictConfig, stage: str, recipe_file: str) -> tuple[str, list[str]]:
+    """The module each Slurm task runs, and its arguments. Several nodes: one task per node
+    runs node_launch, which starts that node's torchrun (see its docstring for why NeMo-Run's
+    torchrun launcher is not used there)."""
+    if cfg.nodes > 1:
+        return "retro_toolkit.executors.node_launch", [str(cfg.ntasks_per_node), stage, recipe_file]
+    return "retro_toolkit.launch", [stage, recipe_file]
 
 
 def stop_warning_s(time_limit: str | None) -> int:
@@ -89,6 +107,14 @@ def stop_warning_s(time_limit: str | None) -> int:
     return max(1, min(STOP_WARNING_S, seconds // 10))
 
 
+def _env(cfg: DictConfig) -> dict[str, str]:
+    env = job_env(cfg)
+    if cfg.network_interface:
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env.setdefault(key, cfg.network_interface)
+    return env
+
+
 def _tunnel(cfg: DictConfig, recipe: DictConfig) -> Any:
     import nemo_run as run
 
@@ -103,7 +129,7 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
     """`waits`: the job has Slurm dependencies."""
     import nemo_run as run
 
-    torchrun = processes(cfg) > 1
+    torchrun = _single_node_torchrun(cfg)
     extra = dict(cfg.additional_parameters)
     if stage in SAVES_ON_SIGNAL:
         # SIGTERM to the job's tasks before the time limit (torchrun passes it on to the
@@ -120,7 +146,7 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
         partition=cfg.partition,
         nodes=cfg.nodes,
         # torchrun starts the per-node processes itself: one Slurm task per node.
-        ntasks_per_node=1 if torchrun else cfg.ntasks_per_node,
+        ntasks_per_node=1 if processes(cfg) > 1 else cfg.ntasks_per_node,
         torchrun_nproc_per_node=cfg.ntasks_per_node if torchrun else None,
         gpus_per_node=cfg.gpus_per_node or None,
         cpus_per_task=cfg.cpus_per_task,
@@ -128,7 +154,7 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
         time=cfg.time,
         container_image=cfg.container_image,
         container_mounts=list(cfg.container_mounts),
-        env_vars=job_env(cfg),
+        env_vars=_env(cfg),
         additional_parameters=extra or None,
         launcher="torchrun" if torchrun else None,
         tunnel=_tunnel(cfg, recipe),
