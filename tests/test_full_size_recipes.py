@@ -125,10 +125,8 @@ def test_dry_run_renders_each_stage_with_its_resources(name, data_root, run_cli)
         assert (f"#SBATCH --gpus-per-node={gpus}\n" in text) if gpus else ("--gpus-per-node" not in text), stage
         if nodes * tasks > 1:  # torchrun: one Slurm task per node, rendezvous on the first node
             assert "#SBATCH --ntasks-per-node=1\n" in text
-            if nodes > 1:  # each node's task starts its torchrun, pointed at the first node's address
-                assert f" python -m retro_toolkit.executors.node_launch {tasks} {stage} " in text, stage
-            else:
-                assert f"--nnodes 1 --nproc-per-node {tasks}" in text, stage
+            # each node's task starts its torchrun, pointed at the first node's address
+            assert f" python -m retro_toolkit.executors.node_launch {tasks} {stage} " in text, stage
         else:
             assert "torchrun" not in text and "#SBATCH --ntasks-per-node=1\n" in text
         if stage in ("pretrain", "sft", "eval_ppl", "eval_qa"):

@@ -5,7 +5,7 @@ key under a local executor is an unknown key, not a silently ignored one. Each k
 module (local, torchrun, slurm, docker) holds its settings dataclass and turns those
 settings into a NeMo-Run executor; nemo_run is imported lazily, inside those functions.
 Every executor runs the same command, `python -m retro_toolkit.launch STAGE RECIPE`; only
-where and how many times differs (a multi-node Slurm job starts it through
+where and how many times differs (a Slurm job of several processes starts it through
 executors/node_launch.py, one torchrun per node).
 
 `executor.stages` gives one stage other resources than the rest, e.g. a CPU partition

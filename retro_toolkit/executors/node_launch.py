@@ -1,4 +1,4 @@
-"""One node's part of a multi-node Slurm job: torchrun, pointed at the job's first node.
+"""One node's part of a Slurm job of several processes: torchrun, pointed at the job's first node.
 
     srun --ntasks-per-node=1 python -m retro_toolkit.executors.node_launch NPROC STAGE RECIPE
 

@@ -73,19 +73,15 @@ def describe(cfg: DictConfig) -> str:
     return f"slurm{part} {cfg.nodes} node(s) x {cfg.ntasks_per_node} task(s){gpus}, {cfg.time}"
 
 
-def _single_node_torchrun(cfg: DictConfig) -> bool:
-    return cfg.nodes == 1 and cfg.ntasks_per_node > 1
-
-
 def entrypoint(cfg: DictConfig) -> str:
-    return "python" if _single_node_torchrun(cfg) else cfg.python  # see retro_toolkit.executors.script
+    return cfg.python
 
 
 def command(cfg: DictConfig, stage: str, recipe_file: str) -> tuple[str, list[str]]:
-    """The module each Slurm task runs, and its arguments. Several nodes: one task per node
-    runs node_launch, which starts that node's torchrun (see its docstring for why NeMo-Run's
-    torchrun launcher is not used there)."""
-    if cfg.nodes > 1:
+    """The module each Slurm task runs, and its arguments. Several processes: one task per
+    node runs node_launch, which starts that node's torchrun (its docstring says why not
+    NeMo-Run's torchrun launcher)."""
+    if processes(cfg) > 1:
         return "retro_toolkit.executors.node_launch", [str(cfg.ntasks_per_node), stage, recipe_file]
     return "retro_toolkit.launch", [stage, recipe_file]
 
@@ -129,7 +125,6 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
     """`waits`: the job has Slurm dependencies."""
     import nemo_run as run
 
-    torchrun = _single_node_torchrun(cfg)
     extra = dict(cfg.additional_parameters)
     if stage in SAVES_ON_SIGNAL:
         # SIGTERM to the job's tasks before the time limit (torchrun passes it on to the
@@ -146,8 +141,7 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
         partition=cfg.partition,
         nodes=cfg.nodes,
         # torchrun starts the per-node processes itself: one Slurm task per node.
-        ntasks_per_node=1 if processes(cfg) > 1 else cfg.ntasks_per_node,
-        torchrun_nproc_per_node=cfg.ntasks_per_node if torchrun else None,
+        ntasks_per_node=1,
         gpus_per_node=cfg.gpus_per_node or None,
         cpus_per_task=cfg.cpus_per_task,
         mem=cfg.mem,
@@ -156,7 +150,6 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
         container_mounts=list(cfg.container_mounts),
         env_vars=_env(cfg),
         additional_parameters=extra or None,
-        launcher="torchrun" if torchrun else None,
         tunnel=_tunnel(cfg, recipe),
         packager=run.Packager(),
     )
