@@ -56,8 +56,9 @@ def test_every_stage_runs_on_both_nodes_as_two_ranks(two_nodes_run, slurm_two_no
         assert _job_nodes(w, stage) == "rtnode[1-2]", stage
     # each node's torchrun was pointed at the first node by address, not by a name that does not resolve
     logs = "".join(p.read_text() for p in (w / "logs" / "experiments").rglob("log-*pretrain*.out"))
-    head = re.findall(r"\[node (\d)\] torchrun .*--rdzv-endpoint (\S+) .*--rdzv-conf is_host=(\d) --local-addr (\S+)",
-                      logs)
+    # (both nodes' tasks write to one file, where their lines can run together)
+    head = re.findall(r"\[node (\d)\] torchrun --nnodes 2 --nproc-per-node 1 --node-rank \d --rdzv-backend c10d "
+                      r"--rdzv-endpoint ([\d.]+:\d+) --rdzv-id \d+ --rdzv-conf is_host=(\d) --local-addr ([\d.]+)", logs)
     assert sorted(head) == [("0", "10.213.7.11:29500", "1", "10.213.7.11"),
                             ("1", "10.213.7.11:29500", "0", "10.213.7.12")]
 
