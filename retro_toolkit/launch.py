@@ -52,10 +52,15 @@ def run_stage(stage: str, recipe_file: str) -> int:
 def _run(stage: str, recipe, spec) -> int:
     from retro_toolkit.core import dist, files
     from retro_toolkit.core.stage import StageContext
+    from retro_toolkit.executors.common import timeout_s
     from retro_toolkit.runner import manifest
 
-    env = dist.init()
+    env = dist.init(timeout_s(recipe.executor, stage))
     started = time.time()
+    places = dist.all_gather_object({"rank": env.rank, "node": dist.node_name(), "pid": os.getpid()})
+    if env.is_main:
+        files.write_json(ranks_path(recipe.workdir, stage), {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                             "world_size": env.world_size, "ranks": places})
     if spec.precheck:
         module, func = spec.precheck.split(":")
         getattr(importlib.import_module(module), func)(StageContext(stage, recipe, env))
@@ -105,16 +110,23 @@ def log_file(workdir: str | os.PathLike, stage: str, rank: int) -> Path:
     return Path(workdir) / "logs" / f"{stage}.rank{rank}.log"
 
 
+def ranks_path(workdir: str | os.PathLike, stage: str) -> Path:
+    """Where rank 0 records each rank's node and pid when a stage starts (`retro-run status`)."""
+    return Path(workdir) / "logs" / f"{stage}.ranks.json"
+
+
 def error_path(workdir: str | os.PathLike, stage: str) -> Path:
     return Path(workdir) / "stages" / f"{stage}.error.json"
 
 
 def _tee_to_log(stage: str, recipe_file: str) -> None:
+    from retro_toolkit.core import dist
+
     rank = int(os.environ.get("RANK", 0))
     path = log_file(Path(recipe_file).resolve().parent, stage, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     log = open(path, "a", encoding="utf-8", buffering=1)
-    log.write(f"\n===== {stage} rank {rank} started {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+    log.write(f"\n===== {stage} rank {rank} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {dist.node_name()} =====\n")
     sys.stdout = _Tee(sys.stdout, log)
     sys.stderr = _Tee(sys.stderr, log)
 
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except Exception:
         traceback.print_exc()
+        from retro_toolkit.core import dist
+
+        dist.abandon_if_cut_off()
         return 1
 
 

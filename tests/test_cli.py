@@ -41,7 +41,8 @@ def test_show_prints_resolved_yaml(run_cli, tmp_path):
     p = run_cli("show", SMOKE, "executor=torchrun", f"workdir={tmp_path}/w")
     assert p.returncode == 0, p.stderr
     shown = yaml.safe_load(p.stdout)
-    assert shown["executor"] == {"type": "torchrun", "nproc_per_node": 2, "env": {}, "stages": {}}
+    assert shown["executor"] == {"type": "torchrun", "nproc_per_node": 2, "distributed_timeout_s": 600, "env": {},
+                                 "stages": {}}
     assert shown["workdir"] == f"{tmp_path}/w"
     assert not (tmp_path / "w").exists()
 

@@ -32,21 +32,24 @@ def test_a_cuda_job_asks_for_nccl_on_its_own_gpu_with_or_without_torchrun(monkey
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     monkeypatch.setattr(td, "is_initialized", lambda: False)
     monkeypatch.setattr(td, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
-    monkeypatch.setattr(td, "new_group", lambda **kw: ("barrier", kw["backend"]))
-    monkeypatch.setattr(dist, "_barrier_group", None)
+    from retro_toolkit.core import watch
+
+    monkeypatch.setattr(watch, "Watch", lambda rank, world, node, timeout_s: ("watch", rank, world, timeout_s))
+    monkeypatch.setattr(dist, "_watch", None)
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.setenv("RANK", "1" if world_size > 1 else "0")
     monkeypatch.setenv("LOCAL_RANK", "1" if world_size > 1 else "0")
-    dist.init(world_of_one=True)
+    dist.init(70, world_of_one=True)
     [(backend, kw)] = calls
     assert backend == "nccl"
     assert devices == [1 if world_size > 1 else 0]
     if world_size == 1:
         assert isinstance(kw["store"], td.HashStore) and kw["rank"] == 0 and kw["world_size"] == 1
-        assert dist._barrier_group is None
+        assert dist._watch is None
     else:
         assert "store" not in kw  # torchrun's MASTER_ADDR/MASTER_PORT
-        assert dist._barrier_group == ("barrier", "gloo")  # the long waits stay on gloo
+        assert kw["timeout"].total_seconds() == 70
+        assert dist._watch == ("watch", 1, 2, 70)  # barriers wait on the job's store, watched
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

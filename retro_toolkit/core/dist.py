@@ -31,10 +31,10 @@ def env_from_os() -> DistEnv:
     )
 
 
-# barrier() waits on its own gloo group with this timeout: at scale, ranks wait there for
-# hours while rank 0 trains or fills a faiss index; the job's time limit bounds the wait.
-BARRIER_TIMEOUT = datetime.timedelta(days=7)
-_barrier_group: Any = None
+# barrier() waits with no time limit while every rank is alive (at scale, for hours while
+# rank 0 trains or fills a faiss index) and fails once one goes silent (core/watch.py).
+_watch: Any = None
+_timeout_s = 600.0
 
 
 def backend(cuda: bool) -> str:
@@ -42,16 +42,16 @@ def backend(cuda: bool) -> str:
 
     Every default process group of a run takes it from here, torchrun's world and a plain
     process's world of one alike (gloo cannot reduce CUDA tensors; NCCL cannot reduce CPU
-    ones). Only the barrier group is gloo everywhere: it waits for days, on no tensor.
+    ones). barrier() waits on the job's store instead (core/watch.py), on no tensor.
     """
     return "nccl" if cuda else "gloo"
 
 
-def init(timeout_minutes: int = 60, world_of_one: bool = False) -> DistEnv:
+def init(timeout_s: float = 600, world_of_one: bool = False) -> DistEnv:
     """Create the default process group when launched with more than one process, and with
     `world_of_one` also in a plain process (megatron-core's layers need a group at any size):
     a world of one on an in-process store, no ports."""
-    global _barrier_group
+    global _watch, _timeout_s
     env = env_from_os()
     if env.world_size > 1 or world_of_one:
         import torch
@@ -61,20 +61,58 @@ def init(timeout_minutes: int = 60, world_of_one: bool = False) -> DistEnv:
             cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(env.local_rank)
+            _timeout_s = timeout_s
             alone = {} if env.world_size > 1 else dict(store=td.HashStore(), rank=0, world_size=1)
-            td.init_process_group(backend(cuda), timeout=datetime.timedelta(minutes=timeout_minutes), **alone)
-        if env.world_size > 1 and _barrier_group is None:
-            _barrier_group = td.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+            td.init_process_group(backend(cuda), timeout=datetime.timedelta(seconds=timeout_s), **alone)
+        if env.world_size > 1 and _watch is None:
+            from retro_toolkit.core.watch import Watch
+
+            _watch = Watch(env.rank, env.world_size, node_name(), timeout_s=_timeout_s)
     return env
 
 
+def collective_timeout_minutes() -> float:
+    """The timeout the default group was made with, for the groups made after it
+    (megatron-core's model-parallel groups)."""
+    return _timeout_s / 60
+
+
+def node_name() -> str:
+    """This process's node: Slurm's name for it inside a job, else the hostname."""
+    import socket
+
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def abandon_if_cut_off() -> None:
+    """After a failure: when this node can no longer reach the job's store (its link is
+    down, or the first node died), stop this node's torchrun too. Its own shutdown talks to
+    that store and would wait for TCP to give up (a quarter of an hour), holding the node."""
+    if _watch is None or not _watch.store_lost():
+        return
+    import signal
+
+    agent = os.getppid()
+    try:
+        with open(f"/proc/{agent}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if "torch.distributed.run" in cmdline or "torchrun" in cmdline:
+        print(f"the job's store is out of reach from {node_name()}: stopping this node's torchrun (pid {agent})",
+              flush=True)
+        os.kill(agent, signal.SIGKILL)
+
+
 def shutdown() -> None:
-    global _barrier_group
+    global _watch
+    if _watch is not None:
+        _watch.close()
     if _initialized():
         import torch.distributed as td
 
         td.destroy_process_group()
-    _barrier_group = None
+    _watch = None
 
 
 def _initialized() -> bool:
@@ -86,10 +124,10 @@ def _initialized() -> bool:
 
 
 def barrier() -> None:
-    if _initialized():
-        import torch.distributed as td
-
-        td.barrier(group=_barrier_group)
+    """Wait for every rank; raise watch.PeerLost once a rank goes silent for the collective
+    timeout (never while all are alive, however long the wait)."""
+    if _initialized() and _watch is not None:
+        _watch.barrier()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -46,9 +46,6 @@ EXECUTOR_SCHEMAS: dict[str, type] = {
     "docker": docker.DockerExecutorConfig,
 }
 
-LAUNCH_MODULE = "retro_toolkit.launch"
-
-
 def processes(executor: DictConfig) -> int:
     """How many ranks a job with these (merged) settings starts."""
     return _KINDS[executor.type].processes(executor)
@@ -76,13 +73,13 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
 
 
 def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
-    """The NeMo-Run script every job runs: `python -m retro_toolkit.launch STAGE RECIPE`."""
+    """The NeMo-Run script a stage's job runs: the kind's command, `python -m
+    retro_toolkit.launch STAGE RECIPE` (a Slurm job of several processes: node_launch)."""
     import nemo_run as run
 
     # NeMo-Run adds torchrun's --no-python unless the entrypoint is literally "python", so a
     # kind answers "python" whenever torchrun starts its ranks.
     kind = _KINDS[cfg.type]
     entry = kind.entrypoint(cfg)
-    module, args = kind.command(cfg, stage, str(recipe_file)) if hasattr(kind, "command") \
-        else (LAUNCH_MODULE, [stage, str(recipe_file)])
+    module, args = kind.command(cfg, stage, str(recipe_file))
     return run.Script(path=module, m=True, entrypoint=entry, args=args)

@@ -17,6 +17,32 @@ NOT_PER_STAGE = ("type", "stages", "tunnel", "python")
 # --signal=TERM@N, which executor.additional_parameters.signal overrides), and torchrun waits
 # this long for its workers after SIGTERM before SIGKILL.
 STOP_WARNING_S = 600
+# How long a rank waits in a collective for the others before its job fails
+# (executor.distributed_timeout_s). A rank on a node that died closes its sockets and
+# the others fail at once; a node cut off the network closes nothing, and this bound is all
+# that ends the wait.
+DIST_TIMEOUT_S = 600
+
+
+def distributed_timeout(default: int = DIST_TIMEOUT_S):
+    """The field `distributed_timeout_s` of the kinds that start several processes."""
+    from retro_toolkit.recipe.fields import bounded
+
+    return bounded(default, 10, 7 * 24 * 3600, "a week is beyond any wait worth making (check for a typo)")
+
+
+def timeout_s(executor: DictConfig, stage: str) -> int:
+    """The collective timeout `stage`'s job runs with, in seconds."""
+    return int(for_stage(executor, stage).get("distributed_timeout_s", DIST_TIMEOUT_S))
+
+
+# The module every job's processes run: `python -m retro_toolkit.launch STAGE RECIPE`.
+LAUNCH_MODULE = "retro_toolkit.launch"
+
+
+def launch_command(cfg: DictConfig, stage: str, recipe_file: str) -> tuple[str, list[str]]:
+    """The module a job runs and its arguments, for the kinds that start it directly."""
+    return LAUNCH_MODULE, [stage, recipe_file]
 
 
 def nproc_per_node(cfg: DictConfig) -> int:

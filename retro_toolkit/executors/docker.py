@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import job_env, nproc_per_node
+from retro_toolkit.executors.common import distributed_timeout, job_env, launch_command, nproc_per_node
 from retro_toolkit.recipe.fields import WHY_CLUSTER, bounded
 
 
@@ -29,12 +29,18 @@ class DockerExecutorConfig:
     shm_size: str = "16g"
     # Python inside the image.
     python: str = "python"
+    # Seconds a rank waits in a collective for the others before the job fails (a node
+    # that died or dropped off the network); raise it for very long checkpoint writes.
+    distributed_timeout_s: int = distributed_timeout()
     env: dict[str, str] = field(default_factory=dict)
     stages: dict[str, Any] = field(default_factory=dict)
 
 
 def describe(cfg: DictConfig) -> str:
     return f"docker {cfg.container_image} x{cfg.nproc_per_node}"
+
+
+command = launch_command
 
 
 def entrypoint(cfg: DictConfig) -> str:

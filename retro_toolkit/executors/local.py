@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import job_env
+from retro_toolkit.executors.common import job_env, launch_command
 
 
 @dataclass
@@ -26,6 +26,9 @@ def processes(cfg: DictConfig) -> int:
 
 def describe(cfg: DictConfig) -> str:
     return "local"
+
+
+command = launch_command
 
 
 def entrypoint(cfg: DictConfig) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import STOP_WARNING_S, job_env, logs_root
+from retro_toolkit.executors.common import STOP_WARNING_S, distributed_timeout, job_env, launch_command, logs_root
 from retro_toolkit.recipe.fields import WHY_CLUSTER, bounded
 
 # Stages that save a checkpoint and stop on SIGTERM; the others just end, and resume anyway.
@@ -55,6 +55,9 @@ class SlurmExecutorConfig:
     # null lets gloo and NCCL pick, which fails where a node's hostname does not resolve to
     # the interface the nodes share.
     network_interface: Optional[str] = None
+    # Seconds a rank waits in a collective for the others before the job fails (a node
+    # that died or dropped off the network); raise it for very long checkpoint writes.
+    distributed_timeout_s: int = distributed_timeout()
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     env: dict[str, str] = field(default_factory=dict)
     # Extra #SBATCH options, e.g. {qos: high, constraint: a100}.
@@ -83,7 +86,7 @@ def command(cfg: DictConfig, stage: str, recipe_file: str) -> tuple[str, list[st
     NeMo-Run's torchrun launcher)."""
     if processes(cfg) > 1:
         return "retro_toolkit.executors.node_launch", [str(cfg.ntasks_per_node), stage, recipe_file]
-    return "retro_toolkit.launch", [stage, recipe_file]
+    return launch_command(cfg, stage, recipe_file)
 
 
 def stop_warning_s(time_limit: str | None) -> int:

@@ -27,13 +27,19 @@ def check_inputs(recipe: DictConfig) -> None:
             spec.preflight(recipe)
 
 
-def check_launch(recipe: DictConfig, *, need_scheduler: bool = True) -> None:
+def check_launch(recipe: DictConfig, *, need_scheduler: bool = True, stages: list[str] | None = None) -> None:
     """What a real (not dry) run needs before its work directory is created: a work directory
-    it can create or write, Slurm's tools when it submits from here (`need_scheduler`), and
-    every path its jobs use inside the container's mounts when the jobs run in a container."""
+    it can create or write, Slurm's tools when it submits from here (`need_scheduler`) and
+    enough nodes that take jobs for the `stages` that will run (all by default), and every
+    path its jobs use inside the container's mounts when the jobs run in a container."""
     check_workdir(recipe.workdir)
     if recipe.executor.type == "slurm" and need_scheduler:
         _check_slurm_tools(recipe.executor)
+        if recipe.executor.tunnel.type == "local":  # through ssh, sinfo is the login node's
+            from retro_toolkit.runner.slurm_nodes import check_nodes
+
+            for stage in recipe.stages if stages is None else stages:
+                check_nodes(for_stage(recipe.executor, stage), stage)
     _check_container_paths(recipe)
 
 

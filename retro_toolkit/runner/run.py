@@ -122,7 +122,7 @@ def execute(
         dry_run(recipe, steps)
         return 0
 
-    check_launch(recipe)
+    check_launch(recipe, stages=[s.stage for s in steps if s.run])
     workdir = Path(recipe.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir):
@@ -196,8 +196,13 @@ def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
             raise UserError(f"stage '{failed}': {err['message']} (log: {log_file(workdir, failed, 0)})")
         if err and err.get("stopped_at") is not None:
             raise StageStopped(f"stage '{failed}': {err['message']}", err["exit_code"])
+        from retro_toolkit.runner.status import rank_rows
+
+        placed, ranks = rank_rows(workdir, failed)
+        more = (f" It ran as {placed['world_size']} ranks on {len({r['node'] for r in ranks})} node(s): "
+                f"`retro-run status {workdir}` shows each node, its ranks and their logs.") if ranks else ""
         raise StageFailed(
             f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} "
-            f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments)."
+            f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments).{more}"
         )
     return 0

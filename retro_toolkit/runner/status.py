@@ -2,7 +2,9 @@
 
 Works from the work directory alone: the resolved recipe names the stages,
 `slurm_jobs.json` the jobs a detached run queued, `stages/*.json` what finished, and
-`logs/<stage>.rank0.log` what each stage printed.
+`logs/<stage>.rank0.log` what each stage printed. For a stage of several processes,
+`logs/<stage>.ranks.json` (written by rank 0 at the stage's start) places each rank on its
+node, and a second table shows each node's Slurm state, its ranks and their logs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from pathlib import Path
 
 from retro_toolkit.errors import UserError
-from retro_toolkit.launch import log_file
+from retro_toolkit.launch import log_file, ranks_path
 from retro_toolkit.runner import manifest
 from retro_toolkit.runner.run import RESOLVED
 from retro_toolkit.runner.slurm_jobs import ACTIVE_STATES, job_states, recorded_jobs
@@ -89,6 +91,8 @@ def status(workdir: str, wait: bool = False, timeout_s: float | None = None, pol
         rows, submitted = table(w)
     print_table(w, rows, submitted)
     for r in rows:
+        print_ranks(w, r["stage"])
+    for r in rows:
         if r["state"].startswith(("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")):
             print(f"\n{r['stage']}: {_failure(w, r['stage'], r['log'])}", flush=True)
     if wait and any(r["state"] != "COMPLETED" for r in rows if r["job"] != "-"):
@@ -112,3 +116,59 @@ def _failure(workdir: Path, stage: str, log: str) -> str:
     except OSError:
         return "no log was written (see NeMo-Run's sbatch output under logs/experiments)"
     return f"{lines[-1].strip() if lines else 'empty log'} (log: {log})"
+
+
+def rank_rows(workdir: Path, stage: str) -> tuple[dict, list[dict[str, str]]]:
+    """({started, world_size}, a row per rank: node, the node's Slurm state, rank, log, the
+    log's last line) for a stage of several processes; ({}, []) otherwise."""
+    from retro_toolkit.core import files
+
+    try:
+        placed = files.read_json(ranks_path(workdir, stage))
+    except (OSError, ValueError):
+        return {}, []
+    if placed.get("world_size", 1) < 2:
+        return {}, []
+    states = _node_states(sorted({r["node"] for r in placed["ranks"]}))
+    rows = []
+    for r in sorted(placed["ranks"], key=lambda r: (r["node"], r["rank"])):
+        log = log_file(workdir, stage, r["rank"])
+        rows.append({"node": r["node"], "state": states.get(r["node"], "-"), "rank": str(r["rank"]),
+                     "log": str(log), "last": _last_line(log)})
+    return placed, rows
+
+
+def print_ranks(workdir: Path, stage: str) -> None:
+    placed, rows = rank_rows(workdir, stage)
+    if not rows:
+        return
+    nodes = len({r["node"] for r in rows})
+    print(f"\n{stage}: {placed['world_size']} ranks on {nodes} node(s), started {placed.get('started', '?')}")
+    print(f"  {'node':<16} {'node state':<12} {'rank':<5} {'log':<48} last line")
+    for r in rows:
+        print(f"  {r['node']:<16} {r['state']:<12} {r['rank']:<5} {r['log']:<48} {r['last'][:70]}")
+    sys.stdout.flush()
+
+
+def _node_states(names: list[str]) -> dict[str, str]:
+    """Slurm's state of each node (sinfo), where this machine can ask; {} elsewhere."""
+    import shutil
+
+    if not names or shutil.which("sinfo") is None:
+        return {}
+    from retro_toolkit.runner.slurm_nodes import nodes
+
+    try:
+        return {n.name: n.state for n in nodes(names=",".join(names))}
+    except UserError:
+        return {}
+
+
+def _last_line(log: Path) -> str:
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty)"

@@ -32,6 +32,7 @@ def initialize(tensor_model_parallel_size: int = 1, seed: int = 1234) -> None:
         if parallel_state.get_tensor_model_parallel_world_size() != tensor_model_parallel_size:
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_model_parallel_size,
+                                                 distributed_timeout_minutes=rdist.collective_timeout_minutes())
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

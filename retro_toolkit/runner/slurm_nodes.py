@@ -1,0 +1,70 @@
+"""What Slurm says of a partition's nodes, read before a job is queued and by `status`.
+
+A job that asks for more nodes than its partition can run on does not fail: it pends
+(`ReqNodeNotAvail`) until an administrator brings a node back. `check_nodes` turns that
+into an error at submission that names each node and why it cannot run jobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from retro_toolkit.errors import UserError
+
+# Base states of a node that takes jobs (sinfo %T, lowercase). A trailing "*" means slurmctld
+# has not heard from the node's slurmd: it takes nothing whatever its state.
+USABLE = ("idle", "mixed", "allocated", "completing", "planned", "reserved")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    state: str
+    reason: str
+
+    @property
+    def usable(self) -> bool:
+        return not self.state.endswith("*") and self.state.rstrip("~#!%$@^-") in USABLE
+
+
+def nodes(partition: str | None = None, names: str | None = None) -> list[Node]:
+    """The nodes of `partition` (the default one when None), or those `names` lists."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%N|%T|%E|%P"]
+    cmd += ["-n", names] if names else (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"`{' '.join(cmd)}` failed ({e}): is Slurm's controller reachable from here?") from None
+    if out.returncode != 0:
+        raise UserError(f"`{' '.join(cmd)}` failed: {out.stderr.strip()[-300:]} "
+                        "(is Slurm's controller reachable from here?)")
+    found: dict[str, Node] = {}
+    for line in out.stdout.splitlines():
+        name, state, reason, part = (line.split("|") + ["", "", ""])[:4]
+        if not name or (partition is None and not names and not part.endswith("*")):
+            continue  # without -p, sinfo lists every partition; the default one ends with '*'
+        found.setdefault(name, Node(name, state, "" if reason == "none" else reason))
+    return list(found.values())
+
+
+def check_nodes(executor: DictConfig, stage: str) -> None:
+    """Refuse a job that could only pend: its partition has fewer nodes that take jobs than
+    it asks for."""
+    have = nodes(executor.partition)
+    where = f"partition '{executor.partition}'" if executor.partition else "the default partition"
+    if not have:
+        raise UserError(f"stage {stage}: {where} has no nodes (sinfo lists none). Set executor.partition "
+                        "to a partition of this cluster (`sinfo -s` lists them).")
+    usable = [n for n in have if n.usable]
+    if len(usable) >= executor.nodes:
+        return
+    down = "; ".join(f"{n.name} is {n.state}" + (f" ({n.reason})" if n.reason else "")
+                     for n in have if not n.usable)
+    raise UserError(
+        f"stage {stage} asks for executor.nodes={executor.nodes} in {where}, which has {len(usable)} node(s) "
+        f"that take jobs: {down}. The job would wait until a node returns. Bring it back "
+        f"(scontrol update nodename=NODE state=resume, once it is healthy), ask for fewer nodes, "
+        f"or pick another partition (executor.stages.{stage}.partition).")
