@@ -53,7 +53,10 @@ def nodes(partition: str | None = None, names: str | None = None) -> list[Node]:
 def check_nodes(executor: DictConfig, stage: str) -> None:
     """Refuse a job that could only pend: its partition has fewer nodes that take jobs than
     it asks for."""
-    have = nodes(executor.partition)
+    try:
+        have = nodes(executor.partition)
+    except UserError:
+        return  # the controller does not answer here: sbatch says so itself, at submission
     where = f"partition '{executor.partition}'" if executor.partition else "the default partition"
     if not have:
         raise UserError(f"stage {stage}: {where} has no nodes (sinfo lists none). Set executor.partition "
