@@ -152,16 +152,10 @@ def print_ranks(workdir: Path, stage: str) -> None:
 
 def _node_states(names: list[str]) -> dict[str, str]:
     """Slurm's state of each node (sinfo), where this machine can ask; {} elsewhere."""
-    import shutil
-
-    if not names or shutil.which("sinfo") is None:
-        return {}
     from retro_toolkit.runner.slurm_nodes import nodes
 
-    try:
-        return {n.name: n.state for n in nodes(names=",".join(names))}
-    except UserError:
-        return {}
+    found = nodes(names=",".join(names)) if names else None
+    return {n.name: n.state for n in found or []}
 
 
 def _last_line(log: Path) -> str:
