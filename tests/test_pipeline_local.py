@@ -130,4 +130,8 @@ def test_crashing_stage_exits_1_and_names_its_log(smoke_copy, run_cli):
     assert f"stage 'prepare_corpus' failed. Its log: {log}" in p.stderr
     assert "prepare_corpus  failed" in p.stdout
     assert "Traceback" in log.read_text() and "FileExistsError" in log.read_text()
+    out = smoke_copy / "logs" / "prepare_corpus.out"  # the job's own output, its command first
+    assert f"(the job's own output: {out})" in p.stderr
+    assert f"-m retro_toolkit.launch prepare_corpus {smoke_copy / 'recipe.resolved.yaml'}" in out.read_text()
+    assert "FileExistsError" in out.read_text()
     assert not (smoke_copy / "stages" / "prepare_corpus.json").exists()

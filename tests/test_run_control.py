@@ -84,7 +84,7 @@ def test_a_signal_to_retro_run_during_pretrain_stops_every_process_and_the_rerun
     assert code == 128 + sig, err
     assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err
     assert_all_gone(procs)
-    assert seconds < 10
+    assert seconds < 30  # a hang guard: the stop itself takes a few seconds (over 10 s on a loaded 2-core CI)
     stopped = json.loads((w / "stages" / "pretrain.error.json").read_text())
     assert stopped["exit_code"] == 143 and 5 <= stopped["stopped_at"] < 40  # the runner passes SIGTERM on
     assert (w / "checkpoints" / "pretrain" / "latest").read_text().strip() == f"iter_{stopped['stopped_at']:07d}"
@@ -111,7 +111,7 @@ def test_sigterm_during_build_db_stops_it_and_the_rerun_builds_the_same_database
     code, err, procs, seconds = signal_and_wait(proc, signal.SIGTERM)
     assert code == 143, err
     assert_all_gone(procs)
-    assert seconds < 10
+    assert seconds < 30  # a hang guard: the stop itself takes a few seconds (over 10 s on a loaded 2-core CI)
     assert not (w / "stages" / "build_db.json").exists()
     p = retro_run(SMOKE, f"workdir={w}", *SMALL)
     assert p.returncode == 0, p.stdout + p.stderr

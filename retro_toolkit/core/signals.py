@@ -2,7 +2,7 @@
 
 Two sides:
 - the runner (`retro-run`), in `stop_run_on_signal()`: the jobs it starts live in their own
-  sessions (NeMo-Run's local scheduler calls setsid), so a signal to the runner reaches none
+  sessions (runner/local_job.py and NeMo-Run's local scheduler call setsid), so a signal to the runner reaches none
   of them. On the first signal the runner sends SIGTERM to every descendant (torchrun, its
   workers), waits for them to end (a training worker saves first), SIGKILLs what is left
   after `grace_s`, and raises `Interrupted`; the exit code is 128 + the signal number.

@@ -3,10 +3,12 @@
 A recipe's `executor` section is plain data; `executor.type` picks the schema, so a Slurm
 key under a local executor is an unknown key, not a silently ignored one. Each kind's
 module (local, torchrun, slurm, docker) holds its settings dataclass and turns those
-settings into a NeMo-Run executor; nemo_run is imported lazily, inside those functions.
+settings into a job: local and torchrun into a command line the runner starts on this
+machine (`argv`), slurm and docker into a NeMo-Run executor (`build`; nemo_run is imported
+lazily, inside those functions, since importing it takes seconds).
 Every executor runs the same command, `python -m retro_toolkit.launch STAGE RECIPE`; only
-where and how many times differs (a Slurm job of several processes starts it through
-executors/node_launch.py, one torchrun per node).
+where and how many times differs (torchrun starts it once per rank; a Slurm job of several
+processes starts it through executors/node_launch.py, one torchrun per node).
 
 `executor.stages` gives one stage other resources than the rest, e.g. a CPU partition
 for build_db and 16 GPU nodes for pretrain:
@@ -33,10 +35,13 @@ from omegaconf import DictConfig
 from retro_toolkit.executors import docker, local, slurm, torchrun
 from retro_toolkit.executors.common import MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, logs_root
 
-__all__ = ["EXECUTOR_SCHEMAS", "MODEL_PARALLEL_STAGES", "NOT_PER_STAGE", "build", "describe", "for_stage",
+__all__ = ["EXECUTOR_SCHEMAS", "MODEL_PARALLEL_STAGES", "NOT_PER_STAGE", "argv", "build", "describe", "for_stage",
            "logs_root", "processes", "script"]
 
-_KINDS: dict[str, ModuleType] = {"local": local, "torchrun": torchrun, "slurm": slurm, "docker": docker}
+# Kinds whose jobs the runner starts as processes of its own, and kinds NeMo-Run starts.
+_HERE: dict[str, ModuleType] = {"local": local, "torchrun": torchrun}
+_NEMO_RUN: dict[str, ModuleType] = {"slurm": slurm, "docker": docker}
+_KINDS: dict[str, ModuleType] = {**_HERE, **_NEMO_RUN}
 
 # The settings dataclass of each executor.type.
 EXECUTOR_SCHEMAS: dict[str, type] = {
@@ -56,9 +61,17 @@ def describe(executor: DictConfig) -> str:
     return _KINDS[executor.type].describe(executor)
 
 
+def argv(cfg: DictConfig, stage: str, recipe_file: Path) -> list[str] | None:
+    """The command line of one stage's job on this machine (executor local and torchrun);
+    None for the kinds NeMo-Run starts (build)."""
+    kind = _HERE.get(cfg.type)
+    return kind.argv(cfg, stage, str(recipe_file)) if kind else None
+
+
 def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
-    """The NeMo-Run executor for one stage's job; `cfg` is executor settings merged for the
-    stage (for_stage). `waits`: the job has Slurm dependencies."""
+    """The NeMo-Run executor for one stage's job (executor slurm and docker); `cfg` is
+    executor settings merged for the stage (for_stage). `waits`: the job has Slurm
+    dependencies."""
     import logging
 
     from nemo_run.core.frontend.console.api import CONSOLE
@@ -67,9 +80,9 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
     # console (panels, "Detected Torchrun launcher ...") would only repeat it.
     CONSOLE.quiet = True
     logging.getLogger("nemo_run").setLevel(logging.WARNING)
-    if cfg.type not in _KINDS:
-        raise ValueError(f"unknown executor type {cfg.type}")  # validate() rejects these first
-    return _KINDS[cfg.type].build(cfg, recipe, waits=waits, stage=stage)
+    if cfg.type not in _NEMO_RUN:
+        raise ValueError(f"executor type {cfg.type} has no NeMo-Run executor")  # validate() rejects unknown ones
+    return _NEMO_RUN[cfg.type].build(cfg, recipe, waits=waits, stage=stage)
 
 
 def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
@@ -79,7 +92,7 @@ def script(cfg: DictConfig, stage: str, recipe_file: Path) -> Any:
 
     # NeMo-Run adds torchrun's --no-python unless the entrypoint is literally "python", so a
     # kind answers "python" whenever torchrun starts its ranks.
-    kind = _KINDS[cfg.type]
+    kind = _NEMO_RUN[cfg.type]
     entry = kind.entrypoint(cfg)
     module, args = kind.command(cfg, stage, str(recipe_file))
     return run.Script(path=module, m=True, entrypoint=entry, args=args)

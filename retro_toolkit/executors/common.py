@@ -1,5 +1,5 @@
 """What every executor kind shares: a stage's merged settings, the job's environment and
-where NeMo-Run keeps a recipe's job files. Plain data and omegaconf only (no NeMo-Run)."""
+where NeMo-Run keeps a recipe's job files (Slurm, Docker). Plain data and omegaconf only (no NeMo-Run)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""executor: local — each stage as one process on this machine (NeMo-Run's LocalExecutor)."""
+"""executor: local — each stage as one process on this machine, started by the runner itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import job_env, launch_command
+from retro_toolkit.executors.common import launch_command
 
 
 @dataclass
@@ -31,12 +31,7 @@ def describe(cfg: DictConfig) -> str:
 command = launch_command
 
 
-def entrypoint(cfg: DictConfig) -> str:
+def argv(cfg: DictConfig, stage: str, recipe_file: str) -> list[str]:
     # This very interpreter: the one retro_toolkit is installed in.
-    return sys.executable
-
-
-def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
-    import nemo_run as run
-
-    return run.LocalExecutor(ntasks_per_node=1, launcher=None, env_vars=job_env(cfg), packager=run.Packager())
+    module, args = command(cfg, stage, recipe_file)
+    return [sys.executable, "-m", module, *args]

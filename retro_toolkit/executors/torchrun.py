@@ -1,14 +1,15 @@
-"""executor: torchrun — each stage as N processes on this machine, started by torchrun
-(NeMo-Run's LocalExecutor with its torchrun launcher)."""
+"""executor: torchrun — each stage as N processes on this machine, under a torchrun the
+runner starts itself."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import distributed_timeout, job_env, launch_command, nproc_per_node
+from retro_toolkit.executors.common import distributed_timeout, launch_command, nproc_per_node
 from retro_toolkit.recipe.fields import WHY_CLUSTER, bounded
 
 
@@ -35,12 +36,10 @@ def describe(cfg: DictConfig) -> str:
 command = launch_command
 
 
-def entrypoint(cfg: DictConfig) -> str:
-    return "python"  # see retro_toolkit.executors.script
-
-
-def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
-    import nemo_run as run
-
-    return run.LocalExecutor(ntasks_per_node=cfg.nproc_per_node, launcher="torchrun", env_vars=job_env(cfg),
-                             packager=run.Packager())
+def argv(cfg: DictConfig, stage: str, recipe_file: str) -> list[str]:
+    module, args = command(cfg, stage, recipe_file)
+    # --standalone: the rendezvous on a free port of this machine. --tee 3: each worker's
+    # output goes to torchrun's too, its lines prefixed with the rank. --max-restarts 0: a
+    # failed rank fails the job (a stage resumes by being run again, not by torchrun).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(cfg.nproc_per_node), "--max-restarts", "0", "--tee", "3", "-m", module, *args]

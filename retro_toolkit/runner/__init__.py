@@ -1,1 +1,1 @@
-"""Recipe -> stage plan -> NeMo-Run jobs; stage manifests; the entry point inside a job."""
+"""Recipe -> stage plan -> jobs (here, or NeMo-Run's on Slurm and Docker); stage manifests; the entry point inside a job."""

@@ -38,8 +38,7 @@ def check_launch(recipe: DictConfig, *, need_scheduler: bool = True, stages: lis
         if recipe.executor.tunnel.type == "local":  # through ssh, sinfo is the login node's
             from retro_toolkit.runner.slurm_nodes import check_nodes
 
-            for stage in recipe.stages if stages is None else stages:
-                check_nodes(for_stage(recipe.executor, stage), stage)
+            check_nodes([(s, for_stage(recipe.executor, s)) for s in (recipe.stages if stages is None else stages)])
     _check_container_paths(recipe)
 
 

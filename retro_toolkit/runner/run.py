@@ -1,4 +1,5 @@
-"""Run a recipe: plan, then each stage as a NeMo-Run job, then a summary table."""
+"""Run a recipe: plan, then each stage's job (on this machine, or through NeMo-Run on Slurm or
+Docker), then a summary table."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from retro_toolkit.recipe import to_yaml
 from retro_toolkit.executors import MODEL_PARALLEL_STAGES, describe, for_stage, processes
 from retro_toolkit.runner import manifest
 from retro_toolkit.runner.follow import LogFollower
+from retro_toolkit.runner.local_job import output_file, run_job
 from retro_toolkit.runner.plan import Step, make_plan
 from retro_toolkit.runner.preflight import check_inputs, check_launch
 
@@ -68,10 +70,15 @@ def _status_name(status: object) -> str:
 
 
 def _launch(recipe: DictConfig, stage: str, recipe_file: Path) -> str:
-    """Run one stage as a NeMo-Run experiment and wait; return the job's final state."""
+    """Run one stage's job and wait: on this machine, or as a NeMo-Run experiment (Slurm,
+    Docker); return the job's final state."""
+    ex_cfg = for_stage(recipe.executor, stage)
+    here = executors.argv(ex_cfg, stage, recipe_file)
+    if here is not None:
+        return run_job(ex_cfg, here, output_file(recipe.workdir, stage))
+
     import nemo_run as run
 
-    ex_cfg = for_stage(recipe.executor, stage)
     executor = executors.build(ex_cfg, recipe, stage=stage)
     with run.Experiment(
         f"{recipe.name}-{stage}", base_dir=str(executors.logs_root(recipe)), clean_mode=True, log_level="WARN"
@@ -201,8 +208,8 @@ def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
         placed, ranks = rank_rows(workdir, failed)
         more = (f" It ran as {placed['world_size']} ranks on {len({r['node'] for r in ranks})} node(s): "
                 f"`retro-run status {workdir}` shows each node, its ranks and their logs.") if ranks else ""
-        raise StageFailed(
-            f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} "
-            f"(NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments).{more}"
-        )
+        job_files = (f"the job's own output: {output_file(workdir, failed)}"
+                     if executors.argv(for_stage(recipe.executor, failed), failed, resolved) is not None
+                     else f"NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments")
+        raise StageFailed(f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} ({job_files}).{more}")
     return 0

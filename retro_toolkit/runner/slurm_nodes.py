@@ -8,6 +8,7 @@ into an error at submission that names each node and why it cannot run jobs.
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -15,7 +16,9 @@ from omegaconf import DictConfig
 from retro_toolkit.errors import UserError
 
 # Base states of a node that takes jobs (sinfo %T, lowercase). A trailing "*" means slurmctld
-# has not heard from the node's slurmd: it takes nothing whatever its state.
+# has not heard from the node's slurmd lately: it takes no job until it answers, which a
+# node does a moment after `scontrol update state=resume`, or never if it died (then
+# Slurm marks it down after SlurmdTimeout).
 USABLE = ("idle", "mixed", "allocated", "completing", "planned", "reserved")
 
 
@@ -27,7 +30,11 @@ class Node:
 
     @property
     def usable(self) -> bool:
-        return not self.state.endswith("*") and self.state.rstrip("~#!%$@^-") in USABLE
+        return self.state.rstrip("~#!%$@^-*") in USABLE
+
+    @property
+    def responding(self) -> bool:
+        return not self.state.endswith("*")
 
 
 def nodes(partition: str | None = None, names: str | None = None) -> list[Node] | None:
@@ -50,18 +57,30 @@ def nodes(partition: str | None = None, names: str | None = None) -> list[Node] 
     return list(found.values())
 
 
-def check_nodes(executor: DictConfig, stage: str) -> None:
+def check_nodes(jobs: list[tuple[str, DictConfig]]) -> None:
     """Refuse a job that could only pend: its partition has fewer nodes that take jobs than
-    it asks for."""
-    have = nodes(executor.partition)
-    if have is None:
-        return  # the controller does not answer here: sbatch says so itself, at submission
+    it asks for. `jobs`: (stage, its merged executor settings) of each stage that will run."""
+    found: dict[str | None, list[Node] | None] = {}
+    for stage, executor in jobs:
+        if executor.partition not in found:  # one sinfo per partition: it takes seconds to fail
+            found[executor.partition] = nodes(executor.partition)
+        have = found[executor.partition]
+        if have is None:
+            return  # the controller does not answer here: sbatch says so itself, at submission
+        _check(have, executor, stage)
+
+
+def _check(have: list[Node], executor: DictConfig, stage: str) -> None:
     where = f"partition '{executor.partition}'" if executor.partition else "the default partition"
     if not have:
         raise UserError(f"stage {stage}: {where} has no nodes (sinfo lists none). Set executor.partition "
                         "to a partition of this cluster (`sinfo -s` lists them).")
     usable = [n for n in have if n.usable]
     if len(usable) >= executor.nodes:
+        silent = [n.name for n in usable if not n.responding]
+        if len(usable) - len(silent) < executor.nodes:
+            print(f"warning: stage {stage}: Slurm's controller has not heard from {', '.join(silent)} lately "
+                  f"(sinfo shows it '*'): the job waits until it answers.", file=sys.stderr, flush=True)
         return
     down = "; ".join(f"{n.name} is {n.state}" + (f" ({n.reason})" if n.reason else "")
                      for n in have if not n.usable)

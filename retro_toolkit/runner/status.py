@@ -111,11 +111,10 @@ def _failure(workdir: Path, stage: str, log: str) -> str:
         return "error: " + files.read_json(error_path(workdir, stage))["message"]
     except (OSError, ValueError, KeyError):
         pass
-    try:
-        lines = [x for x in Path(log).read_text(errors="replace").splitlines() if x.strip()]
-    except OSError:
+    last = _last_line(Path(log))
+    if last is None:
         return "no log was written (see NeMo-Run's sbatch output under logs/experiments)"
-    return f"{lines[-1].strip() if lines else 'empty log'} (log: {log})"
+    return f"{last or 'empty log'} (log: {log})"
 
 
 def rank_rows(workdir: Path, stage: str) -> tuple[dict, list[dict[str, str]]]:
@@ -134,7 +133,7 @@ def rank_rows(workdir: Path, stage: str) -> tuple[dict, list[dict[str, str]]]:
     for r in sorted(placed["ranks"], key=lambda r: (r["node"], r["rank"])):
         log = log_file(workdir, stage, r["rank"])
         rows.append({"node": r["node"], "state": states.get(r["node"], "-"), "rank": str(r["rank"]),
-                     "log": str(log), "last": _last_line(log)})
+                     "log": str(log), "last": _describe_last(log)})
     return placed, rows
 
 
@@ -158,11 +157,17 @@ def _node_states(names: list[str]) -> dict[str, str]:
     return {n.name: n.state for n in found or []}
 
 
-def _last_line(log: Path) -> str:
+def _describe_last(log: Path) -> str:
+    last = _last_line(log)
+    return "(no log)" if last is None else (last or "(empty)")
+
+
+def _last_line(log: Path) -> str | None:
+    """The last non-blank line of a log ("" when it has none), None when it cannot be read."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, 2) - 4096))
             lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
     except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(empty)"
+        return None
+    return lines[-1] if lines else ""
