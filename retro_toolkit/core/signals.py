@@ -2,8 +2,8 @@
 
 Two sides:
 - the runner (`retro-run`), in `stop_run_on_signal()`: the jobs it starts live in their own
-  sessions (runner/local_job.py and NeMo-Run's local scheduler call setsid), so a signal to the runner reaches none
-  of them. On the first signal the runner sends SIGTERM to every descendant (torchrun, its
+  sessions (runner/local_job.py starts them with setsid), so a signal to the runner reaches
+  none of them. On the first signal the runner sends SIGTERM to every descendant (torchrun, its
   workers), waits for them to end (a training worker saves first), SIGKILLs what is left
   after `grace_s`, and raises `Interrupted`; the exit code is 128 + the signal number.
   The runner is a child subreaper, so a worker whose parent died is still its descendant.

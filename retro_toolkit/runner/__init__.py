@@ -1,1 +1,2 @@
-"""Recipe -> stage plan -> jobs (here, or NeMo-Run's on Slurm and Docker); stage manifests; the entry point inside a job."""
+"""Recipe -> stage plan -> jobs (started here, or NeMo-Run's on Slurm and Docker); stage
+manifests; the entry point inside a job."""
