@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from retro_toolkit.executors import docker, local, slurm, torchrun
 from retro_toolkit.executors.common import MODEL_PARALLEL_STAGES, NOT_PER_STAGE, for_stage, logs_root
 
-__all__ = ["EXECUTOR_SCHEMAS", "MODEL_PARALLEL_STAGES", "NOT_PER_STAGE", "argv", "build", "describe", "for_stage",
+__all__ = ["EXECUTOR_SCHEMAS", "MODEL_PARALLEL_STAGES", "NOT_PER_STAGE", "argv", "build", "runs_here", "describe", "for_stage",
            "logs_root", "processes", "script"]
 
 # Kinds whose jobs the runner starts as processes of its own, and kinds NeMo-Run starts.
@@ -61,11 +61,15 @@ def describe(executor: DictConfig) -> str:
     return _KINDS[executor.type].describe(executor)
 
 
+def runs_here(cfg: DictConfig) -> bool:
+    """Whether the runner starts this kind's jobs itself (argv) rather than NeMo-Run (build)."""
+    return cfg.type in _HERE
+
+
 def argv(cfg: DictConfig, stage: str, recipe_file: Path) -> list[str] | None:
     """The command line of one stage's job on this machine (executor local and torchrun);
     None for the kinds NeMo-Run starts (build)."""
-    kind = _HERE.get(cfg.type)
-    return kind.argv(cfg, stage, str(recipe_file)) if kind else None
+    return _HERE[cfg.type].argv(cfg, stage, str(recipe_file)) if runs_here(cfg) else None
 
 
 def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:

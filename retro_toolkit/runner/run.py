@@ -209,7 +209,7 @@ def _execute(recipe: DictConfig, steps: list[Step], workdir: Path) -> int:
         more = (f" It ran as {placed['world_size']} ranks on {len({r['node'] for r in ranks})} node(s): "
                 f"`retro-run status {workdir}` shows each node, its ranks and their logs.") if ranks else ""
         job_files = (f"the job's own output: {output_file(workdir, failed)}"
-                     if executors.argv(for_stage(recipe.executor, failed), failed, resolved) is not None
+                     if executors.runs_here(for_stage(recipe.executor, failed))
                      else f"NeMo-Run's job files are under {executors.logs_root(recipe)}/experiments")
         raise StageFailed(f"stage '{failed}' failed. Its log: {log_file(workdir, failed, 0)} ({job_files}).{more}")
     return 0
