@@ -42,7 +42,7 @@ def run_stage(stage: str, recipe_file: str) -> int:
                 f"Run it first: retro-run {recipe_file} --stages {dep}"
             )
 
-    cpu.quiet_warnings()
+    cpu.before_megatron()
     with contextlib.ExitStack() as stack:
         if recipe.executor.type != "slurm":  # Slurm's runner checks the queue instead (core/lock.py)
             stack.enter_context(worker_lock(Path(recipe.workdir)))

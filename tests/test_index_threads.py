@@ -43,3 +43,27 @@ def test_codes_and_neighbours_are_the_same_on_one_thread_and_two():
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
     assert (i1 >= 0).all()
     assert faiss_index.encode(index, x[:0]).shape == (0, 17)
+
+
+def test_threads_follow_the_cores_this_process_may_use_not_the_machines():
+    """Under a Slurm cpuset or `taskset` (here: an affinity of one core), faiss and the embedder
+    take the cores the process may use, shared by the node's ranks."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux affinity and 2 usable cores")
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import faiss; "
+            "from retro_toolkit.collections.retrieval import index; "
+            "from retro_toolkit.collections.retrieval.embedder import threads_per_rank; "
+            "from retro_toolkit.core.dist import cpus_per_rank; "
+            "index.set_threads(1); print(faiss.omp_get_max_threads(), threads_per_rank(1), cpus_per_rank(2))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["1", "1", "1"]
+    from retro_toolkit.core.dist import cpus_per_rank
+
+    assert cpus_per_rank(1) == len(os.sched_getaffinity(0)) and cpus_per_rank(10**6) == 1

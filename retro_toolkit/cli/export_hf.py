@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     hf_export.export_hf(args.package, args.out)
     return 0

@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     from retro_toolkit.checkpoint.safetensors_io import export_safetensors
 
     print(f"wrote {export_safetensors(args.package, args.out)}")

@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     from retro_toolkit.collections.generate import SamplingParams
     from retro_toolkit.collections.generate.session import load_session
 

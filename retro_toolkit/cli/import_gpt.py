@@ -43,9 +43,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     from retro_toolkit.checkpoint.gpt_sources import import_gpt
 
     print(f"wrote {import_gpt(args.source, args.out, tokenizer=args.tokenizer, trust=args.trust_checkpoint)}")

@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     from retro_toolkit.checkpoint.megatron_legacy import import_checkpoint
 
     out = import_checkpoint(args.checkpoint, args.tokenizer, args.out, trust=args.trust_checkpoint,

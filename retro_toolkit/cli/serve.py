@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be 0..65535, not {args.port}.")
     if args.live_retrieval and not args.workdir:
         raise UserError("--live-retrieval retrieves from a work directory's database: give --workdir too.")
-    from retro_toolkit.core.cpu import quiet_warnings
+    from retro_toolkit.core.cpu import before_megatron
 
-    quiet_warnings()
+    before_megatron()
     import uvicorn
 
     from retro_toolkit.collections.generate.session import load_session

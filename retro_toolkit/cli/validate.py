@@ -30,9 +30,9 @@ def run(args: argparse.Namespace) -> int:
     check_launch(recipe)
     print(f"{args.recipe}: ok ({', '.join(recipe.stages)}; executor {recipe.executor.type})")
     if args.estimate:
-        from retro_toolkit.core.cpu import quiet_warnings
+        from retro_toolkit.core.cpu import before_megatron
 
-        quiet_warnings()
+        before_megatron()
         from retro_toolkit.runner.estimate import report
 
         print(report(recipe))

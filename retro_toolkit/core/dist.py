@@ -31,6 +31,20 @@ def env_from_os() -> DistEnv:
     )
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask, which Slurm's cpusets, `taskset`
+    and container CPU sets narrow (os.cpu_count() counts the whole machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def cpus_per_rank(local_world_size: int) -> int:
+    """Threads for one rank's CPU work (embedding, faiss): the usable cores shared by the
+    ranks on this node."""
+    return max(1, usable_cpus() // max(1, local_world_size))
+
+
 # barrier() waits with no time limit while every rank is alive (at scale, for hours while
 # rank 0 trains or fills a faiss index) and fails once one goes silent (core/watch.py).
 _watch: Any = None

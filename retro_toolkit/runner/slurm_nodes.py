@@ -48,11 +48,17 @@ def nodes(partition: str | None = None, names: str | None = None) -> list[Node] 
         return None
     if out.returncode != 0:
         return None
+    return parse_sinfo(out.stdout, default_only=partition is None and not names)
+
+
+def parse_sinfo(text: str, default_only: bool = False) -> list[Node]:
+    """The nodes in `sinfo -h -N -o '%N|%T|%E|%P'` output, each once (a node in several
+    partitions has a line in each); `default_only`: those of the default partition."""
     found: dict[str, Node] = {}
-    for line in out.stdout.splitlines():
+    for line in text.splitlines():
         name, state, reason, part = (line.split("|") + ["", "", ""])[:4]
-        if not name or (partition is None and not names and not part.endswith("*")):
-            continue  # without -p, sinfo lists every partition; the default one ends with '*'
+        if not name or (default_only and not part.endswith("*")):
+            continue  # the default partition's name ends with '*'
         found.setdefault(name, Node(name, state, "" if reason == "none" else reason))
     return list(found.values())
 
@@ -67,10 +73,12 @@ def check_nodes(jobs: list[tuple[str, DictConfig]]) -> None:
         have = found[executor.partition]
         if have is None:
             return  # the controller does not answer here: sbatch says so itself, at submission
-        _check(have, executor, stage)
+        check_partition(have, executor, stage)
 
 
-def _check(have: list[Node], executor: DictConfig, stage: str) -> None:
+def check_partition(have: list[Node], executor: DictConfig, stage: str) -> None:
+    """Refuse `stage` when fewer of the partition's nodes `have` take jobs than `executor.nodes`;
+    warn when enough do but some of them have not answered the controller lately."""
     where = f"partition '{executor.partition}'" if executor.partition else "the default partition"
     if not have:
         raise UserError(f"stage {stage}: {where} has no nodes (sinfo lists none). Set executor.partition "
@@ -79,8 +87,9 @@ def _check(have: list[Node], executor: DictConfig, stage: str) -> None:
     if len(usable) >= executor.nodes:
         silent = [n.name for n in usable if not n.responding]
         if len(usable) - len(silent) < executor.nodes:
+            it, answers = ("it", "it answers") if len(silent) == 1 else ("them", "they answer")
             print(f"warning: stage {stage}: Slurm's controller has not heard from {', '.join(silent)} lately "
-                  f"(sinfo shows it '*'): the job waits until it answers.", file=sys.stderr, flush=True)
+                  f"(sinfo shows {it} '*'): the job waits until {answers}.", file=sys.stderr, flush=True)
         return
     down = "; ".join(f"{n.name} is {n.state}" + (f" ({n.reason})" if n.reason else "")
                      for n in have if not n.usable)

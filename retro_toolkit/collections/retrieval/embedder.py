@@ -3,7 +3,6 @@ tokens ([CLS], [SEP]) and padding excluded; float32 out (bf16 compute on GPU).""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -92,5 +91,8 @@ class BertEmbedder:
 
 
 def threads_per_rank(local_world_size: int) -> int:
-    """Use the machine, shared between the ranks on it (never a fixed constant)."""
-    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    """Use the cores this process may run on, shared between the ranks on the node (never a
+    fixed constant)."""
+    from retro_toolkit.core.dist import cpus_per_rank
+
+    return cpus_per_rank(local_world_size)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,7 +88,9 @@ def check_fillable(string: str, key: str = "retrieval.index.string") -> None:
 def set_threads(local_world_size: int) -> None:
     import faiss
 
-    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+    from retro_toolkit.core.dist import cpus_per_rank
+
+    faiss.omp_set_num_threads(cpus_per_rank(local_world_size))
 
 
 def set_nprobe(index, nprobe: int) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from retro_toolkit.collections.text.tokenizer import HF_CONFIG, HF_FILE, HF_SPECIAL_MAP, Tokenizer
+from retro_toolkit.core.dist import usable_cpus
 from retro_toolkit.errors import UserError
 
 ROLES = ("bos", "eos", "pad", "unk")
@@ -115,8 +115,7 @@ class HFTokenizer(Tokenizer):
         texts = list(texts)
         # Jobs run with TOKENIZERS_PARALLELISM=false (the embedder's tokenizer must not fork
         # threads), so a batch is cut into one slice per core here; encode_batch drops the GIL.
-        n = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                len(texts) // 8)
+        n = min(usable_cpus(), len(texts) // 8)
         if n < 2:
             return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
         from concurrent.futures import ThreadPoolExecutor

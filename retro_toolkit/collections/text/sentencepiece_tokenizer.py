@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from retro_toolkit.collections.text.tokenizer import SP_FILE, Tokenizer
+from retro_toolkit.core.dist import usable_cpus
 from retro_toolkit.errors import UserError
 
 
@@ -46,7 +47,7 @@ class SentencePieceTokenizer(Tokenizer):
         return cls(name, model_proto=data)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int, num_threads=os.cpu_count() or 1)
+        return self.sp.encode(texts, out_type=int, num_threads=usable_cpus())
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -113,7 +114,7 @@ def train_sentencepiece(
             unk_id=1,
             bos_id=2,
             eos_id=3,
-            num_threads=os.cpu_count() or 1,
+            num_threads=usable_cpus(),
             minloglevel=2,
         )
     except RuntimeError as e:
