@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 
 from retro_toolkit.core.cpu import before_megatron
+from retro_toolkit.core.dist import usable_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "recipes" / "smoke.yaml")
@@ -26,7 +27,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # one thread: two workers of two threads each on two cores mostly wait for each other (the
 # in-process training tests ran 2.9 times slower). Set before any test module imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER") and \
-        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= len(os.sched_getaffinity(0)):
+        int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= usable_cpus():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 before_megatron()  # the megatron-core these tests import, as the jobs import it
 
@@ -115,7 +116,6 @@ def dp2(small_db, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "dp2", build)
 
 
-
 # Under pytest-xdist (pyproject's addopts: `-n auto`), each test file is one unit of work, so its
 # module fixtures are built once, and the files that use the Slurm cluster are one unit: one
 # cluster per machine, started by the worker that runs them. Units are handed out in collection
@@ -145,7 +145,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: the cores this process may run on (xdist would count the host's), at most 4."""
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return min(4, usable_cpus())
 
 
 @pytest.hookimpl(optionalhook=True)

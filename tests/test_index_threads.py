@@ -58,9 +58,8 @@ def test_threads_follow_the_cores_this_process_may_use_not_the_machines():
         pytest.skip("needs Linux affinity and 2 usable cores")
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); import faiss; "
             "from retro_toolkit.collections.retrieval import index; "
-            "from retro_toolkit.collections.retrieval.embedder import threads_per_rank; "
             "from retro_toolkit.core.dist import cpus_per_rank; "
-            "index.set_threads(1); print(faiss.omp_get_max_threads(), threads_per_rank(1), cpus_per_rank(2))")
+            "index.set_threads(1); print(faiss.omp_get_max_threads(), cpus_per_rank(1), cpus_per_rank(2))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["1", "1", "1"]

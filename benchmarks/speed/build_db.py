@@ -61,7 +61,8 @@ def raw_embed_rate(workdir: Path, limit: int) -> tuple[float, int]:
     """Chunks/s of the embedder alone on the database's own chunk texts (texts made beforehand)."""
     from retro_toolkit.collections.retrieval import chunk_db
     from retro_toolkit.collections.retrieval.build_db import chunk_text, database_tokens
-    from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
+    from retro_toolkit.collections.retrieval.embedder import BertEmbedder
+    from retro_toolkit.core.dist import cpus_per_rank
     from retro_toolkit.collections.text.tokenizer import workdir_tokenizer
     from retro_toolkit.recipe import load_recipe
 
@@ -71,7 +72,7 @@ def raw_embed_rate(workdir: Path, limit: int) -> tuple[float, int]:
     n = min(limit, len(db)) if limit else len(db)
     texts = [chunk_text(tok, tokens[s:e]) for s, e in zip(db.chunk_start[:n], db.chunk_end[:n])]
     e = r.retrieval.embedder
-    emb = BertEmbedder(e.path, e.max_tokens, e.batch_size, threads=threads_per_rank(1))
+    emb = BertEmbedder(e.path, e.max_tokens, e.batch_size, threads=cpus_per_rank(1))
     emb.embed(texts[: e.batch_size])  # warm up
     t = time.perf_counter()
     emb.embed(texts)

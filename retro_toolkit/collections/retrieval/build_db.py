@@ -23,7 +23,7 @@ import numpy as np
 
 from retro_toolkit.collections.retrieval import (blocks, chunk_db, db_neighbors, db_sources, db_version, index as faiss_index,
                                                  index_build, neighbors)
-from retro_toolkit.collections.retrieval.embedder import BertEmbedder, threads_per_rank
+from retro_toolkit.collections.retrieval.embedder import BertEmbedder
 from retro_toolkit.collections.retrieval.keys import chunk_block_key, sha as _sha
 from retro_toolkit.collections.retrieval.db_neighbors import QUERY_EMBEDDINGS_DIR
 from retro_toolkit.collections.retrieval.neighbors import NEIGHBORS_META
@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> StageResult:
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine's cores
     embedder = BertEmbedder(cfg.embedder.path, cfg.embedder.max_tokens, cfg.embedder.batch_size,
-                            threads=threads_per_rank(local))
+                            threads=dist.cpus_per_rank(local))
     faiss_index.set_threads(local)
     embedder_id = (cfg.embedder.path, cfg.embedder.max_tokens, embedder.dim)
     old_meta = files.read_json(w / NEIGHBORS_META) if (w / NEIGHBORS_META).is_file() else None

@@ -88,11 +88,3 @@ class BertEmbedder:
                 if on_batch:
                     on_batch(len(rows))
         return out
-
-
-def threads_per_rank(local_world_size: int) -> int:
-    """Use the cores this process may run on, shared between the ranks on the node (never a
-    fixed constant)."""
-    from retro_toolkit.core.dist import cpus_per_rank
-
-    return cpus_per_rank(local_world_size)

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from retro_toolkit.core import files
+from retro_toolkit.core.dist import cpus_per_rank
 from retro_toolkit.errors import UserError
 
 # faiss k-means wants this many points per centroid before it stops warning.
@@ -87,8 +88,6 @@ def check_fillable(string: str, key: str = "retrieval.index.string") -> None:
 
 def set_threads(local_world_size: int) -> None:
     import faiss
-
-    from retro_toolkit.core.dist import cpus_per_rank
 
     faiss.omp_set_num_threads(cpus_per_rank(local_world_size))
 
