@@ -60,9 +60,53 @@ def test_threads_follow_the_cores_this_process_may_use_not_the_machines():
             "from retro_toolkit.collections.retrieval import index; "
             "from retro_toolkit.core.dist import cpus_per_rank; "
             "index.set_threads(1); print(faiss.omp_get_max_threads(), cpus_per_rank(1), cpus_per_rank(2))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["1", "1", "1"]
-    from retro_toolkit.core.dist import cpus_per_rank
+    # The machine's cores without a mask; OMP_NUM_THREADS, where set, wins, as it does for torch.
+    code = ("import os; from retro_toolkit.core.dist import cpus_per_rank as c; "
+            "print(len(os.sched_getaffinity(0)), c(1), c(10**6))")
+    for omp, want in ((None, lambda n: [n, n, 1]), ("3", lambda n: [n, 3, 3]), ("x", lambda n: [n, n, 1])):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env=env if omp is None else {**env, "OMP_NUM_THREADS": omp})
+        assert p.returncode == 0, p.stderr
+        n = int(p.stdout.split()[0])
+        assert [int(x) for x in p.stdout.split()] == [n, *want(n)[1:]], (omp, p.stdout)
 
-    assert cpus_per_rank(1) == len(os.sched_getaffinity(0)) and cpus_per_rank(10**6) == 1
+
+def test_torchrun_ranks_share_the_cores_unless_the_job_sets_omp_num_threads(tmp_path, monkeypatch):
+    """torchrun alone gives each of several ranks 1 thread; the runner's torchrun jobs get the
+    usable cores shared by the ranks, and an OMP_NUM_THREADS of the executor's env or of the
+    caller's stays."""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from retro_toolkit.core.dist import share_cores, usable_cpus
+    from retro_toolkit.runner.local_job import run_job
+
+    n = usable_cpus()
+    env: dict[str, str] = {}
+    share_cores(env, 1)
+    assert env == {}  # one rank: torchrun sets nothing, torch takes every core
+    share_cores(env, 2)
+    assert env == {"OMP_NUM_THREADS": str(max(1, n // 2))}
+    share_cores(env, 10**6)
+    assert env == {"OMP_NUM_THREADS": str(max(1, n // 2))}  # set already: kept
+    env = {}
+    share_cores(env, 10**6)
+    assert env == {"OMP_NUM_THREADS": "1"}
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    show = [sys.executable, "-c", "import os; print('threads=' + os.environ.get('OMP_NUM_THREADS', 'unset'))"]
+    for kind, extra, want in (("torchrun", {}, str(max(1, n // 2))), ("torchrun", {"OMP_NUM_THREADS": "5"}, "5"),
+                              ("local", {}, "unset")):
+        cfg = OmegaConf.create({"type": kind, "nproc_per_node": 2, "env": extra})
+        out = tmp_path / f"{kind}{len(extra)}.out"
+        assert run_job(cfg, show, out) == "SUCCEEDED"
+        assert f"threads={want}\n" in out.read_text(), (kind, extra, out.read_text())
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    out = tmp_path / "caller.out"
+    assert run_job(OmegaConf.create({"type": "torchrun", "nproc_per_node": 2, "env": {}}), show, out) == "SUCCEEDED"
+    assert "threads=7\n" in out.read_text()

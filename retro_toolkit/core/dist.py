@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, MutableMapping
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,20 @@ def usable_cpus() -> int:
 
 
 def cpus_per_rank(local_world_size: int) -> int:
-    """Threads for one rank's CPU work (embedding, faiss): the usable cores shared by the
-    ranks on this node."""
+    """Threads for one rank's CPU work (embedding, faiss): OMP_NUM_THREADS where it is set,
+    as torch's own thread pool takes it, else the usable cores shared by the node's ranks."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     return max(1, usable_cpus() // max(1, local_world_size))
+
+
+def share_cores(env: MutableMapping[str, str], nproc_per_node: int) -> None:
+    """Set OMP_NUM_THREADS in `env`, the environment torchrun starts this node's ranks with,
+    to the usable cores shared by the ranks, unless it is set already. Left unset, torchrun
+    gives each of several ranks one thread, which leaves a CPU node's cores idle."""
+    if nproc_per_node > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nproc_per_node)))
 
 
 # barrier() waits with no time limit while every rank is alive (at scale, for hours while

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from retro_toolkit.core.dist import share_cores
 from retro_toolkit.executors.common import distributed_timeout, job_env, launch_command, nproc_per_node
 from retro_toolkit.recipe.fields import WHY_CLUSTER, bounded
 
@@ -50,6 +51,12 @@ def entrypoint(cfg: DictConfig) -> str:
 processes = nproc_per_node
 
 
+def _env(cfg: DictConfig) -> dict[str, str]:
+    env = job_env(cfg)
+    share_cores(env, processes(cfg))  # the container runs on this machine's cores
+    return env
+
+
 def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str | None = None) -> Any:
     import nemo_run as run
 
@@ -62,7 +69,7 @@ def build(cfg: DictConfig, recipe: DictConfig, waits: bool = False, stage: str |
         ipc_mode="host",
         # The job reads and writes the work directory at the path the recipe names.
         volumes=[f"{workdir}:{workdir}", *cfg.volumes],
-        env_vars=job_env(cfg),
+        env_vars=_env(cfg),
         launcher="torchrun" if processes(cfg) > 1 else None,
         packager=run.Packager(),
     )

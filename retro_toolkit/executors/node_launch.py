@@ -22,6 +22,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from retro_toolkit.core.dist import share_cores
+
 RDZV_PORT = 29500
 
 
@@ -68,6 +70,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if len(argv) != 3:
         sys.exit("usage: python -m retro_toolkit.executors.node_launch NPROC STAGE RECIPE (inside a Slurm job)")
     args = torchrun_args(int(argv[0]), argv[1], argv[2])
+    share_cores(os.environ, int(argv[0]))  # the cores of this node's allocation (its cpuset)
     print(f"[node {os.environ['SLURM_NODEID']}] torchrun {' '.join(args[2:])}", flush=True)
     os.execv(sys.executable, [sys.executable, *args])
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from retro_toolkit.executors.common import job_env
+from retro_toolkit.core.dist import share_cores
+from retro_toolkit.executors.common import job_env, nproc_per_node
 
 
 def output_file(workdir: Path | str, stage: str) -> Path:
@@ -27,6 +28,8 @@ def run_job(cfg: DictConfig, argv: list[str], out: Path) -> str:
     """Run the job to its end; its final state, as NeMo-Run names them: SUCCEEDED or FAILED."""
     env = dict(os.environ)
     env.update({k: os.path.expandvars(v) for k, v in job_env(cfg).items()})
+    if cfg.type == "torchrun":
+        share_cores(env, nproc_per_node(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "ab") as f:
         f.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n".encode())

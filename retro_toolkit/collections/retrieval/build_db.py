@@ -60,9 +60,11 @@ def run(ctx: StageContext) -> StageResult:
     extras, removed = _sources(ctx, tok, train)
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine's cores
-    embedder = BertEmbedder(cfg.embedder.path, cfg.embedder.max_tokens, cfg.embedder.batch_size,
-                            threads=dist.cpus_per_rank(local))
+    threads = dist.cpus_per_rank(local)
+    embedder = BertEmbedder(cfg.embedder.path, cfg.embedder.max_tokens, cfg.embedder.batch_size, threads=threads)
     faiss_index.set_threads(local)
+    ctx.log(f"{threads} CPU thread(s) per rank for faiss" + (" and BERT" if embedder.device.type == "cpu" else
+                                                             f"; BERT on {embedder.device}"))
     embedder_id = (cfg.embedder.path, cfg.embedder.max_tokens, embedder.dim)
     old_meta = files.read_json(w / NEIGHBORS_META) if (w / NEIGHBORS_META).is_file() else None
     splits = db_neighbors.Splits(ctx, tok, embedder_id, c, old_meta)
