@@ -16,7 +16,7 @@ def _trained(string: str, n_train: int = 6000):
     import faiss
 
     x = np.random.default_rng(0).standard_normal((n_train, D)).astype(np.float32)
-    index = faiss.index_factory(D, string)
+    index = faiss_index.make(string, D)
     index.train(x)
     return faiss.serialize_index(index)
 
@@ -79,7 +79,7 @@ def test_encoding_needs_no_search_table(tmp_path):
     assert table(bare) == 0 and table(searching) == 100 * 4 * 256
     assert np.array_equal(faiss_index.encode(bare, x), faiss_index.encode(searching, x))
 
-    fresh = faiss.index_factory(D, "IVF100,PQ4")
+    fresh = faiss_index.make("IVF100,PQ4", D)
     faiss_index.skip_search_tables(fresh)
     fresh.train(np.random.default_rng(0).standard_normal((6000, D)).astype(np.float32))
     assert table(fresh) == 0

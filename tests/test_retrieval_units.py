@@ -206,6 +206,38 @@ def test_blocks_resume_detect_damage_and_stale_keys(tmp_path):
     assert calls == [(10, 20)]
 
 
+def _polysemous(index):
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+        inner = faiss.downcast_index(inner.index)
+    return getattr(inner, "do_polysemous_training", None)
+
+
+def test_pq_indexes_train_without_polysemous_codes_and_search_the_same():
+    """faiss's factory trains polysemous codes for PQ (a centroid order for Hamming-threshold
+    search, which build_db never does); make() turns that off. The codes are the same centroids
+    under other numbers, so every search returns the same ids and distances."""
+    import faiss
+
+    for string in ("PQ4", "OPQ4,PQ4", "IVF16,PQ4", "OPQ4,IVF16_HNSW8,PQ4", "IDMap,PQ4"):
+        assert _polysemous(faiss.index_factory(16, string)) is True, string
+        assert _polysemous(faiss_index.make(string, 16)) is False, string
+    assert _polysemous(faiss_index.make("IVF16,Flat", 16)) is None
+    faiss.omp_set_num_threads(1)
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    got = []
+    for index in (faiss.index_factory(16, "IVF16,PQ4x6"), faiss_index.make("IVF16,PQ4x6", 16)):
+        index.train(x)
+        index.add(x[:2000])
+        faiss_index.set_nprobe(index, 16)
+        got.append((index.search(x[2000:2200], 10), index.sa_encode(x[:2000])))
+    ((d_poly, i_poly), c_poly), ((d, i), c) = got
+    assert np.array_equal(i, i_poly) and np.array_equal(d, d_poly)
+    assert not np.array_equal(c, c_poly)  # the factory's index really was reordered
+
+
 @pytest.mark.parametrize("string", ["Flat", "IVF16,Flat", "IVF16,PQ8x4", "OPQ8,IVF16_HNSW8,PQ8x4"])
 def test_adding_parallel_encoded_codes_equals_adding_vectors(string):
     """What each rank encodes with sa_encode, appended by rank 0, is the index add() builds."""
