@@ -61,7 +61,7 @@ def make(string: str, dim: int):
     """An untrained index of a faiss factory string, without polysemous codes: faiss's factory
     trains them for PQ codes, a centroid order that only a search with a Hamming threshold
     (polysemous_ht) uses, which nothing here sets. The centroids are the same, in another order,
-    and training is 3 to 10 times faster (benchmarks/speed/index_train.py)."""
+    and training IVF-PQ is 2.5 to 14 times faster (benchmarks/speed/index_train.py)."""
     import faiss
 
     try:
