@@ -207,12 +207,7 @@ def test_blocks_resume_detect_damage_and_stale_keys(tmp_path):
 
 
 def _polysemous(index):
-    import faiss
-
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap)):
-        inner = faiss.downcast_index(inner.index)
-    return getattr(inner, "do_polysemous_training", None)
+    return getattr(faiss_index.unwrapped(index), "do_polysemous_training", None)
 
 
 def test_pq_indexes_train_without_polysemous_codes_and_search_the_same():

@@ -60,9 +60,8 @@ def run(ctx: StageContext) -> StageResult:
     extras, removed = _sources(ctx, tok, train)
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # ranks sharing this machine's cores
-    threads = dist.cpus_per_rank(local)
+    threads = faiss_index.set_threads(local)
     embedder = BertEmbedder(cfg.embedder.path, cfg.embedder.max_tokens, cfg.embedder.batch_size, threads=threads)
-    faiss_index.set_threads(local)
     ctx.log(f"{threads} CPU thread(s) per rank for faiss" + (" and BERT" if embedder.device.type == "cpu" else
                                                              f"; BERT on {embedder.device}"))
     embedder_id = (cfg.embedder.path, cfg.embedder.max_tokens, embedder.dim)

@@ -69,12 +69,20 @@ def make(string: str, dim: int):
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
         raise UserError(f"retrieval.index.string = {string!r} is not a faiss factory string faiss accepts ({msg}).") from None
-    codes = faiss.downcast_index(index)
-    while isinstance(codes, (faiss.IndexPreTransform, faiss.IndexIDMap)):  # OPQ, PCA, IDMap around it
-        codes = faiss.downcast_index(codes.index)
+    codes = unwrapped(index)
     if hasattr(codes, "do_polysemous_training"):  # IVF-PQ and PQ
         codes.do_polysemous_training = False
     return index
+
+
+def unwrapped(index):
+    """The index that holds the codes, under the OPQ/PCA transforms and IDMap around it."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexPreTransform, faiss.IndexIDMap)):
+        inner = faiss.downcast_index(inner.index)
+    return inner
 
 
 def check_fillable(string: str, key: str = "retrieval.index.string") -> None:
@@ -96,10 +104,13 @@ def check_fillable(string: str, key: str = "retrieval.index.string") -> None:
             "IVF<lists>,PQ<m>, or an HNSW coarse quantizer as in IVF<lists>_HNSW32,PQ<m>.") from None
 
 
-def set_threads(local_world_size: int) -> None:
+def set_threads(local_world_size: int) -> int:
+    """faiss's threads for one of `local_world_size` ranks on this machine; returns the count."""
     import faiss
 
-    faiss.omp_set_num_threads(cpus_per_rank(local_world_size))
+    threads = cpus_per_rank(local_world_size)
+    faiss.omp_set_num_threads(threads)
+    return threads
 
 
 def set_nprobe(index, nprobe: int) -> None:
